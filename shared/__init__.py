@@ -1,0 +1,1 @@
+"""Code shared by every push-functions function: storage, auth, events, providers."""

@@ -1,0 +1,172 @@
+"""Connecting to the database, checking its schema, and running transactions that survive races.
+
+``PUSH_DATABASE_URL`` names the database (an SQLAlchemy URL); without it the embedded default is an
+SQLite file, ``push.sqlite3`` in the working directory. Production uses MySQL/MariaDB through
+PyMySQL: ``mysql+pymysql://user:password@host/db?charset=utf8mb4``.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TypeVar
+
+from sqlalchemy import Engine, create_engine, event, inspect, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+from sqlalchemy.orm import Session
+
+from shared.config import ConfigError, env, env_int
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DATABASE_URL = "sqlite:///push.sqlite3"
+
+#: The newest migration this code needs. ``pushctl migrate`` brings a database to it, and a
+#: function refuses to serve a database that is behind (a test keeps this equal to Alembic's head).
+SCHEMA_REVISION = "0001"
+
+T = TypeVar("T")
+
+# MySQL/MariaDB errors that mean "run the transaction again": deadlock, lock wait timeout.
+_RETRYABLE_MYSQL_ERRORS = {1213, 1205}
+
+
+class SchemaBehind(Exception):
+    """The database schema is older than the code: the operator must run ``pushctl migrate``."""
+
+
+class DatabaseUnavailable(Exception):
+    """The database cannot be reached now; the request should be retried later."""
+
+
+def database_url() -> str:
+    return env("PUSH_DATABASE_URL", DEFAULT_DATABASE_URL)
+
+
+def get_engine(url: str | None = None) -> Engine:
+    """The process's engine (and connection pool) for ``url``, default ``PUSH_DATABASE_URL``."""
+    return _engine(url or database_url())
+
+
+@functools.cache
+def _engine(url: str) -> Engine:
+    return make_engine(url)
+
+
+def make_engine(url: str) -> Engine:
+    """A new engine for ``url`` with the settings each database needs."""
+    try:
+        parsed = make_url(url)
+    except Exception:
+        raise ConfigError("PUSH_DATABASE_URL is not a valid SQLAlchemy database URL") from None
+    if parsed.get_backend_name() == "sqlite":
+        return _sqlite_engine(url)
+    if parsed.get_backend_name() in ("mysql", "mariadb"):
+        return create_engine(
+            url,
+            pool_pre_ping=True,
+            pool_recycle=3600,
+            pool_size=env_int("PUSH_DATABASE_POOL_SIZE", 5, minimum=1),
+            max_overflow=env_int("PUSH_DATABASE_MAX_OVERFLOW", 5),
+            pool_timeout=10,
+            connect_args={"connect_timeout": env_int("PUSH_DATABASE_CONNECT_TIMEOUT", 5, 1)},
+        )
+    return create_engine(url, pool_pre_ping=True)
+
+
+def _sqlite_engine(url: str) -> Engine:
+    """SQLite with WAL and a busy timeout, and writers serialised by ``BEGIN IMMEDIATE``.
+
+    pysqlite's default deferred transactions take the write lock only at the first write, so two
+    read-then-write transactions can deadlock; starting every transaction as IMMEDIATE makes the
+    second writer wait instead (SQLAlchemy's documented recipe).
+    """
+    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection, _record) -> None:
+        dbapi_connection.isolation_level = None  # let SQLAlchemy's "begin" event emit BEGIN
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+@contextmanager
+def unavailable_as_503() -> Iterator[None]:
+    """Turn "cannot reach the database" errors into :class:`DatabaseUnavailable`, which the
+    functions answer with a retryable 503; other database errors pass through."""
+    try:
+        yield
+    except DBAPIError as exc:
+        if _is_connection_error(exc):
+            raise DatabaseUnavailable(type(exc.orig).__name__) from exc
+        raise
+    except PoolTimeout as exc:
+        raise DatabaseUnavailable("connection pool exhausted") from exc
+
+
+def read_session(engine: Engine) -> Session:
+    """A session for reads; use as ``with unavailable_as_503(), read_session(engine) as s``."""
+    return Session(engine, expire_on_commit=False)
+
+
+def schema_revision(engine: Engine) -> str | None:
+    """The revision recorded by Alembic in the database, or ``None`` for an empty database."""
+    with unavailable_as_503(), engine.connect() as connection:
+        if not inspect(connection).has_table("alembic_version"):
+            return None  # never migrated
+        return connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
+
+
+def check_schema(engine: Engine) -> None:
+    """Raise :class:`SchemaBehind` unless the database is at :data:`SCHEMA_REVISION`."""
+    found = schema_revision(engine)
+    if found != SCHEMA_REVISION:
+        raise SchemaBehind(
+            f"database schema is at revision {found or 'none'}, this code needs "
+            f"{SCHEMA_REVISION}: run `pushctl migrate` against PUSH_DATABASE_URL first"
+        )
+
+
+def run_transaction(engine: Engine, work: Callable[[Session], T], attempts: int = 4) -> T:
+    """Run ``work`` in one transaction, again from the start when the engine reports a deadlock.
+
+    ``work`` must be safe to repeat: it sees a fresh session each time, and nothing it did in a
+    failed attempt is kept. A database that cannot be reached raises :class:`DatabaseUnavailable`.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            with unavailable_as_503(), Session(engine, expire_on_commit=False) as session:
+                with session.begin():
+                    return work(session)
+        except OperationalError as exc:
+            if attempt == attempts or not _is_retryable(exc):
+                raise
+            log.info("transaction conflict, retrying", extra={"attempt": attempt})
+            time.sleep(0.01 * attempt)
+    raise AssertionError("unreachable")
+
+
+def _is_retryable(exc: OperationalError) -> bool:
+    code = exc.orig.args[0] if exc.orig is not None and exc.orig.args else None
+    return code in _RETRYABLE_MYSQL_ERRORS or "database is locked" in str(exc.orig)
+
+
+def _is_connection_error(exc: DBAPIError) -> bool:
+    if exc.connection_invalidated:
+        return True
+    code = exc.orig.args[0] if exc.orig is not None and exc.orig.args else None
+    # PyMySQL: 2003 can't connect, 2006 gone away, 2013 lost connection; 1045 access denied
+    # and 1049 unknown database are configuration errors, but equally leave us unable to serve.
+    return code in (2003, 2006, 2013, 1045, 1049) or "unable to open database" in str(exc.orig)

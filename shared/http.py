@@ -1,0 +1,125 @@
+"""HTTP plumbing every function shares: JSON errors, bounded JSON bodies, health endpoints.
+
+Functions are functions-framework ``aio.http`` targets, so one handler receives every path; the
+platform probes (OpenFaaS's ``/_/health`` and ``/_/ready``, Knative's readiness path) are answered
+here before the function's own logic runs.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+
+from shared.db import DatabaseUnavailable, SchemaBehind
+
+log = logging.getLogger(__name__)
+
+HEALTH_PATHS = ("/_/health", "/healthz")
+READY_PATHS = ("/_/ready", "/readyz")
+DEFAULT_MAX_BODY = 64 * 1024
+DATABASE_RETRY_AFTER = 5
+
+
+class ApiError(Exception):
+    """A request the function refuses, answered with ``status`` and a JSON body naming the
+    problem: ``{"error": {"code": ..., "message": ..., "field": ...}}``."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        field: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.field = field
+        self.headers = headers or {}
+
+    def response(self) -> JSONResponse:
+        error: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.field is not None:
+            error["field"] = self.field
+        return JSONResponse({"error": error}, status_code=self.status, headers=self.headers)
+
+
+async def read_body(request: Request, max_bytes: int = DEFAULT_MAX_BODY) -> bytes:
+    """The request body, refused with 413 as soon as it grows past ``max_bytes``."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise ApiError(400, "invalid_header", "Content-Length is not a number")
+        if int(declared) > max_bytes:
+            raise ApiError(413, "body_too_large", f"the body must be at most {max_bytes} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_bytes:
+                raise ApiError(413, "body_too_large", f"the body must be at most {max_bytes} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ApiError(400, "client_disconnected", "the request body was cut short") from None
+    return b"".join(chunks)
+
+
+async def read_json(request: Request, max_bytes: int = DEFAULT_MAX_BODY) -> Any:
+    """The request's JSON body: 415 unless it is declared JSON, 400 unless it parses."""
+    content_type = request.headers.get("content-type", "")
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    if media_type != "application/json" and not media_type.endswith("+json"):
+        raise ApiError(415, "unsupported_media_type", "the body must be application/json")
+    raw = await read_body(request, max_bytes)
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
+
+
+def require_method(request: Request, allowed: tuple[str, ...]) -> None:
+    if request.method not in allowed:
+        raise ApiError(
+            405,
+            "method_not_allowed",
+            f"use {' or '.join(allowed)}",
+            headers={"Allow": ", ".join(allowed)},
+        )
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+async def serve(request: Request, handler: Handler, ready: Callable[[], Awaitable[None]]) -> Response:
+    """Answer the platform's probes, then run ``handler``, turning refusals into JSON errors.
+
+    ``ready`` raises when the function cannot serve (schema behind, database down): the readiness
+    probe then fails, and so does every request, with a 503 that says why.
+    """
+    if request.url.path in HEALTH_PATHS:
+        return JSONResponse({"status": "ok"})
+    try:
+        await ready()
+        if request.url.path in READY_PATHS:
+            return JSONResponse({"status": "ready"})
+        return await handler(request)
+    except ApiError as error:
+        return error.response()
+    except SchemaBehind as exc:
+        log.error("refusing to serve: %s", exc)
+        return ApiError(503, "schema_behind", str(exc)).response()
+    except DatabaseUnavailable:
+        log.warning("database unavailable")
+        return ApiError(
+            503,
+            "database_unavailable",
+            "the database cannot be reached; try again later",
+            headers={"Retry-After": str(DATABASE_RETRY_AFTER)},
+        ).response()

@@ -1,0 +1,9 @@
+"""Alembic environment: runs migrations on the connection that ``pushctl migrate`` hands over."""
+from alembic import context
+
+from shared.models import Base
+
+connection = context.config.attributes["connection"]
+context.configure(connection=connection, target_metadata=Base.metadata, render_as_batch=True)
+with context.begin_transaction():
+    context.run_migrations()

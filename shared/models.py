@@ -1,0 +1,53 @@
+"""The database schema, as SQLAlchemy 2 models. One schema serves SQLite and MySQL/MariaDB.
+
+Migrations in ``shared/migrations`` create and change these tables; the models are what the code
+reads and writes. Times are naive UTC with microseconds (``DATETIME(6)`` on MySQL), because
+clean-up compares a row's ``updated_at`` with the moment a provider called its token dead, and
+those can be milliseconds apart.
+"""
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import BigInteger, DateTime, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy.dialects import mysql
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+#: A timestamp with microseconds on every engine (MySQL's plain DATETIME drops them).
+Timestamp = DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
+#: A 64-bit id that SQLite still auto-increments (it only does so for INTEGER PRIMARY KEY).
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Subscription(Base):
+    """One device's push subscription, owned by one wiki user.
+
+    ``token`` is the provider's token; for Web Push, the subscription JSON (endpoint and keys).
+    ``token_sha256`` hashes what identifies the device (the token, or the Web Push endpoint) and is
+    unique across all users: a device belongs to one user at a time, and lookups and clean-up
+    reports use the hash, never the token.
+    """
+
+    __tablename__ = "subscriptions"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    user_id: Mapped[str] = mapped_column(String(64), nullable=False)
+    provider: Mapped[str] = mapped_column(String(16), nullable=False)
+    token: Mapped[str] = mapped_column(Text, nullable=False)
+    token_sha256: Mapped[str] = mapped_column(String(64), nullable=False)
+    topic: Mapped[str | None] = mapped_column(String(255))
+    environment: Mapped[str | None] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(Timestamp, nullable=False)
+    updated_at: Mapped[datetime] = mapped_column(Timestamp, nullable=False)
+
+    __table_args__ = (
+        UniqueConstraint("token_sha256", name="uq_subscriptions_token_sha256"),
+        # Dispatchers read "these users' subscriptions of my provider" on every notification.
+        Index("ix_subscriptions_user_provider", "user_id", "provider"),
+        # Expiry deletes rows not refreshed for months.
+        Index("ix_subscriptions_updated_at", "updated_at"),
+    )

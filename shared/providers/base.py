@@ -1,0 +1,81 @@
+"""The interface every push provider implements, and the outcome classes the dispatcher acts on.
+
+A provider turns one wake-up for one device into one :class:`SendResult`. Everything the dispatcher
+decides (retry the event, delete the token, record the delivery) follows from the result's
+:class:`Outcome`, so provider quirks (status codes, error bodies, client-library exceptions) stay
+inside the provider's own module.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Protocol
+
+
+class Outcome(enum.Enum):
+    """What a provider's answer means for the device and for the event."""
+
+    DELIVERED = "delivered"
+    """The provider accepted the message (or validated it, on a dry run)."""
+    DEAD = "dead"
+    """The token will never work again: the subscription should be deleted."""
+    TRANSIENT = "transient"
+    """Try again later (429, 5xx, timeout, connection error): never delete on this."""
+    REJECTED = "rejected"
+    """The provider refused this request for a reason retrying will not fix (bad credentials,
+    payload too large, wrong topic configuration...): not retried, token kept."""
+
+
+@dataclass(frozen=True)
+class WakeUp:
+    """The content-free message sent to a device. ``message_type`` is the only payload."""
+
+    message_type: str
+    ttl_seconds: int
+    dry_run: bool = False
+
+
+@dataclass(frozen=True)
+class Device:
+    """What a provider needs to know of one subscription.
+
+    ``token`` is the provider token: an FCM registration token, an APNs device token (lower-case
+    hex), or for Web Push the subscription JSON text
+    (``{"endpoint": ..., "keys": {"p256dh": ..., "auth": ...}}``).
+    ``topic`` and ``environment`` are set for APNs only.
+    """
+
+    id: int
+    token: str
+    topic: str | None = None
+    environment: str | None = None
+
+
+@dataclass(frozen=True)
+class SendResult:
+    """A provider's answer for one device.
+
+    ``reason`` is a short machine-readable word (``"Unregistered"``, ``"UNREGISTERED"``,
+    ``"http_410"``, ``"timeout"``...) that is safe to log and to use as a metric label: it never
+    holds the token. ``retry_after`` is the provider's Retry-After in seconds, when it gave one.
+    """
+
+    outcome: Outcome
+    reason: str = ""
+    retry_after: float | None = None
+
+
+class Provider(Protocol):
+    """A push provider client, created once per process and reused across invocations."""
+
+    name: str
+    """``"fcm"``, ``"apns"`` or ``"webpush"``: the value stored in ``subscriptions.provider``."""
+
+    async def send(self, device: Device, wakeup: WakeUp) -> SendResult:
+        """Send one wake-up to one device. Never raises for provider or network errors: every
+        failure is classified into a :class:`SendResult`."""
+        ...
+
+    async def aclose(self) -> None:
+        """Close pooled connections (tests and graceful shutdown)."""
+        ...

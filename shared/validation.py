@@ -1,0 +1,199 @@
+"""Turning the JSON bodies apps send to subscribe and unsubscribe into validated requests.
+
+Every problem raises :class:`shared.http.ApiError` (400) naming the field, so apps learn exactly
+what to fix and nothing half-valid reaches the database.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from shared.http import ApiError
+from shared.subscriptions import PROVIDERS, NewSubscription
+
+MAX_TOKEN_LENGTH = 4096
+MAX_ENDPOINT_LENGTH = 2048
+# Apple's device tokens are 32 bytes today and documented as variable length; 100 bytes is the
+# largest Apple has said to expect.
+APNS_TOKEN = re.compile(r"^[0-9a-fA-F]{64,200}$")
+# Bundle ids: alphanumerics, hyphens and dots, with Apple's suffixes (".voip", ".complication").
+APNS_TOPIC = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,254}$")
+FCM_TOKEN = re.compile(r"^[\x21-\x7e]+$")  # visible ASCII, no blanks
+ENVIRONMENTS = ("production", "sandbox")
+
+
+@dataclass(frozen=True)
+class SubscribePolicy:
+    """What subscribe accepts beyond the formats: the APNs topics (bundle ids) of our apps."""
+
+    allowed_apns_topics: tuple[str, ...] = ()
+
+
+def parse_subscribe(body: Any, policy: SubscribePolicy) -> NewSubscription:
+    obj = _object(body)
+    provider = _provider(obj)
+    if provider == "fcm":
+        _only(obj, {"provider", "token"})
+        token = _string(obj, "token", MAX_TOKEN_LENGTH)
+        if not FCM_TOKEN.match(token):
+            raise ApiError(400, "invalid_field", "token must be visible ASCII without blanks", "token")
+        return NewSubscription("fcm", token, token)
+    if provider == "apns":
+        _only(obj, {"provider", "token", "topic", "environment"})
+        token = _apns_token(obj)
+        topic = _string(obj, "topic", 255)
+        if not APNS_TOPIC.match(topic):
+            raise ApiError(400, "invalid_field", "topic must be an app bundle id", "topic")
+        if policy.allowed_apns_topics and topic not in policy.allowed_apns_topics:
+            raise ApiError(400, "invalid_field", "topic is not one of this service's apps", "topic")
+        environment = obj.get("environment", "production")
+        if environment not in ENVIRONMENTS:
+            raise ApiError(
+                400, "invalid_field", "environment must be production or sandbox", "environment"
+            )
+        return NewSubscription("apns", token, token, topic=topic, environment=environment)
+    _only(obj, {"provider", "subscription"})
+    subscription = obj.get("subscription")
+    if not isinstance(subscription, dict):
+        raise ApiError(400, "invalid_field", "subscription must be an object", "subscription")
+    endpoint, p256dh, auth = _webpush_subscription(subscription)
+    canonical = json.dumps(
+        {"endpoint": endpoint, "keys": {"p256dh": p256dh, "auth": auth}}, separators=(",", ":")
+    )
+    return NewSubscription("webpush", canonical, endpoint)
+
+
+@dataclass(frozen=True)
+class UnsubscribeRequest:
+    """Either every subscription of the caller (``all``), or the one device ``identity`` names."""
+
+    all: bool
+    identity: str | None = None
+
+
+def parse_unsubscribe(body: Any) -> UnsubscribeRequest:
+    obj = _object(body)
+    if "all" in obj:
+        _only(obj, {"all"})
+        if obj["all"] is not True:
+            raise ApiError(400, "invalid_field", "all must be true", "all")
+        return UnsubscribeRequest(all=True)
+    provider = _provider(obj)
+    if provider == "webpush":
+        _only(obj, {"provider", "endpoint"})
+        return UnsubscribeRequest(all=False, identity=_endpoint(obj.get("endpoint"), "endpoint"))
+    _only(obj, {"provider", "token"})
+    if provider == "apns":
+        return UnsubscribeRequest(all=False, identity=_apns_token(obj))
+    return UnsubscribeRequest(all=False, identity=_string(obj, "token", MAX_TOKEN_LENGTH))
+
+
+def _object(body: Any) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise ApiError(400, "invalid_body", "the body must be a JSON object")
+    return body
+
+
+def _provider(obj: dict[str, Any]) -> str:
+    provider = obj.get("provider")
+    if provider is None:
+        raise ApiError(400, "missing_field", "provider is required", "provider")
+    if provider not in PROVIDERS:
+        raise ApiError(
+            400, "invalid_field", f"provider must be one of {', '.join(PROVIDERS)}", "provider"
+        )
+    return provider
+
+
+def _only(obj: dict[str, Any], allowed: set[str]) -> None:
+    for key in obj:
+        if key not in allowed:
+            raise ApiError(400, "unknown_field", f"{key} is not a field of this request", key)
+
+
+def _string(obj: dict[str, Any], field: str, max_length: int) -> str:
+    value = obj.get(field)
+    if value is None:
+        raise ApiError(400, "missing_field", f"{field} is required", field)
+    if not isinstance(value, str) or not value:
+        raise ApiError(400, "invalid_field", f"{field} must be a non-empty string", field)
+    if len(value) > max_length:
+        raise ApiError(400, "invalid_field", f"{field} is longer than {max_length}", field)
+    return value
+
+
+def _apns_token(obj: dict[str, Any]) -> str:
+    token = _string(obj, "token", 200)
+    if not APNS_TOKEN.match(token) or len(token) % 2:
+        raise ApiError(400, "invalid_field", "token must be the device token in hex", "token")
+    return token.lower()
+
+
+def _webpush_subscription(subscription: dict[str, Any]) -> tuple[str, str, str]:
+    for key in subscription:
+        if key not in ("endpoint", "keys", "expirationTime"):
+            raise ApiError(
+                400, "unknown_field", f"subscription.{key} is not a field", f"subscription.{key}"
+            )
+    endpoint = _endpoint(subscription.get("endpoint"), "subscription.endpoint")
+    keys = subscription.get("keys")
+    if not isinstance(keys, dict):
+        raise ApiError(400, "missing_field", "subscription.keys is required", "subscription.keys")
+    p256dh = _base64url(keys.get("p256dh"), "subscription.keys.p256dh", 200)
+    try:
+        ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), p256dh[1])
+        if len(p256dh[1]) != 65:
+            raise ValueError("compressed")
+    except ValueError:
+        raise ApiError(
+            400,
+            "invalid_field",
+            "subscription.keys.p256dh must be an uncompressed P-256 public key",
+            "subscription.keys.p256dh",
+        ) from None
+    auth = _base64url(keys.get("auth"), "subscription.keys.auth", 64)
+    if len(auth[1]) != 16:
+        raise ApiError(
+            400, "invalid_field", "subscription.keys.auth must be 16 bytes", "subscription.keys.auth"
+        )
+    return endpoint, p256dh[0], auth[0]
+
+
+def _endpoint(value: Any, field: str) -> str:
+    if value is None:
+        raise ApiError(400, "missing_field", f"{field} is required", field)
+    if not isinstance(value, str) or len(value) > MAX_ENDPOINT_LENGTH:
+        raise ApiError(400, "invalid_field", f"{field} must be a URL of at most 2048 characters", field)
+    try:
+        parts = urlsplit(value)
+        host = parts.hostname
+    except ValueError:
+        host = None
+        parts = None
+    if parts is None or parts.scheme != "https" or not host or parts.username or parts.password:
+        raise ApiError(400, "invalid_field", f"{field} must be an https URL", field)
+    return value
+
+
+def _base64url(value: Any, field: str, max_length: int) -> tuple[str, bytes]:
+    """The value without padding, and its bytes. Browsers send unpadded base64url; some
+    libraries pad it, so both are accepted and stored unpadded."""
+    if value is None:
+        raise ApiError(400, "missing_field", f"{field} is required", field)
+    if not isinstance(value, str) or not value or len(value) > max_length:
+        raise ApiError(400, "invalid_field", f"{field} must be a base64url string", field)
+    stripped = value.rstrip("=")
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", stripped):
+        raise ApiError(400, "invalid_field", f"{field} must be a base64url string", field)
+    try:
+        raw = base64.urlsafe_b64decode(stripped + "=" * (-len(stripped) % 4))
+    except (binascii.Error, ValueError):
+        raise ApiError(400, "invalid_field", f"{field} must be a base64url string", field) from None
+    return stripped, raw

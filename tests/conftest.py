@@ -1,0 +1,153 @@
+"""Fixtures shared by the whole suite: both database engines, access tokens, function clients,
+and the fake provider servers.
+
+Every storage test runs on SQLite and on MariaDB (``PUSH_TEST_MARIADB_URL``, default
+``mysql+pymysql://root@127.0.0.1:3306/test``). Without MariaDB the MariaDB half is skipped locally,
+and fails when ``CI=true``: CI must never pass by skipping it.
+"""
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import httpx
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from functions_framework.aio import create_asgi_app
+from sqlalchemy import create_engine, inspect, text
+
+from shared.cli import main as pushctl
+from shared.db import get_engine
+from shared.models import Base
+
+REPO = Path(__file__).resolve().parent.parent
+MARIADB_URL = os.environ.get("PUSH_TEST_MARIADB_URL", "mysql+pymysql://root@127.0.0.1:3306/test")
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+_mariadb_ready: bool | None = None
+
+
+def _prepare_mariadb() -> None:
+    """Drop what an earlier run left, then migrate once per session."""
+    global _mariadb_ready
+    if _mariadb_ready is None:
+        engine = create_engine(MARIADB_URL, connect_args={"connect_timeout": 3})
+        try:
+            with engine.begin() as connection:
+                for table in inspect(connection).get_table_names():
+                    connection.execute(text(f"DROP TABLE `{table}`"))
+            _mariadb_ready = True
+        except Exception as exc:  # noqa: BLE001 - any failure means "no MariaDB here"
+            _mariadb_ready = False
+            message = f"MariaDB at {MARIADB_URL} is unreachable: {exc}"
+            if IN_CI:
+                pytest.fail(message + " (CI=true: MariaDB tests must run)", pytrace=False)
+            pytest.skip(message)
+        finally:
+            engine.dispose()
+        _migrate(MARIADB_URL)
+    elif not _mariadb_ready:
+        if IN_CI:
+            pytest.fail(f"MariaDB at {MARIADB_URL} is unreachable (CI=true)", pytrace=False)
+        pytest.skip(f"MariaDB at {MARIADB_URL} is unreachable")
+
+
+def _migrate(url: str) -> None:
+    previous = os.environ.get("PUSH_DATABASE_URL")
+    os.environ["PUSH_DATABASE_URL"] = url
+    try:
+        assert pushctl(["migrate"]) == 0
+    finally:
+        if previous is None:
+            del os.environ["PUSH_DATABASE_URL"]
+        else:
+            os.environ["PUSH_DATABASE_URL"] = previous
+
+
+def _empty_tables(url: str) -> None:
+    with get_engine(url).begin() as connection:
+        for table in reversed(Base.metadata.sorted_tables):
+            connection.execute(table.delete())
+
+
+@pytest.fixture(params=["sqlite", "mariadb"])
+def database_url(request, tmp_path, monkeypatch) -> Iterator[str]:
+    """A migrated, empty database on each engine, set as PUSH_DATABASE_URL."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'push.sqlite3'}"
+        _migrate(url)
+    else:
+        _prepare_mariadb()
+        url = MARIADB_URL
+        _empty_tables(url)
+    monkeypatch.setenv("PUSH_DATABASE_URL", url)
+    yield url
+    if request.param == "sqlite":
+        get_engine(url).dispose()
+
+
+@pytest.fixture
+def engine(database_url):
+    return get_engine(database_url)
+
+
+# --- access tokens -------------------------------------------------------------------------
+
+
+class TokenIssuer:
+    """Stands in for the wiki's OAuth server: signs access tokens with a key the test made."""
+
+    def __init__(self) -> None:
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        self.public_pem = (
+            self.key.public_key()
+            .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+            .decode()
+        )
+
+    def token(self, user: str, lifetime: int = 600, **claims: object) -> str:
+        now = int(time.time())
+        body = {"sub": user, "iat": now, "exp": now + lifetime, **claims}
+        return jwt.encode({k: v for k, v in body.items() if v is not None}, self.key, "ES256")
+
+    def headers(self, user: str, **claims: object) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token(user, **claims)}"}
+
+
+@pytest.fixture(scope="session")
+def issuer() -> TokenIssuer:
+    return TokenIssuer()
+
+
+@pytest.fixture
+def auth_env(issuer, monkeypatch) -> TokenIssuer:
+    monkeypatch.setenv("PUSH_AUTH_PUBLIC_KEY", issuer.public_pem)
+    return issuer
+
+
+# --- functions over HTTP -------------------------------------------------------------------
+
+FunctionClient = Callable[[str], httpx.AsyncClient]
+
+
+@pytest.fixture
+async def function_client(database_url) -> AsyncIterator[FunctionClient]:
+    """Start a function as functions-framework would (its ASGI app, from its source file, with
+    the environment as set by the test) and return an HTTP client for it."""
+    clients: list[httpx.AsyncClient] = []
+
+    def start(name: str) -> httpx.AsyncClient:
+        app = create_asgi_app(
+            target=name.replace("-", "_"), source=str(REPO / "functions" / name / "main.py")
+        )
+        client = httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://function")
+        clients.append(client)
+        return client
+
+    yield start
+    for client in clients:
+        await client.aclose()
