@@ -51,3 +51,26 @@ class Subscription(Base):
         # Expiry deletes rows not refreshed for months.
         Index("ix_subscriptions_updated_at", "updated_at"),
     )
+
+
+class Delivery(Base):
+    """What one event did for one subscription, so a redelivered event never pushes twice.
+
+    A dispatcher claims the row (``state = "sending"``, its own ``claim``, a lease) before it
+    sends, and records the outcome after: ``delivered``, ``dead`` (reported to clean-up, again on
+    redelivery) or ``rejected``. A transient failure deletes the claim so the redelivery sends
+    again; a claim whose lease ran out (its dispatcher died) may be taken over. Rows expire.
+    """
+
+    __tablename__ = "deliveries"
+
+    event_key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    subscription_id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=False)
+    state: Mapped[str] = mapped_column(String(16), nullable=False)
+    claim: Mapped[str | None] = mapped_column(String(32))
+    lease_until: Mapped[datetime | None] = mapped_column(Timestamp)
+    reason: Mapped[str | None] = mapped_column(String(64))
+    observed_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    expires_at: Mapped[datetime] = mapped_column(Timestamp, nullable=False)
+
+    __table_args__ = (Index("ix_deliveries_expires_at", "expires_at"),)

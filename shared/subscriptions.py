@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from sqlalchemy import Engine, delete, func, select
+from sqlalchemy import Engine, bindparam, delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -170,3 +170,59 @@ class SubscriptionStore:
                 select(Subscription.provider, func.count()).group_by(Subscription.provider)
             )
             return {provider: count for provider, count in rows}
+
+    def by_token_hashes(self, digests: Iterable[str], provider: str) -> dict[str, Subscription]:
+        """Subscriptions by token hash, for requests that name devices by token (Echo's)."""
+        wanted = list(dict.fromkeys(digests))
+        if not wanted:
+            return {}
+        with unavailable_as_503(), read_session(self.engine) as session:
+            rows = session.scalars(
+                select(Subscription).where(
+                    Subscription.token_sha256.in_(wanted), Subscription.provider == provider
+                )
+            )
+            return {row.token_sha256: row for row in rows}
+
+    def delete_invalid(self, items: Iterable[tuple[int, str, datetime]]) -> int:
+        """Delete subscriptions a provider called dead, given as (id, token hash, observed at).
+
+        A row is kept when it was refreshed after the observation (the device re-registered) or
+        when its id now holds another token; deleting twice deletes nothing more.
+        """
+        rows = [{"b_id": sub_id, "b_hash": digest, "b_seen": seen} for sub_id, digest, seen in items]
+        if not rows:
+            return 0
+        table = Subscription.__table__
+        statement = delete(table).where(
+            table.c.id == bindparam("b_id"),
+            table.c.token_sha256 == bindparam("b_hash"),
+            table.c.updated_at <= bindparam("b_seen"),
+        )
+        return run_transaction(self.engine, lambda s: s.execute(statement, rows).rowcount)
+
+    def expire(self, not_updated_since: datetime, batch: int = 1000) -> int:
+        """Delete subscriptions not refreshed since the cutoff, in batches of ``batch`` rows."""
+
+        def one_batch(session: Session) -> int:
+            ids = list(
+                session.scalars(
+                    select(Subscription.id)
+                    .where(Subscription.updated_at < not_updated_since)
+                    .limit(batch)
+                )
+            )
+            if ids:
+                session.execute(
+                    delete(Subscription).where(
+                        Subscription.id.in_(ids), Subscription.updated_at < not_updated_since
+                    )
+                )
+            return len(ids)
+
+        total = 0
+        while True:
+            deleted = run_transaction(self.engine, one_batch)
+            total += deleted
+            if deleted < batch:
+                return total

@@ -1,0 +1,102 @@
+"""Clean-up behind ``cleanup-invalid-tokens``: deletes dead subscriptions and expires old ones.
+
+- ``org.wikimedia.push.subscription.invalid.v1`` (from the dispatchers): delete each reported
+  subscription, unless it was refreshed after the provider called it dead (the device registered
+  again) or its id now holds another token.
+- a schedule tick (``dev.knative.sources.ping``, or a plain request from a cron connector, which
+  sends no CloudEvent headers): delete subscriptions not refreshed for ``PUSH_SUBSCRIPTION_MAX_AGE_DAYS``
+  (default 270, the age after which FCM itself considers a token stale) and delivery records past
+  their retention.
+
+Both are idempotent: a redelivered event deletes nothing more.
+"""
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import Response
+
+from shared.config import env_int
+from shared.db import DatabaseUnavailable, check_schema, get_engine
+from shared.deliveries import DeliveryLedger
+from shared.events import (
+    PING,
+    SUBSCRIPTION_INVALID,
+    data_object,
+    is_cloud_event,
+    parse_invalid_tokens,
+    read_cloud_event,
+)
+from shared.http import ApiError, read_body, require_method, serve
+from shared.subscriptions import Clock, SubscriptionStore, utcnow
+
+log = logging.getLogger(__name__)
+
+
+class Cleanup:
+    def __init__(
+        self,
+        store: SubscriptionStore,
+        ledger: DeliveryLedger,
+        max_age: timedelta = timedelta(days=270),
+        clock: Clock = utcnow,
+    ) -> None:
+        self.store = store
+        self.ledger = ledger
+        self.max_age = max_age
+        self.clock = clock
+        self._schema_checked = False
+
+    @classmethod
+    def from_env(cls) -> Cleanup:
+        engine = get_engine()
+        cleanup = cls(
+            SubscriptionStore(engine),
+            DeliveryLedger(engine),
+            max_age=timedelta(days=env_int("PUSH_SUBSCRIPTION_MAX_AGE_DAYS", 270, minimum=1)),
+        )
+        try:
+            check_schema(engine)
+            cleanup._schema_checked = True
+        except DatabaseUnavailable:
+            pass
+        return cleanup
+
+    async def ready(self) -> None:
+        if not self._schema_checked:
+            await run_in_threadpool(check_schema, self.store.engine)
+            self._schema_checked = True
+
+    async def handle(self, request: Request) -> Response:
+        return await serve(request, self._handle, self.ready)
+
+    async def _handle(self, request: Request) -> Response:
+        require_method(request, ("POST",))
+        if not is_cloud_event(request):
+            await read_body(request)  # a cron connector's tick: whatever it sends is not used
+            await run_in_threadpool(self.expire)
+            return Response(status_code=202)
+        event = await read_cloud_event(request)
+        if event["type"] == PING:
+            await run_in_threadpool(self.expire)
+        elif event["type"] == SUBSCRIPTION_INVALID:
+            invalid = parse_invalid_tokens(data_object(event))
+            deleted = await run_in_threadpool(
+                self.store.delete_invalid, [(i.id, i.token_sha256, i.observed_at) for i in invalid]
+            )
+            log.info("deleted dead subscriptions", extra={"reported": len(invalid), "deleted": deleted})
+        else:
+            raise ApiError(
+                400, "unsupported_event_type", f"this function takes {SUBSCRIPTION_INVALID} and {PING}"
+            )
+        return Response(status_code=202)
+
+    def expire(self) -> tuple[int, int]:
+        """Delete stale subscriptions and expired delivery records; how many of each."""
+        subscriptions = self.store.expire(self.clock() - self.max_age)
+        deliveries = self.ledger.expire()
+        log.info("expired", extra={"subscriptions": subscriptions, "deliveries": deliveries})
+        return subscriptions, deliveries

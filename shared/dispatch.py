@@ -1,0 +1,316 @@
+"""The dispatcher behind ``dispatch-fcm``, ``dispatch-apns`` and ``dispatch-webpush``.
+
+Each receives every ``notification.requested.v1`` event (the broker fans it out), serves only its
+own provider's subscriptions of the event's users, and answers so that the broker redelivers the
+event exactly when some device still needs it:
+
+- 202, empty: done (every device delivered, dead, or refused for good);
+- 200 with a ``subscription.invalid.v1`` reply event: done, and these tokens are dead (when no
+  ``K_SINK`` is bound; with one, the report is posted there and the answer is 202);
+- 429 or 503 with Retry-After: some sends were transient, or in flight in another invocation;
+  the redelivered event skips the devices already served (see :mod:`shared.deliveries`);
+- 400/422: the event is malformed and retrying will not help.
+
+The same dispatcher also accepts today's Echo request, ``POST /v1/message/{fcm,apns}``, so an Echo
+install can point its push service URL here.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import httpx
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from shared.config import env, env_float, env_int, env_list
+from shared.db import DatabaseUnavailable, check_schema, get_engine
+from shared.deliveries import Claims, DeliveryLedger, Outcomes
+from shared.events import (
+    NOTIFICATION_REQUESTED,
+    InvalidToken,
+    NotificationPolicy,
+    NotificationRequest,
+    binary_http,
+    data_object,
+    event_key,
+    invalid_tokens_event,
+    parse_echo_request,
+    parse_notification,
+    read_cloud_event,
+)
+from shared.http import ApiError, read_json, require_method, serve
+from shared.models import Subscription
+from shared.providers.base import Device, Outcome, Provider, SendResult, WakeUp
+from shared.subscriptions import Clock, SubscriptionStore, token_sha256, utcnow
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RETRY_AFTER = 30
+ECHO_PROVIDERS = ("fcm", "apns")
+
+
+@dataclass(frozen=True)
+class DispatchSettings:
+    concurrency: int = 100
+    """Sends in flight at once for one event."""
+    deadline_seconds: float = 60.0
+    """Sends not finished by then count as transient: the event is redelivered for them. Keep it
+    below the platform's request timeout and below the claim lease."""
+    echo_apns_environment: str = "production"
+    """The APNs environment of tokens that Echo's request names and we do not know."""
+
+
+@dataclass
+class DispatchReport:
+    """What one event (or Echo request) came to for one provider."""
+
+    delivered: int = 0
+    dead_count: int = 0
+    rejected: int = 0
+    transient: int = 0
+    skipped: int = 0
+    dead: list[InvalidToken] = field(default_factory=list)
+    retry_after: float | None = None
+    only_rate_limited: bool = True
+
+    def count(self, result: SendResult) -> None:
+        if result.outcome is Outcome.DELIVERED:
+            self.delivered += 1
+        elif result.outcome is Outcome.DEAD:
+            self.dead_count += 1
+        elif result.outcome is Outcome.REJECTED:
+            self.rejected += 1
+        elif result.outcome is Outcome.TRANSIENT:
+            self.transient += 1
+            self.only_rate_limited &= result.reason in ("TooManyRequests", "QUOTA_EXCEEDED", "http_429")
+            if result.retry_after is not None:
+                self.retry_after = max(self.retry_after or 0, result.retry_after)
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        provider: Provider,
+        store: SubscriptionStore,
+        ledger: DeliveryLedger,
+        policy: NotificationPolicy,
+        settings: DispatchSettings,
+        sink_url: str | None = None,
+        clock: Clock = utcnow,
+    ) -> None:
+        self.provider = provider
+        self.store = store
+        self.ledger = ledger
+        self.policy = policy
+        self.settings = settings
+        self.sink_url = sink_url
+        self.clock = clock
+        self.source = f"/push-functions/dispatch-{provider.name}"
+        self._schema_checked = False
+        self._sink_client: httpx.AsyncClient | None = None
+
+    @classmethod
+    def from_env(cls, provider: Provider) -> Dispatcher:
+        engine = get_engine()
+        dispatcher = cls(
+            provider,
+            SubscriptionStore(engine),
+            DeliveryLedger(
+                engine,
+                lease=timedelta(seconds=env_int("PUSH_DELIVERY_LEASE_SECONDS", 120, minimum=1)),
+                retention=timedelta(hours=env_int("PUSH_DELIVERY_RECORD_HOURS", 24, minimum=1)),
+            ),
+            notification_policy_from_env(),
+            DispatchSettings(
+                concurrency=env_int("PUSH_DISPATCH_CONCURRENCY", 100, minimum=1),
+                deadline_seconds=env_float("PUSH_DISPATCH_DEADLINE_SECONDS", 60.0, minimum=1.0),
+                echo_apns_environment=env("PUSH_ECHO_APNS_ENVIRONMENT", "production"),
+            ),
+            sink_url=env("K_SINK"),
+        )
+        try:
+            check_schema(engine)
+            dispatcher._schema_checked = True
+        except DatabaseUnavailable:
+            pass
+        return dispatcher
+
+    async def ready(self) -> None:
+        if not self._schema_checked:
+            await run_in_threadpool(check_schema, self.store.engine)
+            self._schema_checked = True
+
+    async def handle(self, request: Request) -> Response:
+        return await serve(request, self._handle, self.ready)
+
+    async def _handle(self, request: Request) -> Response:
+        require_method(request, ("POST",))
+        if request.url.path == f"/v1/message/{self.provider.name}" and self.provider.name in ECHO_PROVIDERS:
+            return await self._handle_echo(request)
+        event = await read_cloud_event(request)
+        if event["type"] != NOTIFICATION_REQUESTED:
+            raise ApiError(400, "unsupported_event_type", f"this function takes {NOTIFICATION_REQUESTED}")
+        notification = parse_notification(data_object(event), self.policy)
+        report = await self.dispatch(notification, event_key(event))
+        return await self._answer(report)
+
+    async def dispatch(self, notification: NotificationRequest, key: str | None) -> DispatchReport:
+        """Send the wake-up to every device of the notification's users with this provider.
+
+        With an event key (and not a dry run) the ledger makes this safe to repeat: devices
+        already served by an earlier delivery of the same event are skipped.
+        """
+        subscriptions = await run_in_threadpool(
+            self.store.for_users, notification.users, self.provider.name
+        )
+        wakeup = WakeUp(notification.message_type, notification.ttl_seconds, notification.dry_run)
+        report = DispatchReport()
+        if not subscriptions:
+            return report
+        if key is None or notification.dry_run:
+            await self._send_all(subscriptions, wakeup, report)
+            return report
+        claims = await run_in_threadpool(self.ledger.claim, key, [s.id for s in subscriptions])
+        report.skipped = len(claims.done)
+        report.transient += len(claims.in_flight)
+        report.only_rate_limited &= not claims.in_flight
+        for subscription in subscriptions:
+            if subscription.id in claims.dead:
+                reason, observed_at = claims.dead[subscription.id]
+                report.dead.append(InvalidToken(subscription.id, subscription.token_sha256, reason, observed_at))
+        to_send = [s for s in subscriptions if s.id in claims.claimed]
+        outcomes = await self._send_all(to_send, wakeup, report)
+        await self._record(key, claims, outcomes)
+        return report
+
+    async def _record(self, key: str, claims: Claims, outcomes: Outcomes) -> None:
+        try:
+            await run_in_threadpool(self.ledger.record, key, claims, outcomes)
+        except DatabaseUnavailable:
+            # The sends happened; their claims stay until the lease runs out, and the broker
+            # redelivers (503). Devices already sent to may then get this wake-up twice: the
+            # one case where that can happen, and only when the database fails mid-event.
+            log.error("could not record delivery outcomes: database unavailable")
+            raise
+
+    async def _send_all(
+        self, subscriptions: Sequence[Subscription], wakeup: WakeUp, report: DispatchReport
+    ) -> Outcomes:
+        limit = asyncio.Semaphore(self.settings.concurrency)
+        results: dict[int, tuple[SendResult, object]] = {}
+
+        async def send(subscription: Subscription) -> None:
+            async with limit:
+                result = await self.provider.send(_device(subscription), wakeup)
+            results[subscription.id] = (result, self.clock())
+
+        tasks = [asyncio.create_task(send(s)) for s in subscriptions]
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=self.settings.deadline_seconds)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+        now = self.clock()
+        for subscription in subscriptions:
+            if subscription.id not in results:
+                results[subscription.id] = (SendResult(Outcome.TRANSIENT, "deadline"), now)
+            result, observed_at = results[subscription.id]
+            report.count(result)
+            if result.outcome is Outcome.DEAD and subscription.id:
+                report.dead.append(
+                    InvalidToken(subscription.id, subscription.token_sha256, result.reason, observed_at)
+                )
+        return Outcomes(results)
+
+    async def _answer(self, report: DispatchReport) -> Response:
+        reported = await self._report_dead(report.dead) if report.dead else None
+        if report.transient:
+            status = 429 if report.only_rate_limited else 503
+            retry_after = int(report.retry_after or DEFAULT_RETRY_AFTER)
+            return JSONResponse(
+                {"error": {"code": "retry", "message": f"{report.transient} sends must be retried"}},
+                status_code=status,
+                headers={"Retry-After": str(max(retry_after, 1))},
+            )
+        if reported is False:
+            return JSONResponse(
+                {"error": {"code": "sink_unavailable", "message": "could not report dead tokens"}},
+                status_code=503,
+                headers={"Retry-After": str(DEFAULT_RETRY_AFTER)},
+            )
+        if report.dead and self.sink_url is None:
+            headers, body = binary_http(invalid_tokens_event(self.source, self.provider.name, report.dead))
+            return Response(body, status_code=200, headers=headers)
+        return Response(status_code=202)
+
+    async def _report_dead(self, dead: list[InvalidToken]) -> bool | None:
+        """Post the dead-token report to ``K_SINK``; ``None`` when no sink is bound (the report
+        then goes back as the reply), ``False`` when the sink did not take it."""
+        if self.sink_url is None:
+            return None
+        if self._sink_client is None:
+            self._sink_client = httpx.AsyncClient(timeout=5.0)
+        headers, body = binary_http(invalid_tokens_event(self.source, self.provider.name, dead))
+        try:
+            response = await self._sink_client.post(self.sink_url, headers=headers, content=body)
+        except httpx.HTTPError as exc:
+            log.warning("could not post dead-token report to K_SINK: %s", type(exc).__name__)
+            return False
+        if response.status_code >= 300:
+            log.warning("K_SINK refused the dead-token report: HTTP %d", response.status_code)
+            return False
+        return True
+
+    async def _handle_echo(self, request: Request) -> Response:
+        echo = parse_echo_request(await read_json(request), self.policy)
+        if self.provider.name == "apns" and not echo.topic:
+            raise ApiError(400, "missing_field", "topic is required for APNs", "topic")
+        tokens = [token.lower() for token in echo.tokens] if self.provider.name == "apns" else list(echo.tokens)
+        known = await run_in_threadpool(
+            self.store.by_token_hashes, [token_sha256(t) for t in tokens], self.provider.name
+        )
+        subscriptions = []
+        for token in tokens:
+            digest = token_sha256(token)
+            row = known.get(digest)
+            environment = row.environment if row else self.settings.echo_apns_environment
+            subscriptions.append(
+                Subscription(
+                    id=row.id if row else 0, token=token, token_sha256=digest,
+                    topic=echo.topic, environment=environment if self.provider.name == "apns" else None,
+                )
+            )
+        report = DispatchReport()
+        await self._send_all(
+            subscriptions, WakeUp(echo.message_type, self.policy.default_ttl_seconds, echo.dry_run), report
+        )
+        if report.transient:
+            return await self._answer(report)
+        if report.dead:
+            await self._report_dead(report.dead)
+        return JSONResponse(
+            {"delivered": report.delivered, "invalid": report.dead_count, "rejected": report.rejected}
+        )
+
+    async def aclose(self) -> None:
+        await self.provider.aclose()
+        if self._sink_client is not None:
+            await self._sink_client.aclose()
+
+
+def _device(subscription: Subscription) -> Device:
+    return Device(subscription.id, subscription.token, subscription.topic, subscription.environment)
+
+
+def notification_policy_from_env() -> NotificationPolicy:
+    return NotificationPolicy(
+        message_types=env_list("PUSH_MESSAGE_TYPES", ("checkEchoV1",)),
+        max_users=env_int("PUSH_MAX_USERS_PER_EVENT", 1000, minimum=1),
+        default_ttl_seconds=env_int("PUSH_DEFAULT_TTL_SECONDS", 86400, minimum=0),
+    )

@@ -1,0 +1,220 @@
+"""The event contract: parsing the CloudEvents the functions receive, and making the ones they send.
+
+Producers (Echo, other services) post ``org.wikimedia.push.notification.requested.v1``; the
+dispatchers report dead tokens as ``org.wikimedia.push.subscription.invalid.v1``; a schedule sends
+``dev.knative.sources.ping``. Binary and structured CloudEvents are both accepted. A malformed
+event is answered 400 (not an event, missing attribute, data not JSON) or 422 (data of the wrong
+shape), which the broker does not retry.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from cloudevents.exceptions import GenericException
+from cloudevents.conversion import to_binary
+from cloudevents.http import CloudEvent, from_http
+from starlette.requests import Request
+
+from shared.http import ApiError, read_body
+
+NOTIFICATION_REQUESTED = "org.wikimedia.push.notification.requested.v1"
+SUBSCRIPTION_INVALID = "org.wikimedia.push.subscription.invalid.v1"
+PING = "dev.knative.sources.ping"
+
+MAX_EVENT_BYTES = 256 * 1024
+MAX_USER_ID_LENGTH = 64
+MAX_TTL_SECONDS = 28 * 24 * 3600  # FCM's and Web Push services' longest
+
+
+async def read_cloud_event(request: Request, max_bytes: int = MAX_EVENT_BYTES) -> CloudEvent:
+    """The request as a CloudEvent, binary or structured; 400 when it is not one."""
+    body = await read_body(request, max_bytes)
+    try:
+        return from_http(dict(request.headers), body)
+    except GenericException as exc:
+        raise ApiError(400, "not_a_cloudevent", f"not a valid CloudEvent: {exc}") from None
+
+
+def is_cloud_event(request: Request) -> bool:
+    """Whether the request claims to carry a CloudEvent (binary headers or structured type)."""
+    content_type = request.headers.get("content-type", "")
+    return "ce-specversion" in request.headers or content_type.startswith("application/cloudevents")
+
+
+def event_key(event: CloudEvent) -> str:
+    """What identifies an event across redeliveries: CloudEvents' own rule, source plus id."""
+    return hashlib.sha256(f"{event['source']}\n{event['id']}".encode()).hexdigest()
+
+
+def data_object(event: CloudEvent) -> dict[str, Any]:
+    data = event.data
+    if isinstance(data, (bytes, str)):
+        try:
+            data = json.loads(data)
+        except ValueError:
+            raise ApiError(400, "invalid_json", "the event data is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise ApiError(422, "invalid_data", "the event data must be a JSON object")
+    return data
+
+
+@dataclass(frozen=True)
+class NotificationPolicy:
+    """What producers may ask for: the message types apps understand, and how much at once."""
+
+    message_types: tuple[str, ...] = ("checkEchoV1",)
+    max_users: int = 1000
+    default_ttl_seconds: int = 86400
+
+
+@dataclass(frozen=True)
+class NotificationRequest:
+    users: tuple[str, ...]
+    message_type: str
+    event_type: str | None
+    dry_run: bool
+    ttl_seconds: int
+
+
+def parse_notification(data: dict[str, Any], policy: NotificationPolicy) -> NotificationRequest:
+    """Validate ``notification.requested.v1`` data; 422 naming the field when it is wrong."""
+    for key in data:
+        if key not in ("users", "message_type", "event_type", "dry_run", "ttl_seconds"):
+            raise _invalid(key, f"{key} is not a field of {NOTIFICATION_REQUESTED}")
+    users = data.get("users")
+    if not isinstance(users, list) or not users:
+        raise _invalid("users", "users must be a non-empty list of user ids")
+    if len(users) > policy.max_users:
+        raise _invalid("users", f"at most {policy.max_users} users per event")
+    for user in users:
+        if not isinstance(user, str) or not user or len(user) > MAX_USER_ID_LENGTH:
+            raise _invalid("users", "each user id must be a non-empty string of at most 64 characters")
+    message_type = data.get("message_type")
+    if message_type not in policy.message_types:
+        raise _invalid("message_type", f"message_type must be one of {', '.join(policy.message_types)}")
+    event_type = data.get("event_type")
+    if event_type is not None and (not isinstance(event_type, str) or not 0 < len(event_type) <= 64):
+        raise _invalid("event_type", "event_type must be a string of at most 64 characters")
+    dry_run = data.get("dry_run", False)
+    if not isinstance(dry_run, bool):
+        raise _invalid("dry_run", "dry_run must be true or false")
+    ttl = data.get("ttl_seconds", policy.default_ttl_seconds)
+    if not isinstance(ttl, int) or isinstance(ttl, bool) or not 0 <= ttl <= MAX_TTL_SECONDS:
+        raise _invalid("ttl_seconds", f"ttl_seconds must be a whole number from 0 to {MAX_TTL_SECONDS}")
+    return NotificationRequest(
+        tuple(dict.fromkeys(users)), message_type, event_type, dry_run, ttl
+    )
+
+
+@dataclass(frozen=True)
+class EchoRequest:
+    """Today's Echo job request to its push service: ``POST /v1/message/{fcm,apns}``."""
+
+    tokens: tuple[str, ...]
+    message_type: str
+    topic: str | None
+    dry_run: bool
+
+
+def parse_echo_request(body: Any, policy: NotificationPolicy) -> EchoRequest:
+    if not isinstance(body, dict):
+        raise ApiError(400, "invalid_body", "the body must be a JSON object")
+    tokens = body.get("deviceTokens")
+    if not isinstance(tokens, list) or not tokens:
+        raise ApiError(400, "invalid_field", "deviceTokens must be a non-empty list", "deviceTokens")
+    if len(tokens) > policy.max_users:
+        raise ApiError(400, "invalid_field", f"at most {policy.max_users} tokens", "deviceTokens")
+    if not all(isinstance(token, str) and 0 < len(token) <= 4096 for token in tokens):
+        raise ApiError(400, "invalid_field", "each device token must be a string", "deviceTokens")
+    message_type = body.get("messageType")
+    if message_type not in policy.message_types:
+        raise ApiError(
+            400, "invalid_field",
+            f"messageType must be one of {', '.join(policy.message_types)}", "messageType",
+        )
+    topic = body.get("topic")
+    if topic is not None and not isinstance(topic, str):
+        raise ApiError(400, "invalid_field", "topic must be a string", "topic")
+    dry_run = body.get("dryRun", False)
+    if not isinstance(dry_run, bool):
+        raise ApiError(400, "invalid_field", "dryRun must be true or false", "dryRun")
+    return EchoRequest(tuple(dict.fromkeys(tokens)), message_type, topic, dry_run)
+
+
+@dataclass(frozen=True)
+class InvalidToken:
+    """A subscription a provider called dead: by id and token hash, never the token."""
+
+    id: int
+    token_sha256: str
+    reason: str
+    observed_at: datetime
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "token_sha256": self.token_sha256,
+            "reason": self.reason,
+            "observed_at": self.observed_at.isoformat(timespec="microseconds") + "Z",
+        }
+
+
+def invalid_tokens_event(source: str, provider: str, invalid: list[InvalidToken]) -> CloudEvent:
+    return CloudEvent(
+        {
+            "type": SUBSCRIPTION_INVALID,
+            "source": source,
+            "id": str(uuid.uuid4()),
+            "datacontenttype": "application/json",
+        },
+        {"provider": provider, "subscriptions": [item.as_json() for item in invalid]},
+    )
+
+
+def binary_http(event: CloudEvent) -> tuple[dict[str, str], bytes]:
+    """Headers and body of ``event`` in binary mode, the broker's default."""
+    headers, body = to_binary(event)
+    return dict(headers), body
+
+
+def parse_invalid_tokens(data: dict[str, Any]) -> list[InvalidToken]:
+    """Validate ``subscription.invalid.v1`` data; 422 naming the field when it is wrong."""
+    items = data.get("subscriptions")
+    if not isinstance(items, list) or len(items) > 10_000:
+        raise _invalid("subscriptions", "subscriptions must be a list of at most 10000 items")
+    parsed = []
+    for item in items:
+        if not isinstance(item, dict):
+            raise _invalid("subscriptions", "each subscription must be an object")
+        sub_id, digest, reason, observed = (
+            item.get("id"), item.get("token_sha256"), item.get("reason", ""), item.get("observed_at")
+        )
+        if not isinstance(sub_id, int) or isinstance(sub_id, bool) or sub_id < 1:
+            raise _invalid("subscriptions.id", "id must be a positive whole number")
+        if not isinstance(digest, str) or len(digest) != 64:
+            raise _invalid("subscriptions.token_sha256", "token_sha256 must be 64 hex digits")
+        if not isinstance(reason, str) or len(reason) > 64:
+            raise _invalid("subscriptions.reason", "reason must be a short string")
+        parsed.append(InvalidToken(sub_id, digest.lower(), reason, _timestamp(observed)))
+    return parsed
+
+
+def _timestamp(value: Any) -> datetime:
+    if not isinstance(value, str):
+        raise _invalid("subscriptions.observed_at", "observed_at must be an RFC 3339 timestamp")
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise _invalid("subscriptions.observed_at", "observed_at must be an RFC 3339 timestamp") from None
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(timezone.utc).replace(tzinfo=None)
+    return moment
+
+
+def _invalid(field: str, message: str) -> ApiError:
+    return ApiError(422, "invalid_data", message, field)

@@ -1,0 +1,146 @@
+"""cleanup-invalid-tokens: dead subscriptions go, refreshed ones stay, old ones expire."""
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from shared.deliveries import DeliveryLedger
+from shared.models import Delivery, Subscription
+from shared.subscriptions import NewSubscription, SubscriptionStore, utcnow
+from tests import events
+from tests import subscription_bodies as bodies
+
+
+@pytest.fixture
+def cleanup(function_client):
+    return function_client("cleanup-invalid-tokens")
+
+
+def add(engine, user: str = "42", at: datetime | None = None) -> Subscription:
+    token = bodies.fcm_token()
+    store = SubscriptionStore(engine, clock=(lambda: at) if at else utcnow)
+    return store.subscribe(user, NewSubscription("fcm", token, token)).subscription
+
+
+def ids(engine) -> list[int]:
+    with Session(engine) as session:
+        return sorted(session.scalars(select(Subscription.id)))
+
+
+def report(row: Subscription, observed_at: datetime, digest: str | None = None) -> dict:
+    return {
+        "id": row.id,
+        "token_sha256": digest or row.token_sha256,
+        "reason": "UNREGISTERED",
+        "observed_at": observed_at.isoformat() + "Z",
+    }
+
+
+async def test_reported_subscription_is_deleted(cleanup, engine):
+    dead, alive = add(engine), add(engine)
+    response = await cleanup.post("/", **events.invalid_tokens("fcm", [report(dead, utcnow())]))
+    assert response.status_code == 202
+    assert response.content == b""
+    assert ids(engine) == [alive.id]
+
+
+async def test_structured_mode_event_is_accepted(cleanup, engine):
+    dead = add(engine)
+    event = events.cloud_event(
+        "org.wikimedia.push.subscription.invalid.v1",
+        {"provider": "fcm", "subscriptions": [report(dead, utcnow())]},
+    )
+    assert (await cleanup.post("/", **events.structured(event))).status_code == 202
+    assert ids(engine) == []
+
+
+async def test_subscription_refreshed_after_the_observation_is_kept(cleanup, engine):
+    row = add(engine)
+    observed = utcnow()
+    SubscriptionStore(engine, clock=lambda: observed + timedelta(milliseconds=5)).subscribe(
+        "42", NewSubscription("fcm", row.token, row.token)
+    )
+    assert (await cleanup.post("/", **events.invalid_tokens("fcm", [report(row, observed)]))).status_code == 202
+    assert ids(engine) == [row.id]
+
+
+async def test_subscription_whose_token_changed_is_kept(cleanup, engine):
+    row = add(engine)
+    other = "0" * 64
+    assert (await cleanup.post("/", **events.invalid_tokens("fcm", [report(row, utcnow(), other)]))).status_code == 202
+    assert ids(engine) == [row.id]
+
+
+async def test_redelivered_report_deletes_nothing_more(cleanup, engine):
+    dead, alive = add(engine), add(engine)
+    event = events.invalid_tokens("fcm", [report(dead, utcnow())], id_="same")
+    assert (await cleanup.post("/", **event)).status_code == 202
+    assert (await cleanup.post("/", **event)).status_code == 202
+    assert ids(engine) == [alive.id]
+
+
+async def test_ping_expires_subscriptions_not_refreshed_for_270_days(cleanup, engine):
+    stale = add(engine, at=utcnow() - timedelta(days=271))
+    fresh = add(engine, at=utcnow() - timedelta(days=269))
+    assert (await cleanup.post("/", **events.ping())).status_code == 202
+    assert ids(engine) == [fresh.id]
+    assert stale.id not in ids(engine)
+
+
+async def test_expiry_age_is_configurable(function_client, engine, monkeypatch):
+    monkeypatch.setenv("PUSH_SUBSCRIPTION_MAX_AGE_DAYS", "30")
+    cleanup = function_client("cleanup-invalid-tokens")
+    add(engine, at=utcnow() - timedelta(days=31))
+    fresh = add(engine, at=utcnow() - timedelta(days=29))
+    assert (await cleanup.post("/", **events.ping())).status_code == 202
+    assert ids(engine) == [fresh.id]
+
+
+async def test_cron_connector_request_without_cloudevent_headers_expires_too(cleanup, engine):
+    add(engine, at=utcnow() - timedelta(days=300))
+    response = await cleanup.post("/", content=b"", headers={"X-Connector": "cron-connector"})
+    assert response.status_code == 202
+    assert ids(engine) == []
+
+
+async def test_ping_deletes_delivery_records_past_their_retention(cleanup, engine):
+    old = DeliveryLedger(engine, clock=lambda: utcnow() - timedelta(hours=25))
+    new = DeliveryLedger(engine)
+    old.claim("a" * 64, [1, 2])
+    new.claim("b" * 64, [3])
+    assert (await cleanup.post("/", **events.ping())).status_code == 202
+    with Session(engine) as session:
+        assert list(session.scalars(select(Delivery.subscription_id))) == [3]
+
+
+MALFORMED = {
+    "subscriptions_missing": ({"provider": "fcm"}, 422),
+    "id_not_a_number": ({"subscriptions": [{"id": "1", "token_sha256": "a" * 64, "observed_at": "2026-01-01T00:00:00Z"}]}, 422),
+    "hash_wrong_length": ({"subscriptions": [{"id": 1, "token_sha256": "abc", "observed_at": "2026-01-01T00:00:00Z"}]}, 422),
+    "observed_at_not_a_time": ({"subscriptions": [{"id": 1, "token_sha256": "a" * 64, "observed_at": "yesterday"}]}, 422),
+}
+
+
+@pytest.mark.parametrize("data,status", MALFORMED.values(), ids=MALFORMED.keys())
+async def test_malformed_report_is_refused_without_deleting(cleanup, engine, data, status):
+    row = add(engine)
+    event = events.binary(events.cloud_event("org.wikimedia.push.subscription.invalid.v1", data))
+    response = await cleanup.post("/", **event)
+    assert response.status_code == status
+    assert "error" in response.json()
+    assert ids(engine) == [row.id]
+
+
+async def test_other_event_types_are_refused_with_400(cleanup):
+    response = await cleanup.post("/", **events.notification(["42"]))
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "unsupported_event_type"
+
+
+async def test_structured_event_that_is_not_json_is_refused_with_400(cleanup):
+    response = await cleanup.post("/", content=b"{", headers={"Content-Type": "application/cloudevents+json"})
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "not_a_cloudevent"
