@@ -19,6 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
+from shared import logs, metrics
 from shared.config import env_int
 from shared.db import DatabaseUnavailable, check_schema, get_engine
 from shared.deliveries import DeliveryLedger
@@ -31,6 +32,7 @@ from shared.events import (
     read_cloud_event,
 )
 from shared.http import ApiError, read_body, require_method, serve
+from shared.logs import configure_logging
 from shared.subscriptions import Clock, SubscriptionStore, utcnow
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,8 @@ class Cleanup:
 
     @classmethod
     def from_env(cls) -> Cleanup:
+        configure_logging()
+        metrics.serve_metrics()
         engine = get_engine()
         cleanup = cls(
             SubscriptionStore(engine),
@@ -63,6 +67,7 @@ class Cleanup:
             cleanup._schema_checked = True
         except DatabaseUnavailable:
             pass
+        metrics.SUBSCRIPTION_TOTALS.count = cleanup.store.count_by_provider
         return cleanup
 
     async def ready(self) -> None:
@@ -71,7 +76,7 @@ class Cleanup:
             self._schema_checked = True
 
     async def handle(self, request: Request) -> Response:
-        return await serve(request, self._handle, self.ready)
+        return await serve(request, self._handle, self.ready, "cleanup-invalid-tokens")
 
     async def _handle(self, request: Request) -> Response:
         require_method(request, ("POST",))
@@ -80,6 +85,7 @@ class Cleanup:
             await run_in_threadpool(self.expire)
             return Response(status_code=202)
         event = await read_cloud_event(request)
+        logs.event_id.set(str(event["id"])[:128])
         if event["type"] == PING:
             await run_in_threadpool(self.expire)
         elif event["type"] == SUBSCRIPTION_INVALID:
@@ -87,6 +93,7 @@ class Cleanup:
             deleted = await run_in_threadpool(
                 self.store.delete_invalid, [(i.id, i.token_sha256, i.observed_at) for i in invalid]
             )
+            metrics.INVALID_DELETED.inc(deleted)
             log.info("deleted dead subscriptions", extra={"reported": len(invalid), "deleted": deleted})
         else:
             raise ApiError(
@@ -98,5 +105,6 @@ class Cleanup:
         """Delete stale subscriptions and expired delivery records; how many of each."""
         subscriptions = self.store.expire(self.clock() - self.max_age)
         deliveries = self.ledger.expire()
+        metrics.EXPIRED.inc(subscriptions)
         log.info("expired", extra={"subscriptions": subscriptions, "deliveries": deliveries})
         return subscriptions, deliveries

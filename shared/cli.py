@@ -2,6 +2,10 @@
 
 - ``pushctl migrate`` applies the schema migrations to ``PUSH_DATABASE_URL`` (run it before the
   functions roll out; a function refuses a database whose schema is behind).
+- ``pushctl vapid-keygen`` makes a VAPID key pair for Web Push: the private key for
+  ``PUSH_VAPID_PRIVATE_KEY`` and the public key apps pass as ``applicationServerKey``.
+- ``pushctl send-test --user ID [--dry-run]`` sends a wake-up to one user's devices with every
+  configured provider and prints each outcome: for checking credentials.
 - ``pushctl dev-keys DIR`` and ``pushctl dev-token --user ID``: a local signing key standing in for
   the wiki's OAuth server, so a developer can call subscribe on a laptop.
 """
@@ -13,13 +17,12 @@ import time
 from pathlib import Path
 
 from shared.config import ConfigError
+from shared.db import get_engine
 
 
 def migrate(_args: argparse.Namespace) -> int:
     from alembic import command
     from alembic.config import Config
-
-    from shared.db import get_engine
 
     engine = get_engine()
     config = Config()
@@ -30,6 +33,61 @@ def migrate(_args: argparse.Namespace) -> int:
     url = engine.url.render_as_string(hide_password=True)
     print(f"database {url} is at the newest schema")
     return 0
+
+
+def vapid_keygen(_args: argparse.Namespace) -> int:
+    from shared.providers.webpush import generate_vapid_keys
+
+    private_key, public_key = generate_vapid_keys()
+    print(f"PUSH_VAPID_PRIVATE_KEY={private_key}")
+    print(f"applicationServerKey (for the apps)={public_key}")
+    return 0
+
+
+PROVIDER_MODULES = {"fcm": "FcmProvider", "apns": "ApnsProvider", "webpush": "WebPushProvider"}
+
+
+def send_test(args: argparse.Namespace) -> int:
+    import asyncio
+    import importlib
+
+    from shared.db import check_schema
+    from shared.providers.base import Device, WakeUp
+    from shared.subscriptions import SubscriptionStore
+
+    engine = get_engine()
+    check_schema(engine)
+    store = SubscriptionStore(engine)
+    wakeup = WakeUp(args.message_type, ttl_seconds=300, dry_run=args.dry_run)
+
+    async def run() -> int:
+        sent = 0
+        for name, class_name in PROVIDER_MODULES.items():
+            if args.provider and name != args.provider:
+                continue
+            subscriptions = store.for_users([args.user], name)
+            if not subscriptions:
+                continue
+            try:
+                module = importlib.import_module(f"shared.providers.{name}")
+                provider = getattr(module, class_name).from_env()
+            except ConfigError as exc:
+                print(f"{name}: not configured: {exc}")
+                continue
+            try:
+                for row in subscriptions:
+                    device = Device(row.id, row.token, row.topic, row.environment)
+                    result = await provider.send(device, wakeup)
+                    sent += 1
+                    detail = f" ({result.reason})" if result.reason else ""
+                    print(f"{name} subscription {row.id}: {result.outcome.value}{detail}")
+            finally:
+                await provider.aclose()
+        if not sent:
+            print(f"user {args.user} has no subscriptions to send to")
+        return 0 if sent else 1
+
+    return asyncio.run(run())
 
 
 def dev_keys(args: argparse.Namespace) -> int:
@@ -77,6 +135,17 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("migrate", help="apply schema migrations to PUSH_DATABASE_URL").set_defaults(
         run=migrate
     )
+
+    commands.add_parser("vapid-keygen", help="make a VAPID key pair for Web Push").set_defaults(
+        run=vapid_keygen
+    )
+
+    test = commands.add_parser("send-test", help="send a wake-up to one user's devices")
+    test.add_argument("--user", required=True, help="the user id")
+    test.add_argument("--dry-run", action="store_true", help="validate only; nothing reaches devices")
+    test.add_argument("--provider", choices=sorted(PROVIDER_MODULES), help="only this provider")
+    test.add_argument("--message-type", default="checkEchoV1", help="the wake-up's type")
+    test.set_defaults(run=send_test)
 
     keys = commands.add_parser("dev-keys", help="make a local key pair for signing dev tokens")
     keys.add_argument("dir", help="folder for auth-private.pem and auth-public.pem")

@@ -30,6 +30,14 @@ def env(name: str, default: str | None = None) -> str | None:
     return value if value else default
 
 
+def require_env(name: str, why: str) -> str:
+    """A setting that must be present; ``why`` says what needs it."""
+    value = env(name)
+    if value is None:
+        raise ConfigError(f"{name} is not set: {why}")
+    return value
+
+
 def env_int(name: str, default: int, minimum: int = 0, maximum: int | None = None) -> int:
     """An integer setting, checked against its bounds."""
     raw = env(name)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -27,6 +28,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from shared import logs, metrics
 from shared.config import env, env_float, env_int, env_list
 from shared.db import DatabaseUnavailable, check_schema, get_engine
 from shared.deliveries import Claims, DeliveryLedger, Outcomes
@@ -44,6 +46,7 @@ from shared.events import (
     read_cloud_event,
 )
 from shared.http import ApiError, read_json, require_method, serve
+from shared.logs import configure_logging
 from shared.models import Subscription
 from shared.providers.base import Device, Outcome, Provider, SendResult, WakeUp
 from shared.subscriptions import Clock, SubscriptionStore, token_sha256, utcnow
@@ -52,6 +55,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_RETRY_AFTER = 30
 ECHO_PROVIDERS = ("fcm", "apns")
+#: Transient reasons that mean "slow down": the answer is then 429, and metrics say rate_limited.
+RATE_LIMITED = frozenset({"TooManyRequests", "TooManyProviderTokenUpdates", "QUOTA_EXCEEDED", "http_429"})
 
 
 @dataclass(frozen=True)
@@ -87,7 +92,7 @@ class DispatchReport:
             self.rejected += 1
         elif result.outcome is Outcome.TRANSIENT:
             self.transient += 1
-            self.only_rate_limited &= result.reason in ("TooManyRequests", "QUOTA_EXCEEDED", "http_429")
+            self.only_rate_limited &= result.reason in RATE_LIMITED
             if result.retry_after is not None:
                 self.retry_after = max(self.retry_after or 0, result.retry_after)
 
@@ -110,12 +115,15 @@ class Dispatcher:
         self.settings = settings
         self.sink_url = sink_url
         self.clock = clock
-        self.source = f"/push-functions/dispatch-{provider.name}"
+        self.function = f"dispatch-{provider.name}"
+        self.source = f"/push-functions/{self.function}"
         self._schema_checked = False
         self._sink_client: httpx.AsyncClient | None = None
 
     @classmethod
     def from_env(cls, provider: Provider) -> Dispatcher:
+        configure_logging()
+        metrics.serve_metrics()
         engine = get_engine()
         dispatcher = cls(
             provider,
@@ -133,6 +141,7 @@ class Dispatcher:
             ),
             sink_url=env("K_SINK"),
         )
+        metrics.SUBSCRIPTION_TOTALS.count = dispatcher.store.count_by_provider
         try:
             check_schema(engine)
             dispatcher._schema_checked = True
@@ -146,7 +155,7 @@ class Dispatcher:
             self._schema_checked = True
 
     async def handle(self, request: Request) -> Response:
-        return await serve(request, self._handle, self.ready)
+        return await serve(request, self._handle, self.ready, self.function)
 
     async def _handle(self, request: Request) -> Response:
         require_method(request, ("POST",))
@@ -155,7 +164,9 @@ class Dispatcher:
         event = await read_cloud_event(request)
         if event["type"] != NOTIFICATION_REQUESTED:
             raise ApiError(400, "unsupported_event_type", f"this function takes {NOTIFICATION_REQUESTED}")
+        logs.event_id.set(str(event["id"])[:128])
         notification = parse_notification(data_object(event), self.policy)
+        metrics.NOTIFICATIONS_REQUESTED.labels(self.provider.name, "cloudevent").inc()
         report = await self.dispatch(notification, event_key(event))
         return await self._answer(report)
 
@@ -177,6 +188,9 @@ class Dispatcher:
             return report
         claims = await run_in_threadpool(self.ledger.claim, key, [s.id for s in subscriptions])
         report.skipped = len(claims.done)
+        if claims.done or claims.dead or claims.in_flight:
+            metrics.REDELIVERIES.labels(self.provider.name).inc()
+            metrics.SKIPPED.labels(self.provider.name).inc(len(claims.done) + len(claims.dead))
         report.transient += len(claims.in_flight)
         report.only_rate_limited &= not claims.in_flight
         for subscription in subscriptions:
@@ -204,10 +218,15 @@ class Dispatcher:
         limit = asyncio.Semaphore(self.settings.concurrency)
         results: dict[int, tuple[SendResult, object]] = {}
 
+        provider = self.provider.name
+
         async def send(subscription: Subscription) -> None:
             async with limit:
+                started = time.perf_counter()
                 result = await self.provider.send(_device(subscription), wakeup)
+                elapsed = time.perf_counter() - started
             results[subscription.id] = (result, self.clock())
+            metrics.PROVIDER_LATENCY.labels(provider, result.outcome.value).observe(elapsed)
 
         tasks = [asyncio.create_task(send(s)) for s in subscriptions]
         if tasks:
@@ -222,6 +241,10 @@ class Dispatcher:
                 results[subscription.id] = (SendResult(Outcome.TRANSIENT, "deadline"), now)
             result, observed_at = results[subscription.id]
             report.count(result)
+            outcome = result.outcome.value
+            if result.outcome is Outcome.TRANSIENT and result.reason in RATE_LIMITED:
+                outcome = "rate_limited"
+            metrics.SENDS.labels(provider, outcome, result.reason or "none").inc()
             if result.outcome is Outcome.DEAD and subscription.id:
                 report.dead.append(
                     InvalidToken(subscription.id, subscription.token_sha256, result.reason, observed_at)
@@ -231,19 +254,20 @@ class Dispatcher:
     async def _answer(self, report: DispatchReport) -> Response:
         reported = await self._report_dead(report.dead) if report.dead else None
         if report.transient:
-            status = 429 if report.only_rate_limited else 503
-            retry_after = int(report.retry_after or DEFAULT_RETRY_AFTER)
-            return JSONResponse(
-                {"error": {"code": "retry", "message": f"{report.transient} sends must be retried"}},
-                status_code=status,
-                headers={"Retry-After": str(max(retry_after, 1))},
-            )
+            retry_after = max(int(report.retry_after or DEFAULT_RETRY_AFTER), 1)
+            return ApiError(
+                429 if report.only_rate_limited else 503,
+                "retry",
+                f"{report.transient} sends must be retried",
+                headers={"Retry-After": str(retry_after)},
+            ).response()
         if reported is False:
-            return JSONResponse(
-                {"error": {"code": "sink_unavailable", "message": "could not report dead tokens"}},
-                status_code=503,
+            return ApiError(
+                503,
+                "sink_unavailable",
+                "could not report dead tokens",
                 headers={"Retry-After": str(DEFAULT_RETRY_AFTER)},
-            )
+            ).response()
         if report.dead and self.sink_url is None:
             headers, body = binary_http(invalid_tokens_event(self.source, self.provider.name, report.dead))
             return Response(body, status_code=200, headers=headers)
@@ -269,6 +293,7 @@ class Dispatcher:
 
     async def _handle_echo(self, request: Request) -> Response:
         echo = parse_echo_request(await read_json(request), self.policy)
+        metrics.NOTIFICATIONS_REQUESTED.labels(self.provider.name, "echo").inc()
         if self.provider.name == "apns" and not echo.topic:
             raise ApiError(400, "missing_field", "topic is required for APNs", "topic")
         tokens = [token.lower() for token in echo.tokens] if self.provider.name == "apns" else list(echo.tokens)

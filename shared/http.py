@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
+from shared import logs, metrics
 from shared.db import DatabaseUnavailable, SchemaBehind
 
 log = logging.getLogger(__name__)
@@ -47,7 +51,9 @@ class ApiError(Exception):
         error: dict[str, Any] = {"code": self.code, "message": self.message}
         if self.field is not None:
             error["field"] = self.field
-        return JSONResponse({"error": error}, status_code=self.status, headers=self.headers)
+        response = JSONResponse({"error": error}, status_code=self.status, headers=self.headers)
+        response.error_code = self.code  # for the errors metric, read by serve()
+        return response
 
 
 async def read_body(request: Request, max_bytes: int = DEFAULT_MAX_BODY) -> bytes:
@@ -97,14 +103,42 @@ def require_method(request: Request, allowed: tuple[str, ...]) -> None:
 Handler = Callable[[Request], Awaitable[Response]]
 
 
-async def serve(request: Request, handler: Handler, ready: Callable[[], Awaitable[None]]) -> Response:
-    """Answer the platform's probes, then run ``handler``, turning refusals into JSON errors.
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+async def serve(
+    request: Request, handler: Handler, ready: Callable[[], Awaitable[None]], function: str
+) -> Response:
+    """Answer the platform's probes, then run ``handler``, turning refusals into JSON errors,
+    and measure it: duration, count and errors by status class, requests in flight.
 
     ``ready`` raises when the function cannot serve (schema behind, database down): the readiness
     probe then fails, and so does every request, with a 503 that says why.
     """
     if request.url.path in HEALTH_PATHS:
         return JSONResponse({"status": "ok"})
+    given = request.headers.get("x-request-id", "")
+    rid = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+    logs.request_id.set(rid)
+    logs.event_id.set(None)
+    started = time.perf_counter()
+    in_flight = metrics.IN_FLIGHT.labels(function)
+    in_flight.inc()
+    try:
+        response = await _answer(request, handler, ready)
+    finally:
+        in_flight.dec()
+    if request.url.path not in READY_PATHS:
+        labels = (function, request.method, metrics.status_class(response.status_code))
+        metrics.REQUEST_DURATION.labels(*labels).observe(time.perf_counter() - started)
+        metrics.REQUESTS.labels(*labels).inc()
+        if response.status_code >= 400:
+            metrics.ERRORS.labels(function, getattr(response, "error_code", "unknown")).inc()
+    response.headers["X-Request-Id"] = rid
+    return response
+
+
+async def _answer(request: Request, handler: Handler, ready: Callable[[], Awaitable[None]]) -> Response:
     try:
         await ready()
         if request.url.path in READY_PATHS:
@@ -123,3 +157,6 @@ async def serve(request: Request, handler: Handler, ready: Callable[[], Awaitabl
             "the database cannot be reached; try again later",
             headers={"Retry-After": str(DATABASE_RETRY_AFTER)},
         ).response()
+    except Exception:
+        log.exception("unexpected error")
+        return ApiError(500, "internal_error", "the function failed; the error is logged").response()

@@ -76,6 +76,7 @@ class UnsubscribeRequest:
 
     all: bool
     identity: str | None = None
+    provider: str | None = None
 
 
 def parse_unsubscribe(body: Any) -> UnsubscribeRequest:
@@ -88,11 +89,11 @@ def parse_unsubscribe(body: Any) -> UnsubscribeRequest:
     provider = _provider(obj)
     if provider == "webpush":
         _only(obj, {"provider", "endpoint"})
-        return UnsubscribeRequest(all=False, identity=_endpoint(obj.get("endpoint"), "endpoint"))
+        return UnsubscribeRequest(False, _endpoint(obj.get("endpoint"), "endpoint"), provider)
     _only(obj, {"provider", "token"})
     if provider == "apns":
-        return UnsubscribeRequest(all=False, identity=_apns_token(obj))
-    return UnsubscribeRequest(all=False, identity=_string(obj, "token", MAX_TOKEN_LENGTH))
+        return UnsubscribeRequest(False, _apns_token(obj), provider)
+    return UnsubscribeRequest(False, _string(obj, "token", MAX_TOKEN_LENGTH), provider)
 
 
 def _object(body: Any) -> dict[str, Any]:

@@ -8,6 +8,7 @@ and fails when ``CI=true``: CI must never pass by skipping it.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -23,8 +24,15 @@ from sqlalchemy import create_engine, inspect, text
 from shared.cli import main as pushctl
 from shared.db import get_engine
 from shared.models import Base
+from tests.fakes.apns import apns_server  # noqa: F401 - fixtures for the whole suite
+from tests.fakes.fcm import fcm_server  # noqa: F401
+from tests.fakes.sink import sink  # noqa: F401
+from tests.fakes.webpush import webpush_server  # noqa: F401
 
 REPO = Path(__file__).resolve().parent.parent
+# Functions start a metrics server; in tests, on a free port of its own.
+os.environ["PUSH_METRICS_PORT"] = "0"
+os.environ["PUSH_METRICS_ADDR"] = "127.0.0.1"
 MARIADB_URL = os.environ.get("PUSH_TEST_MARIADB_URL", "mysql+pymysql://root@127.0.0.1:3306/test")
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
@@ -139,11 +147,13 @@ async def function_client(database_url) -> AsyncIterator[FunctionClient]:
     """Start a function as functions-framework would (its ASGI app, from its source file, with
     the environment as set by the test) and return an HTTP client for it."""
     clients: list[httpx.AsyncClient] = []
+    modules = []
 
     def start(name: str) -> httpx.AsyncClient:
         app = create_asgi_app(
             target=name.replace("-", "_"), source=str(REPO / "functions" / name / "main.py")
         )
+        modules.append(sys.modules["main"])  # where functions-framework put the loaded source
         client = httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://function")
         clients.append(client)
         return client
@@ -151,3 +161,20 @@ async def function_client(database_url) -> AsyncIterator[FunctionClient]:
     yield start
     for client in clients:
         await client.aclose()
+    for module in modules:
+        if hasattr(module, "dispatcher"):
+            await module.dispatcher.aclose()
+
+
+# --- dispatchers against the fake providers -------------------------------------------------
+
+
+@pytest.fixture(params=["fcm", "apns", "webpush"])
+def rig(request, tmp_path, monkeypatch):
+    """A provider rig (see tests/rigs.py) with its fake server started and configured."""
+    from tests.rigs import RIGS
+
+    rig_class, fixture = RIGS[request.param]
+    rig = rig_class(request.getfixturevalue(fixture), tmp_path)
+    rig.configure(monkeypatch)
+    return rig

@@ -7,8 +7,11 @@ inside the provider's own module.
 """
 from __future__ import annotations
 
+import email.utils
 import enum
+import time
 from dataclasses import dataclass
+from datetime import timezone
 from typing import Protocol
 
 
@@ -79,3 +82,22 @@ class Provider(Protocol):
     async def aclose(self) -> None:
         """Close pooled connections (tests and graceful shutdown)."""
         ...
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """An HTTP ``Retry-After`` header as seconds from now: it is either delta-seconds or an
+    HTTP date (RFC 9110, 10.2.3). ``None`` when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return max(when.timestamp() - time.time(), 0.0)

@@ -1,0 +1,16 @@
+"""dispatch-webpush: wakes the devices of notified users through Web Push (browsers).
+
+Takes org.wikimedia.push.notification.requested.v1 CloudEvents from the broker."""
+import functions_framework.aio
+from starlette.requests import Request
+from starlette.responses import Response
+
+from shared.dispatch import Dispatcher
+from shared.providers.webpush import WebPushProvider
+
+dispatcher = Dispatcher.from_env(WebPushProvider.from_env())
+
+
+@functions_framework.aio.http
+async def dispatch_webpush(request: Request) -> Response:
+    return await dispatcher.handle(request)

@@ -1,0 +1,146 @@
+"""Prometheus metrics: the four golden signals of every function, and the product's own figures.
+
+Metrics are served by prometheus-client on their own port (``PUSH_METRICS_PORT``, default 9091,
+``off`` to disable), not on the function's port: subscribe and unsubscribe are public, their
+metrics are not. Labels hold only bounded, non-personal values: function names, methods, status
+classes, providers, outcomes and provider reason words; never a token, a user id or a secret.
+
+When a function runs several worker processes, set ``PROMETHEUS_MULTIPROC_DIR`` (prometheus-client's
+multi-process mode): the metrics server then adds up every worker's figures.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import REGISTRY, Collector
+
+from shared.config import ConfigError, env
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 9091
+# Wake-ups should leave within milliseconds; the top buckets catch provider timeouts.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+REQUEST_DURATION = Histogram(
+    "push_request_duration_seconds",
+    "Time to answer a request, by function, method and status class (2xx, 4xx, 5xx).",
+    ["function", "method", "status_class"],
+    buckets=LATENCY_BUCKETS,
+)
+REQUESTS = Counter(
+    "push_requests_total", "Requests answered, by function, method and status class.",
+    ["function", "method", "status_class"],
+)
+ERRORS = Counter(
+    "push_errors_total", "Requests answered with an error, by function and error code.",
+    ["function", "reason"],
+)
+IN_FLIGHT = Gauge(
+    "push_requests_in_flight", "Requests being handled now (saturation).", ["function"],
+    multiprocess_mode="livesum",
+)
+SUBSCRIPTION_REQUESTS = Counter(
+    "push_subscription_requests_total",
+    "Subscribe and unsubscribe requests by action and result.",
+    ["action", "provider", "result"],
+)
+NOTIFICATIONS_REQUESTED = Counter(
+    "push_notifications_requested_total",
+    "Notification requests (events or Echo requests) a dispatcher accepted.",
+    ["provider", "source"],
+)
+SENDS = Counter(
+    "push_sends_total",
+    "Wake-ups sent to devices, by provider, outcome (delivered, dead, transient, rate_limited, "
+    "rejected) and the provider's reason.",
+    ["provider", "outcome", "reason"],
+)
+PROVIDER_LATENCY = Histogram(
+    "push_provider_request_duration_seconds",
+    "Time for one send to a push provider, by provider and outcome.",
+    ["provider", "outcome"],
+    buckets=LATENCY_BUCKETS,
+)
+REDELIVERIES = Counter(
+    "push_redeliveries_total",
+    "Redelivered events seen: events some of whose devices were already served.",
+    ["provider"],
+)
+SKIPPED = Counter(
+    "push_sends_skipped_total",
+    "Devices not sent to again because an earlier delivery of the same event served them.",
+    ["provider"],
+)
+INVALID_DELETED = Counter(
+    "push_invalid_subscriptions_deleted_total", "Subscriptions deleted as dead by clean-up.", []
+)
+EXPIRED = Counter(
+    "push_expired_subscriptions_total", "Subscriptions deleted for not being refreshed.", []
+)
+
+
+def status_class(status: int) -> str:
+    return f"{status // 100}xx"
+
+
+class SubscriptionTotals(Collector):
+    """``push_subscriptions`` per provider, counted in the database when scraped and cached for
+    ``ttl`` seconds, so frequent scrapes (or many of them at once) cost one query."""
+
+    def __init__(self, ttl: float = 30.0) -> None:
+        self.ttl = ttl
+        self.count: Callable[[], dict[str, int]] | None = None
+        self._lock = threading.Lock()
+        self._cached: dict[str, int] = {}
+        self._at = float("-inf")
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily("push_subscriptions", "Stored subscriptions per provider.", labels=["provider"])
+        with self._lock:
+            if self.count is not None and time.monotonic() - self._at > self.ttl:
+                try:
+                    self._cached = self.count()
+                    self._at = time.monotonic()
+                except Exception:  # noqa: BLE001 - a scrape must not fail on a database outage
+                    log.warning("could not count subscriptions for metrics")
+            for provider in ("fcm", "apns", "webpush"):
+                family.add_metric([provider], self._cached.get(provider, 0))
+        yield family
+
+
+SUBSCRIPTION_TOTALS = SubscriptionTotals()
+REGISTRY.register(SUBSCRIPTION_TOTALS)
+
+_server_lock = threading.Lock()
+_server_port: int | None = None
+
+
+def serve_metrics() -> int | None:
+    """Start the process's metrics server once; its port (``None`` when turned off)."""
+    global _server_port
+    raw = env("PUSH_METRICS_PORT", str(DEFAULT_PORT))
+    if raw == "off":
+        return None
+    try:
+        port = int(raw)
+    except ValueError:
+        raise ConfigError(f"PUSH_METRICS_PORT must be a port number or off, not {raw!r}") from None
+    with _server_lock:
+        if _server_port is None:
+            registry = REGISTRY
+            if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+                from prometheus_client import multiprocess
+
+                registry = CollectorRegistry()
+                multiprocess.MultiProcessCollector(registry)
+                registry.register(SUBSCRIPTION_TOTALS)
+            server, _thread = start_http_server(port, addr=env("PUSH_METRICS_ADDR", "0.0.0.0"), registry=registry)
+            _server_port = server.server_address[1]
+        return _server_port

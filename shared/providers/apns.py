@@ -1,0 +1,296 @@
+"""The APNs provider: wake-ups to Apple devices over HTTP/2 with token (``.p8`` key) auth.
+
+Built on aioapns, which owns the HTTP/2 connections and signs the provider token (an ES256 JWT,
+re-signed by aioapns every 30 minutes per connection, inside Apple's 20-60 minute window). The
+module works around aioapns where it does not fit a long-running, never-raising provider:
+
+Endpoints
+    aioapns hard-codes the host and port in the ``APNS_SERVER``/``APNS_PORT`` class attributes
+    of its connection protocol classes. :func:`_endpoint_protocol` makes a subclass of
+    :class:`_EndpointProtocol` per configured endpoint and the pool is pointed at it
+    (``pool.protocol_class``), so tests, proxies and the fake server can stand in for Apple.
+    Sandbox devices (``Device.environment == "sandbox"``) go to the sandbox endpoint, all others
+    to production; there is one aioapns client (pool) per environment.
+
+Event loop
+    aioapns binds the running loop when a client is constructed, so clients are built lazily in
+    :meth:`ApnsProvider.send`, and built again if the provider finds itself in a different loop
+    (a runtime that calls ``asyncio.run`` per invocation): a pool bound to a closed loop would
+    fail every send forever.
+
+Topic
+    aioapns insists on a topic at construction for key auth; every request carries the
+    device's own (``NotificationRequest(apns_topic=...)``), so the constructor gets a placeholder
+    that is never sent.
+
+Time bounds
+    aioapns sleeps one second after each failed connection attempt, and would await an answer
+    that never comes forever; so attempts are kept at two (an immediate retry when a pooled
+    connection turns out to be closed; an unreachable server is reported after about two
+    seconds) and every send is bounded by ``timeout_seconds``.
+    A send cut short by the timeout leaves state in aioapns's protocol: the cancelled future
+    stays registered and a late answer would then raise inside ``data_received``, which kills the
+    connection and every send in flight on it. :class:`_EndpointProtocol` forgets cancelled
+    requests, and also drops aioapns's per-stream bookkeeping when a stream ends (aioapns never
+    removes it for successful sends, so it grows with every notification on a connection), which
+    also lets an error status without a JSON body (a proxy's 502, say) be answered at once
+    rather than by the timeout.
+
+Logs
+    No device token reaches a log line: aioapns logs a failed notification's status and reason
+    with its id (a UUID) unless given an ``err_func``, and we pass one that does nothing, since
+    classifying failures is this module's job. aioapns's other log lines name notification ids,
+    connections and connection errors, never request paths. The paths (which hold the token) only
+    pass through hpack, whose debug log prints every header: aioapns sets the ``hpack`` logger to
+    CRITICAL on import, and so does this module, so the guarantee does not rest on aioapns
+    alone. A logging configuration must not lower it.
+
+Answers
+    aioapns resolves a request on the 200 HEADERS frame, or on the error's JSON body; it does
+    not expose response headers, so ``retry_after`` is always ``None`` (Apple documents no
+    Retry-After header anyway). Every outcome, including timeouts and connection failures, is
+    classified into a :class:`SendResult`; :meth:`ApnsProvider.send` never raises for them.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import ssl
+from typing import Any
+from urllib.parse import urlsplit
+
+from aioapns import APNs, NotificationRequest, PushType
+from aioapns.common import NotificationResult
+from aioapns.connection import APNsTLSClientProtocol
+from aioapns.exceptions import ConnectionClosed, MaxAttemptsExceeded
+from aioapns.exceptions import ConnectionError as ApnsConnectionError
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from h2.exceptions import H2Error
+
+from shared.config import ConfigError, env, env_float, env_int, require_env, require_secret
+from shared.providers.base import Device, Outcome, SendResult, WakeUp
+
+DEFAULT_PRODUCTION_URL = "https://api.push.apple.com"
+DEFAULT_SANDBOX_URL = "https://api.sandbox.push.apple.com"
+DEFAULT_TIMEOUT_SECONDS = 10.0
+DEFAULT_MAX_CONNECTIONS = 4
+
+_CONNECTION_ATTEMPTS = 2
+_PRIORITY_IMMEDIATE = 10
+_PLACEHOLDER_TOPIC = "per-request.topic.unused"
+_HEX = re.compile(r"[0-9a-fA-F]+")
+_DEAD_REASONS = frozenset(
+    {"Unregistered", "ExpiredToken", "BadDeviceToken", "DeviceTokenNotForTopic"}
+)
+"""Reasons meaning the token will never work for this topic and environment (any 410 too)."""
+
+logging.getLogger("hpack").setLevel(logging.CRITICAL)
+
+
+class _EndpointProtocol(APNsTLSClientProtocol):
+    """aioapns's connection protocol with the endpoint as class attributes (set per endpoint by
+    :func:`_endpoint_protocol`) and with its per-request bookkeeping kept tidy (module
+    docstring, "Time bounds")."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lost: asyncio.Future[None] = self.loop.create_future()
+        """Done once the connection is closed, for :meth:`ApnsProvider.aclose` to wait on."""
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if not self.lost.done():
+            self.lost.set_result(None)
+
+    async def send_notification(self, request: NotificationRequest) -> NotificationResult:
+        try:
+            return await super().send_notification(request)
+        except asyncio.CancelledError:
+            self.requests.pop(request.notification_id, None)
+            raise
+
+    def on_stream_ended(self, stream_id: int) -> None:
+        notification_id = self.request_streams.pop(stream_id, None)
+        if notification_id is not None:
+            status = self.request_statuses.pop(notification_id, None)
+            pending = self.requests.get(notification_id)
+            if status is not None and pending is not None:
+                del self.requests[notification_id]
+                pending.set_result(NotificationResult(notification_id, status))
+        super().on_stream_ended(stream_id)
+
+
+def _endpoint_protocol(setting: str, url: str) -> type[_EndpointProtocol]:
+    """The protocol class connecting to ``url`` (``https://host[:port]``); ``setting`` names
+    the variable in errors."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port or 443
+    except ValueError:
+        port = 0
+    if parts.scheme != "https" or not parts.hostname or not port or parts.path not in ("", "/"):
+        raise ConfigError(f"{setting} must look like https://host[:port], not {url!r}")
+    attributes = {"APNS_SERVER": parts.hostname, "APNS_PORT": port}
+    return type(f"_EndpointProtocol_{parts.hostname}_{port}", (_EndpointProtocol,), attributes)
+
+
+def _check_key(pem: str) -> None:
+    """Fail at start-up, not at the first send, when the key is not Apple's kind of key."""
+    try:
+        key = serialization.load_pem_private_key(pem.encode(), password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise ConfigError(
+            "PUSH_APNS_KEY is not an unencrypted PEM private key: give the .p8 file's text or path"
+        ) from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP256R1):
+        raise ConfigError("PUSH_APNS_KEY must be an EC P-256 key (an APNs .p8 signing key)")
+
+
+def _ssl_context(ca_file: str | None) -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    context.set_alpn_protocols(["h2"])
+    if ca_file is not None:
+        try:
+            context.load_verify_locations(cafile=ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"PUSH_APNS_CA_FILE: cannot load {ca_file}: {exc}") from None
+    return context
+
+
+async def _ignore_error(request: NotificationRequest, result: NotificationResult) -> None:
+    """aioapns's ``err_func``: replaces its error log line; failures are classified instead."""
+
+
+def _classify(result: NotificationResult) -> SendResult:
+    if result.is_successful:
+        return SendResult(Outcome.DELIVERED)
+    status = int(result.status) if result.status.isdigit() else 0
+    reason = result.description or f"http_{result.status}"
+    if status == 410 or reason in _DEAD_REASONS:
+        return SendResult(Outcome.DEAD, reason)
+    # Not 429s, nor an expired provider token: aioapns signs a new one at least every 30 min.
+    if 400 <= status < 500 and status != 429 and reason != "ExpiredProviderToken":
+        return SendResult(Outcome.REJECTED, reason)
+    return SendResult(Outcome.TRANSIENT, reason)
+
+
+class ApnsProvider:
+    """Sends wake-ups through APNs. Create one per process; :meth:`aclose` at shutdown."""
+
+    name = "apns"
+
+    def __init__(
+        self,
+        key: str,
+        key_id: str,
+        team_id: str,
+        *,
+        production_url: str = DEFAULT_PRODUCTION_URL,
+        sandbox_url: str = DEFAULT_SANDBOX_URL,
+        ca_file: str | None = None,
+        timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    ) -> None:
+        """``key`` is the ``.p8`` PEM text; ``ca_file`` an extra CA bundle (PEM) to trust."""
+        _check_key(key)
+        if not key_id:
+            raise ConfigError("PUSH_APNS_KEY_ID is empty")
+        if not team_id:
+            raise ConfigError("PUSH_APNS_TEAM_ID is empty")
+        self._key = key
+        self._key_id = key_id
+        self._team_id = team_id
+        self._protocols = {
+            "production": _endpoint_protocol("PUSH_APNS_PRODUCTION_URL", production_url),
+            "sandbox": _endpoint_protocol("PUSH_APNS_SANDBOX_URL", sandbox_url),
+        }
+        self._ssl_context = _ssl_context(ca_file)
+        self._timeout = timeout_seconds
+        self._max_connections = max_connections
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._clients: dict[str, APNs] = {}
+
+    @classmethod
+    def from_env(cls) -> ApnsProvider:
+        """The provider configured by the ``PUSH_APNS_*`` settings."""
+        return cls(
+            require_secret("PUSH_APNS_KEY", "the APNs provider signs its requests with this key"),
+            require_env("PUSH_APNS_KEY_ID", "the APNs provider needs the signing key's id"),
+            require_env("PUSH_APNS_TEAM_ID", "the APNs provider needs the Apple team id"),
+            production_url=env("PUSH_APNS_PRODUCTION_URL") or DEFAULT_PRODUCTION_URL,
+            sandbox_url=env("PUSH_APNS_SANDBOX_URL") or DEFAULT_SANDBOX_URL,
+            ca_file=env("PUSH_APNS_CA_FILE"),
+            timeout_seconds=env_float("PUSH_APNS_TIMEOUT_SECONDS", DEFAULT_TIMEOUT_SECONDS, 0.001),
+            max_connections=env_int("PUSH_APNS_MAX_CONNECTIONS", DEFAULT_MAX_CONNECTIONS, 1),
+        )
+
+    async def send(self, device: Device, wakeup: WakeUp) -> SendResult:
+        if wakeup.dry_run:  # APNs has no validate-only mode, and a dry run has no effects
+            return SendResult(Outcome.DELIVERED, "dry_run")
+        if not device.topic:
+            return SendResult(Outcome.REJECTED, "MissingTopic")
+        if not _HEX.fullmatch(device.token):
+            return SendResult(Outcome.DEAD, "BadDeviceToken")
+        message: dict[str, Any] = {
+            "aps": {
+                "alert": wakeup.message_type,
+                "mutable-content": 1,
+                "thread-id": wakeup.message_type,
+            },
+            "data": {"type": wakeup.message_type},
+        }
+        request = NotificationRequest(
+            device_token=device.token,
+            message=message,
+            time_to_live=wakeup.ttl_seconds,
+            priority=_PRIORITY_IMMEDIATE,
+            collapse_key=wakeup.message_type,
+            push_type=PushType.ALERT,
+            apns_topic=device.topic,
+        )
+        client = self._client("sandbox" if device.environment == "sandbox" else "production")
+        try:
+            result = await asyncio.wait_for(client.send_notification(request), self._timeout)
+        except TimeoutError:
+            return SendResult(Outcome.TRANSIENT, "timeout")
+        except (MaxAttemptsExceeded, ConnectionClosed, ApnsConnectionError, OSError, H2Error):
+            return SendResult(Outcome.TRANSIENT, "connection_error")
+        return _classify(result)
+
+    async def aclose(self) -> None:
+        """Drop every connection and wait until they are closed. They are aborted, not closed
+        with a TLS close_notify: that could wait on a peer that is gone, and nothing is lost."""
+        clients, self._clients = self._clients, {}
+        lost = []
+        for client in clients.values():
+            for connection in list(client.pool.connections):
+                assert isinstance(connection, _EndpointProtocol)
+                assert connection.transport is not None
+                connection.transport.abort()
+                lost.append(connection.lost)
+        await asyncio.gather(*lost)
+
+    def _client(self, environment: str) -> APNs:
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            # Pools of an earlier loop cannot be used, nor closed, from this one.
+            self._loop = loop
+            self._clients = {}
+        client = self._clients.get(environment)
+        if client is None:
+            client = APNs(
+                key=self._key,
+                key_id=self._key_id,
+                team_id=self._team_id,
+                topic=_PLACEHOLDER_TOPIC,
+                max_connections=self._max_connections,
+                max_connection_attempts=_CONNECTION_ATTEMPTS,
+                ssl_context=self._ssl_context,
+                err_func=_ignore_error,
+            )
+            client.pool.protocol_class = self._protocols[environment]
+            self._clients[environment] = client
+        return client

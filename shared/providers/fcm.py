@@ -1,0 +1,302 @@
+"""FCM provider: the FCM HTTP v1 API spoken directly, over HTTP/2, with service-account OAuth.
+
+We do not use firebase-admin: it hard-codes ``https://fcm.googleapis.com`` in private attributes
+and wraps every send in its own retry policy, so it can neither be pointed at a test or benchmark
+endpoint nor leave retrying to the dispatcher. One ``messages:send`` POST is simple enough to make
+with httpx, and google-auth's service-account credentials give the OAuth access token.
+
+What is reused across sends (and invocations, in a warm process): one HTTP/2 client per event
+loop, and the access token, refreshed a few minutes before it expires (google-auth's margin) by
+one coroutine while the others wait. Every answer, and every network failure, is classified into
+a :class:`~shared.providers.base.SendResult` following FCM's documented error codes (see
+:func:`classify`). A registration token identifies a device, so it never appears in a log line or
+in a result's ``reason``.
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import ssl
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import certifi
+import httpx
+import requests
+from google.auth import exceptions as auth_exceptions
+from google.auth.credentials import TokenState
+from google.auth.transport.requests import Request as AuthRequest
+from google.oauth2 import service_account
+
+from shared.config import ConfigError, env, env_float, env_int, require_secret
+from shared.providers.base import Device, Outcome, SendResult, WakeUp, retry_after_seconds
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ENDPOINT = "https://fcm.googleapis.com"
+SCOPE = "https://www.googleapis.com/auth/firebase.messaging"
+MAX_TTL_SECONDS = 2_419_200
+"""FCM refuses an ``android.ttl`` over four weeks: longer TTLs are capped to it."""
+
+FCM_ERROR_TYPE = "type.googleapis.com/google.firebase.fcm.v1.FcmError"
+BAD_REQUEST_TYPE = "type.googleapis.com/google.rpc.BadRequest"
+
+_CREDENTIALS_VAR = "PUSH_FCM_CREDENTIALS"
+_PROJECT_VAR = "PUSH_FCM_PROJECT_ID"
+_ENDPOINT_VAR = "PUSH_FCM_ENDPOINT"
+_CA_VAR = "PUSH_FCM_CA_FILE"
+
+
+@dataclass(frozen=True)
+class FcmError:
+    """What an FCM error body says, reduced to what classification needs."""
+
+    status: str | None
+    """The ``google.rpc.Status`` word (``NOT_FOUND``, ``INVALID_ARGUMENT``...)."""
+    error_code: str | None
+    """The ``errorCode`` of the ``FcmError`` detail (``UNREGISTERED``...), when present."""
+    names_token: bool
+    """The error is about the registration token (see :func:`classify`)."""
+
+    @classmethod
+    def parse(cls, body: bytes) -> FcmError:
+        """Read a ``{"error": {...}}`` body; anything else (an HTML 502 page) gives all-empty."""
+        try:
+            error = json.loads(body)["error"]
+            details = [d for d in error.get("details") or () if isinstance(d, dict)]
+            message = str(error.get("message", ""))
+            status = error.get("status")
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return cls(None, None, False)
+        error_code = next(
+            (d.get("errorCode") for d in details if d.get("@type") == FCM_ERROR_TYPE), None)
+        token_violation = any(
+            isinstance(v, dict) and v.get("field") == "message.token"
+            for d in details if d.get("@type") == BAD_REQUEST_TYPE
+            for v in d.get("fieldViolations") or ())
+        token_message = error_code == "INVALID_ARGUMENT" and "registration token" in message.lower()
+        return cls(status if isinstance(status, str) else None,
+                   error_code if isinstance(error_code, str) else None,
+                   token_violation or token_message)
+
+
+def classify(status_code: int, body: bytes, retry_after: str | None) -> SendResult:
+    """Turn one FCM answer into a result, following the FCM HTTP v1 ``ErrorCode`` reference.
+
+    - 200: DELIVERED (a dry run's validation too).
+    - DEAD, only when FCM says the token itself is finished: ``UNREGISTERED`` (404: the app was
+      uninstalled or the token expired), ``SENDER_ID_MISMATCH`` (403: the token belongs to
+      another project), or a 400 ``INVALID_ARGUMENT`` about the token. FCM uses
+      INVALID_ARGUMENT for payload mistakes as well, so the token is only blamed when the body
+      says so: a ``google.rpc.BadRequest`` field violation on exactly ``message.token``, or an
+      ``FcmError`` ``INVALID_ARGUMENT`` whose message mentions the registration token (FCM's
+      documented text: "The registration token is not a valid FCM registration token").
+      A 404 or 403 without those error codes (a wrong URL or project) kills no token.
+    - TRANSIENT: 429 (``QUOTA_EXCEEDED``) and every 5xx (``INTERNAL``, ``UNAVAILABLE``, a proxy's
+      502), with the ``Retry-After`` FCM may send.
+    - REJECTED: everything else, i.e. 401 (``THIRD_PARTY_AUTH_ERROR``: the project's APNs or
+      Web Push credentials; ``UNAUTHENTICATED``: ours, after one refresh), 403
+      ``PERMISSION_DENIED``, payload 400s: retrying the same request would fail the same way.
+
+    ``reason`` is the ``errorCode`` when FCM gave one, else the status word, else ``http_<code>``.
+    """
+    if status_code == 200:
+        return SendResult(Outcome.DELIVERED)
+    error = FcmError.parse(body)
+    reason = error.error_code or error.status or f"http_{status_code}"
+    if status_code == 429 or status_code >= 500:
+        return SendResult(Outcome.TRANSIENT, reason, retry_after_seconds(retry_after))
+    if error.error_code in ("UNREGISTERED", "SENDER_ID_MISMATCH") or (
+            status_code == 400 and error.names_token):
+        return SendResult(Outcome.DEAD, reason)
+    return SendResult(Outcome.REJECTED, reason)
+
+
+class FcmProvider:
+    """Sends wake-ups through FCM HTTP v1. Create once per process; see the module doc."""
+
+    name = "fcm"
+
+    def __init__(
+        self,
+        *,
+        credentials: str,
+        project_id: str | None = None,
+        endpoint: str = DEFAULT_ENDPOINT,
+        ca_file: str | None = None,
+        timeout_seconds: float = 10.0,
+        max_connections: int = 8,
+    ) -> None:
+        """Validate everything now, so a bad setting fails the start-up and not the first push.
+
+        ``credentials`` is the service-account key file's JSON text; ``project_id`` defaults to
+        its ``project_id``. ``endpoint`` is the FCM base URL (a fake in tests). ``ca_file`` is a
+        PEM bundle trusted for both the send endpoint (on top of certifi's CAs) and the token
+        endpoint named by the JSON's ``token_uri`` (instead of them: requests takes a single
+        bundle). ``timeout_seconds`` bounds each network step of a send and the token request.
+        Errors name the environment variable the value comes from in :meth:`from_env`.
+        """
+        self._credentials, json_project = _load_credentials(credentials)
+        project = project_id or json_project
+        if not project:
+            raise ConfigError(
+                f"{_PROJECT_VAR} is not set and the {_CREDENTIALS_VAR} JSON has no project_id")
+        endpoint = endpoint.rstrip("/")
+        if not endpoint.startswith(("https://", "http://")):
+            raise ConfigError(f"{_ENDPOINT_VAR} must be an http(s) URL, not {endpoint!r}")
+        self.project_id = project
+        self._url = f"{endpoint}/v1/projects/{project}/messages:send"
+        self._ssl = _ssl_context(ca_file)
+        self._timeout = timeout_seconds
+        self._limits = httpx.Limits(
+            max_connections=max_connections, max_keepalive_connections=max_connections)
+        # google-auth's refresh is synchronous: it runs in a worker thread through requests.
+        # verify= is given per request because a Session's own verify loses to the
+        # REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE environment variables many images set.
+        self._session = requests.Session()
+        self._token_request = functools.partial(
+            AuthRequest(self._session), timeout=timeout_seconds, verify=ca_file or True)
+        self._loop_state: _LoopState | None = None
+
+    @classmethod
+    def from_env(cls) -> FcmProvider:
+        """The provider configured by the ``PUSH_FCM_*`` settings."""
+        return cls(
+            credentials=require_secret(
+                _CREDENTIALS_VAR, "FCM needs a service account key (JSON) to get access tokens"),
+            project_id=env(_PROJECT_VAR),
+            endpoint=env(_ENDPOINT_VAR, DEFAULT_ENDPOINT) or DEFAULT_ENDPOINT,
+            ca_file=env(_CA_VAR),
+            timeout_seconds=env_float("PUSH_FCM_TIMEOUT_SECONDS", 10.0, minimum=0.001),
+            max_connections=env_int("PUSH_FCM_MAX_CONNECTIONS", 8, minimum=1),
+        )
+
+    async def send(self, device: Device, wakeup: WakeUp) -> SendResult:
+        body = _message(device, wakeup)
+        try:
+            access_token = await self._access_token()
+            response = await self._post(body, access_token)
+            if (response.status_code == 401
+                    and FcmError.parse(response.content).error_code != "THIRD_PARTY_AUTH_ERROR"):
+                # FCM refused our access token (revoked, or expired early): refresh once.
+                log.info("FCM refused the access token; refreshing it and retrying once")
+                access_token = await self._access_token(refused=access_token)
+                response = await self._post(body, access_token)
+        except httpx.TimeoutException:
+            return SendResult(Outcome.TRANSIENT, "timeout")
+        except httpx.RequestError as exc:
+            log.warning("FCM unreachable: %s", type(exc).__name__)
+            return SendResult(Outcome.TRANSIENT, "connection_error")
+        except auth_exceptions.GoogleAuthError as exc:
+            return _token_failure(exc)
+        result = classify(response.status_code, response.content,
+                          response.headers.get("retry-after"))
+        if result.outcome is Outcome.REJECTED:
+            log.warning("FCM rejected a message for device %d: HTTP %d %s",
+                        device.id, response.status_code, result.reason)
+        return result
+
+    async def aclose(self) -> None:
+        state, self._loop_state = self._loop_state, None
+        if state is not None and state.loop is asyncio.get_running_loop():
+            await state.client.aclose()
+        self._session.close()
+
+    async def _post(self, body: bytes, access_token: str) -> httpx.Response:
+        return await self._bound().client.post(
+            self._url, content=body,
+            headers={"authorization": f"Bearer {access_token}",
+                     "content-type": "application/json; charset=UTF-8"})
+
+    def _bound(self) -> _LoopState:
+        """The HTTP/2 client and refresh lock of the running event loop. Connections and locks
+        belong to the loop that made them, so a process that runs each invocation in a new loop
+        (``asyncio.run``) gets new ones for each; within a loop they are made once."""
+        loop = asyncio.get_running_loop()
+        if self._loop_state is None or self._loop_state.loop is not loop:
+            client = httpx.AsyncClient(
+                http2=True, verify=self._ssl, timeout=self._timeout, limits=self._limits)
+            self._loop_state = _LoopState(loop, client, asyncio.Lock())
+        return self._loop_state
+
+    async def _access_token(self, refused: str | None = None) -> str:
+        """A fresh access token: the cached one, or a new one when it is missing, within
+        google-auth's refresh margin of its expiry, or the one FCM just ``refused``.
+        Concurrent callers wait for a single refresh."""
+        credentials = self._credentials
+        if credentials.token != refused and credentials.token_state is TokenState.FRESH:
+            return credentials.token
+        async with self._bound().refresh_lock:
+            if credentials.token != refused and credentials.token_state is TokenState.FRESH:
+                return credentials.token
+            started = time.monotonic()
+            await asyncio.to_thread(credentials.refresh, self._token_request)
+            log.debug("FCM access token refreshed in %.3f s", time.monotonic() - started)
+            return credentials.token
+
+
+@dataclass(frozen=True)
+class _LoopState:
+    loop: asyncio.AbstractEventLoop
+    client: httpx.AsyncClient
+    refresh_lock: asyncio.Lock
+
+
+def _message(device: Device, wakeup: WakeUp) -> bytes:
+    """The ``messages:send`` body: data-only (the app fetches the content itself), collapsible
+    per message type, high priority so a dozing Android device wakes for it."""
+    ttl = min(max(wakeup.ttl_seconds, 0), MAX_TTL_SECONDS)
+    document: dict[str, Any] = {
+        "message": {
+            "token": device.token,
+            "data": {"type": wakeup.message_type},
+            "android": {"collapse_key": wakeup.message_type, "priority": "high", "ttl": f"{ttl}s"},
+        }
+    }
+    if wakeup.dry_run:
+        document["validate_only"] = True
+    return json.dumps(document, separators=(",", ":")).encode()
+
+
+def _token_failure(exc: auth_exceptions.GoogleAuthError) -> SendResult:
+    """No access token. Network trouble, or Google's token endpoint saying "try later", is
+    TRANSIENT; a refused grant (deleted key, disabled account) is REJECTED: it needs a human."""
+    if isinstance(exc, auth_exceptions.TransportError) or exc.retryable:
+        log.warning("FCM access token unavailable: %s", type(exc).__name__)
+        return SendResult(Outcome.TRANSIENT, "oauth_unavailable")
+    log.error("FCM access token refused: %s", exc)
+    return SendResult(Outcome.REJECTED, "oauth_refused")
+
+
+def _load_credentials(text: str) -> tuple[service_account.Credentials, str | None]:
+    """The service-account credentials scoped for FCM, and the JSON's ``project_id``."""
+    try:
+        info = json.loads(text)
+    except ValueError:
+        raise ConfigError(f"{_CREDENTIALS_VAR} is not JSON (a service account key file)") from None
+    if not isinstance(info, dict) or info.get("type") != "service_account":
+        raise ConfigError(
+            f"{_CREDENTIALS_VAR} is not a service account key file (\"type\": \"service_account\")")
+    try:
+        credentials = service_account.Credentials.from_service_account_info(info, scopes=[SCOPE])
+    except (ValueError, TypeError, KeyError) as exc:
+        # google-auth's messages name missing fields or an unreadable key, never key material.
+        raise ConfigError(f"{_CREDENTIALS_VAR} is not a usable service account key: {exc}") from None
+    project = info.get("project_id")
+    return credentials, project if isinstance(project, str) and project else None
+
+
+def _ssl_context(ca_file: str | None) -> ssl.SSLContext:
+    """certifi's CAs (httpx's own default), plus the extra bundle when there is one."""
+    context = ssl.create_default_context(cafile=certifi.where())
+    if ca_file:
+        try:
+            context.load_verify_locations(cafile=ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"{_CA_VAR}: cannot load CA bundle {ca_file}: {exc}") from None
+    return context
+
+

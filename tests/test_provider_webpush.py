@@ -1,0 +1,523 @@
+"""Web Push provider: what it puts on the wire and how it reads every answer.
+
+These drive the real WebPushProvider (real pywebpush, real aiohttp, real TLS) against the fake
+push service of tests/fakes/webpush.py, which verifies VAPID and decrypts each push the way a
+push service and a browser would.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from shared.config import ConfigError
+from shared.providers.base import Device, Outcome, SendResult, WakeUp
+from shared.providers.webpush import WebPushProvider, generate_vapid_keys
+from tests.fakes.webpush import HANG, Answer, FakeWebPushService
+
+KEYS = generate_vapid_keys()
+SUBJECT = "mailto:push-ops@example.org"
+
+
+def make_provider(server: FakeWebPushService, **settings: Any) -> WebPushProvider:
+    options: dict[str, Any] = {
+        "vapid_private_key": KEYS.private_key,
+        "vapid_subject": SUBJECT,
+        "ca_file": server.ca_file,
+        "timeout_seconds": 5.0,
+    }
+    options.update(settings)
+    return WebPushProvider(**options)
+
+
+@pytest.fixture
+async def provider(webpush_server: FakeWebPushService) -> AsyncIterator[WebPushProvider]:
+    provider = make_provider(webpush_server)
+    yield provider
+    await provider.aclose()
+
+
+def device(subscription: dict[str, Any]) -> Device:
+    return Device(id=7, token=json.dumps(subscription))
+
+
+def wakeup(message_type: str = "notification", ttl_seconds: int = 3600) -> WakeUp:
+    return WakeUp(message_type=message_type, ttl_seconds=ttl_seconds)
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def unb64url(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# --- what goes on the wire -------------------------------------------------------------------
+
+
+async def test_the_decrypted_payload_is_exactly_the_message_type(provider, webpush_server):
+    subscription = webpush_server.subscribe()
+
+    result = await provider.send(device(subscription), wakeup("talk-page-edit"))
+
+    assert result == SendResult(Outcome.DELIVERED)
+    [push] = webpush_server.pushes_to(subscription)
+    assert push.message() == {"type": "talk-page-edit"}
+
+
+async def test_vapid_header_carries_the_configured_key_and_subject_for_the_endpoint_origin(
+    provider, webpush_server
+):
+    subscription = webpush_server.subscribe(application_server_key=KEYS.public_key)
+
+    await provider.send(device(subscription), wakeup())
+
+    [push] = webpush_server.pushes
+    assert push.error is None
+    assert push.vapid_key == KEYS.public_key == provider.application_server_key
+    assert push.claims is not None
+    assert push.claims["sub"] == SUBJECT
+    assert push.claims["aud"] == webpush_server.origin
+    assert time.time() < push.claims["exp"] <= time.time() + 24 * 3600
+
+
+async def test_ttl_header_is_the_wakeups_ttl(provider, webpush_server):
+    subscription = webpush_server.subscribe()
+
+    await provider.send(device(subscription), wakeup(ttl_seconds=900))
+
+    assert webpush_server.pushes[0].ttl == "900"
+
+
+async def test_urgency_header_is_normal_by_default(provider, webpush_server):
+    await provider.send(device(webpush_server.subscribe()), wakeup())
+
+    assert webpush_server.pushes[0].urgency == "normal"
+
+
+async def test_urgency_header_follows_the_setting(webpush_server):
+    provider = make_provider(webpush_server, urgency="high")
+    try:
+        await provider.send(device(webpush_server.subscribe()), wakeup())
+    finally:
+        await provider.aclose()
+
+    assert webpush_server.pushes[0].urgency == "high"
+
+
+async def test_topic_header_is_the_message_type_so_a_newer_wakeup_replaces_a_pending_one(
+    provider, webpush_server
+):
+    await provider.send(device(webpush_server.subscribe()), wakeup("notification"))
+
+    assert webpush_server.pushes[0].topic == "notification"
+
+
+async def test_a_message_type_that_is_no_valid_topic_gets_a_stable_valid_topic(
+    provider, webpush_server
+):
+    subscription = webpush_server.subscribe()
+    message_type = "wiki.edit:talk page"  # '.', ':' and ' ' are not allowed in a Topic
+
+    first = await provider.send(device(subscription), wakeup(message_type))
+    second = await provider.send(device(subscription), wakeup(message_type))
+
+    assert first.outcome is second.outcome is Outcome.DELIVERED
+    topics = {push.topic for push in webpush_server.pushes}
+    assert len(topics) == 1 and None not in topics
+    assert webpush_server.pushes[0].message() == {"type": message_type}
+
+
+# --- reuse -----------------------------------------------------------------------------------
+
+
+async def test_the_vapid_header_is_signed_once_per_origin_and_reused(provider, webpush_server):
+    first, second = webpush_server.subscribe(), webpush_server.subscribe()
+
+    for subscription in (first, second, first, second, first):
+        assert (await provider.send(device(subscription), wakeup())).outcome is Outcome.DELIVERED
+
+    assert len({push.vapid_token for push in webpush_server.pushes}) == 1
+
+
+async def test_each_origin_gets_its_own_vapid_header(provider, webpush_server):
+    with FakeWebPushService(ca=webpush_server.ca) as other_service:
+        here, there = webpush_server.subscribe(), other_service.subscribe()
+
+        assert (await provider.send(device(here), wakeup())).outcome is Outcome.DELIVERED
+        assert (await provider.send(device(there), wakeup())).outcome is Outcome.DELIVERED
+
+        assert other_service.pushes[0].claims["aud"] == other_service.origin
+        assert webpush_server.pushes[0].claims["aud"] == webpush_server.origin
+
+
+async def test_consecutive_sends_reuse_one_connection(provider, webpush_server):
+    subscription = webpush_server.subscribe()
+
+    for _ in range(3):
+        await provider.send(device(subscription), wakeup())
+
+    assert len({push.client_port for push in webpush_server.pushes}) == 1
+
+
+async def test_aclose_closes_the_connections_and_a_later_send_opens_new_ones(
+    provider, webpush_server
+):
+    subscription = webpush_server.subscribe()
+
+    await provider.send(device(subscription), wakeup())
+    await provider.aclose()
+    result = await provider.send(device(subscription), wakeup())
+
+    assert result.outcome is Outcome.DELIVERED
+    first, second = webpush_server.pushes
+    assert first.client_port != second.client_port
+
+
+# --- classifying answers ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [404, 410])
+async def test_a_gone_subscription_is_dead(provider, webpush_server, status):
+    subscription = webpush_server.subscribe()
+    webpush_server.script(subscription, status)
+
+    result = await provider.send(device(subscription), wakeup())
+
+    assert result == SendResult(Outcome.DEAD, f"http_{status}")
+
+
+async def test_429_is_transient_with_retry_after_in_seconds(provider, webpush_server):
+    subscription = webpush_server.subscribe()
+    webpush_server.script(subscription, Answer(429, retry_after="7"))
+
+    result = await provider.send(device(subscription), wakeup())
+
+    assert result == SendResult(Outcome.TRANSIENT, "http_429", retry_after=7.0)
+
+
+async def test_retry_after_as_an_http_date_becomes_seconds_from_now(provider, webpush_server):
+    subscription = webpush_server.subscribe()
+    later = format_datetime(datetime.now(UTC) + timedelta(seconds=120), usegmt=True)
+    webpush_server.script(subscription, Answer(503, retry_after=later))
+
+    result = await provider.send(device(subscription), wakeup())
+
+    assert result.outcome is Outcome.TRANSIENT and result.reason == "http_503"
+    assert result.retry_after is not None and 60 < result.retry_after <= 120
+
+
+@pytest.mark.parametrize("status", [500, 503])
+async def test_server_errors_are_transient_while_they_last(provider, webpush_server, status):
+    subscription = webpush_server.subscribe()
+    webpush_server.script(subscription, then=status)
+
+    results = [await provider.send(device(subscription), wakeup()) for _ in range(2)]
+
+    assert results == [SendResult(Outcome.TRANSIENT, f"http_{status}")] * 2
+
+
+async def test_a_push_retried_after_a_503_is_delivered(provider, webpush_server):
+    subscription = webpush_server.subscribe()
+    webpush_server.script(subscription, 503, 201)
+
+    first = await provider.send(device(subscription), wakeup())
+    second = await provider.send(device(subscription), wakeup())
+
+    assert (first.outcome, second.outcome) == (Outcome.TRANSIENT, Outcome.DELIVERED)
+    assert [push.status for push in webpush_server.pushes] == [503, 201]
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 413, 422])
+async def test_other_client_errors_are_rejected(provider, webpush_server, status):
+    subscription = webpush_server.subscribe()
+    webpush_server.script(subscription, status)
+
+    result = await provider.send(device(subscription), wakeup())
+
+    assert result == SendResult(Outcome.REJECTED, f"http_{status}")
+
+
+async def test_a_subscription_made_for_another_vapid_key_is_rejected(provider, webpush_server):
+    subscription = webpush_server.subscribe(application_server_key=generate_vapid_keys().public_key)
+
+    result = await provider.send(device(subscription), wakeup())
+
+    assert result == SendResult(Outcome.REJECTED, "http_403")
+
+
+def _replace_keys(**keys: str | None) -> Callable[[dict[str, Any]], str]:
+    def token(subscription: dict[str, Any]) -> str:
+        return json.dumps({**subscription, "keys": {**subscription["keys"], **keys}})
+
+    return token
+
+
+def _replace_endpoint(endpoint: str) -> Callable[[dict[str, Any]], str]:
+    return lambda subscription: json.dumps({**subscription, "endpoint": endpoint})
+
+
+UNUSABLE_SUBSCRIPTIONS = [
+    pytest.param(lambda s: "not json", id="not-json"),
+    pytest.param(lambda s: json.dumps([s]), id="not-an-object"),
+    pytest.param(lambda s: json.dumps({"endpoint": s["endpoint"]}), id="no-keys"),
+    pytest.param(_replace_keys(auth=None), id="no-auth"),
+    pytest.param(_replace_keys(p256dh="not base64!"), id="p256dh-not-base64url"),
+    pytest.param(_replace_keys(p256dh=b64url(b"\x04" + bytes(64))), id="p256dh-not-on-curve"),
+    pytest.param(_replace_keys(p256dh=b64url(bytes(32))), id="p256dh-wrong-length"),
+    pytest.param(_replace_keys(auth=b64url(bytes(8))), id="auth-wrong-length"),
+    pytest.param(_replace_endpoint("http://localhost/push/x"), id="endpoint-not-https"),
+    pytest.param(_replace_endpoint("https:///push/x"), id="endpoint-without-host"),
+    pytest.param(_replace_endpoint("https://localhost:99999/push/x"), id="endpoint-bad-port"),
+]
+
+
+@pytest.mark.parametrize("make_token", UNUSABLE_SUBSCRIPTIONS)
+async def test_an_unusable_subscription_is_dead_and_nothing_is_sent(
+    provider, webpush_server, make_token
+):
+    token = make_token(webpush_server.subscribe())
+
+    result = await provider.send(Device(id=7, token=token), wakeup())
+
+    assert result == SendResult(Outcome.DEAD, "invalid_subscription")
+    assert webpush_server.pushes == []
+
+
+async def test_a_hanging_push_service_is_transient_within_the_configured_timeout(webpush_server):
+    subscription = webpush_server.subscribe()
+    webpush_server.script(subscription, HANG)
+    provider = make_provider(webpush_server, timeout_seconds=0.3)
+    started = time.monotonic()
+    try:
+        result = await provider.send(device(subscription), wakeup())
+    finally:
+        await provider.aclose()
+        # aiohttp closes a timed-out connection with a TLS close handshake it does not wait
+        # for: let it finish before pytest-asyncio closes the loop (else a ResourceWarning).
+        await asyncio.sleep(0.05)
+
+    assert result == SendResult(Outcome.TRANSIENT, "timeout")
+    assert time.monotonic() - started < 5
+    assert [push.status for push in webpush_server.pushes] == [None]
+
+
+async def test_an_unreachable_endpoint_is_transient(provider, webpush_server):
+    subscription = webpush_server.subscribe()
+    subscription["endpoint"] = f"https://localhost:{free_port()}/push/gone"
+
+    result = await provider.send(device(subscription), wakeup())
+
+    assert result == SendResult(Outcome.TRANSIENT, "connection_error")
+
+
+async def test_a_push_service_with_an_untrusted_certificate_is_transient(webpush_server):
+    provider = make_provider(webpush_server, ca_file=None)
+    try:
+        result = await provider.send(device(webpush_server.subscribe()), wakeup())
+    finally:
+        await provider.aclose()
+
+    assert result == SendResult(Outcome.TRANSIENT, "tls_error")
+    assert webpush_server.pushes == []
+
+
+# --- dry run ---------------------------------------------------------------------------------
+
+
+async def test_a_dry_run_sends_nothing_and_counts_as_delivered(provider, webpush_server):
+    subscription = webpush_server.subscribe()
+
+    result = await provider.send(device(subscription), WakeUp("notification", 60, dry_run=True))
+
+    assert result == SendResult(Outcome.DELIVERED, "dry_run")
+    assert webpush_server.pushes == []
+
+
+async def test_a_dry_run_still_reports_an_unusable_subscription_as_dead(provider):
+    result = await provider.send(Device(id=7, token="{}"), WakeUp("notification", 60, dry_run=True))
+
+    assert result == SendResult(Outcome.DEAD, "invalid_subscription")
+
+
+# --- logs ------------------------------------------------------------------------------------
+
+
+async def test_logs_never_show_the_endpoint_or_the_keys(provider, webpush_server, caplog):
+    caplog.set_level(logging.DEBUG)
+    subscription = webpush_server.subscribe()
+    webpush_server.script(subscription, 400, 503, 410)
+    unreachable = {**subscription, "endpoint": f"https://localhost:{free_port()}/push/gone"}
+    broken = {**subscription, "keys": {**subscription["keys"], "auth": "x"}}
+
+    for target in (subscription, subscription, subscription, subscription, unreachable, broken):
+        await provider.send(device(target), wakeup())
+
+    assert "device 7" in caplog.text  # the failures were logged, by device id
+    for secret in (
+        subscription["endpoint"],
+        subscription["endpoint"].rsplit("/", 1)[1],
+        subscription["keys"]["p256dh"],
+        subscription["keys"]["auth"],
+        f"localhost:{webpush_server.port}",
+        unreachable["endpoint"].split("/")[2],
+        KEYS.private_key,
+    ):
+        assert secret not in caplog.text
+
+
+# --- configuration ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def clean_env(monkeypatch, tmp_path):
+    """No PUSH_* variables, and an empty secrets directory instead of the OpenFaaS one."""
+    for name in list(os.environ):
+        if name.startswith("PUSH_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("PUSH_SECRETS_DIR", str(tmp_path / "secrets"))
+    return monkeypatch
+
+
+def _private_key() -> ec.EllipticCurvePrivateKey:
+    return ec.derive_private_key(int.from_bytes(unb64url(KEYS.private_key), "big"), ec.SECP256R1())
+
+
+def _pem(private_format: serialization.PrivateFormat) -> str:
+    return _private_key().private_bytes(
+        serialization.Encoding.PEM, private_format, serialization.NoEncryption()
+    ).decode()
+
+
+@pytest.mark.parametrize(
+    "key_text",
+    [
+        pytest.param(KEYS.private_key, id="raw-base64url"),
+        pytest.param(_pem(serialization.PrivateFormat.PKCS8), id="pkcs8-pem"),
+        pytest.param(_pem(serialization.PrivateFormat.TraditionalOpenSSL), id="sec1-pem"),
+    ],
+)
+async def test_from_env_accepts_the_private_key_raw_or_as_pem(clean_env, webpush_server, key_text):
+    clean_env.setenv("PUSH_VAPID_PRIVATE_KEY", key_text)
+    clean_env.setenv("PUSH_VAPID_SUBJECT", SUBJECT)
+    clean_env.setenv("PUSH_WEBPUSH_CA_FILE", webpush_server.ca_file)
+
+    provider = WebPushProvider.from_env()
+    try:
+        result = await provider.send(device(webpush_server.subscribe()), wakeup())
+    finally:
+        await provider.aclose()
+
+    assert result.outcome is Outcome.DELIVERED
+    assert webpush_server.pushes[0].vapid_key == KEYS.public_key
+
+
+async def test_from_env_reads_a_pem_key_file_and_the_urgency(clean_env, webpush_server, tmp_path):
+    key_file = tmp_path / "vapid.pem"
+    key_file.write_text(_pem(serialization.PrivateFormat.PKCS8))
+    clean_env.setenv("PUSH_VAPID_PRIVATE_KEY_FILE", str(key_file))
+    clean_env.setenv("PUSH_VAPID_SUBJECT", "https://wiki.example.org/push-contact")
+    clean_env.setenv("PUSH_WEBPUSH_CA_FILE", webpush_server.ca_file)
+    clean_env.setenv("PUSH_WEBPUSH_URGENCY", "low")
+
+    provider = WebPushProvider.from_env()
+    try:
+        await provider.send(device(webpush_server.subscribe()), wakeup())
+    finally:
+        await provider.aclose()
+
+    [push] = webpush_server.pushes
+    assert (push.vapid_key, push.urgency) == (KEYS.public_key, "low")
+    assert push.claims["sub"] == "https://wiki.example.org/push-contact"
+
+
+VALID_ENV = {"PUSH_VAPID_PRIVATE_KEY": KEYS.private_key, "PUSH_VAPID_SUBJECT": SUBJECT}
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("PUSH_VAPID_PRIVATE_KEY", None),
+        ("PUSH_VAPID_PRIVATE_KEY", "not a key at all"),
+        ("PUSH_VAPID_PRIVATE_KEY", b64url(bytes(range(31)))),
+        ("PUSH_VAPID_PRIVATE_KEY", b64url(bytes(32))),
+        ("PUSH_VAPID_PRIVATE_KEY", "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----"),
+        (
+            "PUSH_VAPID_PRIVATE_KEY",
+            ec.generate_private_key(ec.SECP384R1())
+            .private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+            .decode(),
+        ),
+        ("PUSH_VAPID_SUBJECT", None),
+        ("PUSH_VAPID_SUBJECT", "push-ops@example.org"),
+        ("PUSH_VAPID_SUBJECT", "http://example.org"),
+        ("PUSH_VAPID_SUBJECT", "mailto:nobody"),
+        ("PUSH_WEBPUSH_URGENCY", "urgent"),
+        ("PUSH_WEBPUSH_TIMEOUT_SECONDS", "soon"),
+        ("PUSH_WEBPUSH_TIMEOUT_SECONDS", "0"),
+        ("PUSH_WEBPUSH_MAX_CONNECTIONS", "0"),
+        ("PUSH_WEBPUSH_CA_FILE", "/nonexistent/ca.pem"),
+    ],
+    ids=lambda value: value if value is None or len(value) < 30 else value[:27] + "...",
+)
+def test_from_env_errors_name_the_variable(clean_env, variable, value):
+    for name, good in VALID_ENV.items():
+        clean_env.setenv(name, good)
+    if value is None:
+        clean_env.delenv(variable)
+    else:
+        clean_env.setenv(variable, value)
+
+    with pytest.raises(ConfigError, match=variable):
+        WebPushProvider.from_env()
+
+
+def test_a_bad_private_key_is_not_echoed_in_the_error(clean_env):
+    wrong_length_key = b64url(bytes(range(1, 34)))
+    clean_env.setenv("PUSH_VAPID_PRIVATE_KEY", wrong_length_key)
+    clean_env.setenv("PUSH_VAPID_SUBJECT", SUBJECT)
+
+    with pytest.raises(ConfigError) as error:
+        WebPushProvider.from_env()
+
+    assert wrong_length_key not in str(error.value)
+
+
+# --- key generation --------------------------------------------------------------------------
+
+
+def test_generated_vapid_keys_are_a_raw_private_key_and_its_uncompressed_public_point():
+    keys = generate_vapid_keys()
+
+    private = unb64url(keys.private_key)
+    public = unb64url(keys.public_key)
+    assert len(private) == 32
+    assert len(public) == 65 and public[0] == 4
+    derived = ec.derive_private_key(int.from_bytes(private, "big"), ec.SECP256R1())
+    assert derived.public_key().public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+    ) == public
+    assert "=" not in keys.private_key + keys.public_key
