@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test clean
+.PHONY: run test tools clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,8 +17,15 @@ run: $(STAMP)
 	$(PY) scripts/run_local.py
 
 ## Run the whole test suite (SQLite and MariaDB; with CI=true a missing MariaDB fails).
-test: $(STAMP)
+test: $(STAMP) tools
 	$(PY) -m pytest
+
+## promtool (Debian's prometheus package) for the alert-rule tests.
+tools:
+	@command -v promtool >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	  else echo "promtool not found: install Debian's prometheus package for the alert-rule tests"; fi; }
 
 clean:
 	rm -rf $(VENV) .local .pytest_cache

@@ -61,13 +61,14 @@ def send_test(args: argparse.Namespace) -> int:
     wakeup = WakeUp(args.message_type, ttl_seconds=300, dry_run=args.dry_run)
 
     async def run() -> int:
-        sent = 0
+        sent = found = 0
         for name, class_name in PROVIDER_MODULES.items():
             if args.provider and name != args.provider:
                 continue
             subscriptions = store.for_users([args.user], name)
             if not subscriptions:
                 continue
+            found += len(subscriptions)
             try:
                 module = importlib.import_module(f"shared.providers.{name}")
                 provider = getattr(module, class_name).from_env()
@@ -83,8 +84,10 @@ def send_test(args: argparse.Namespace) -> int:
                     print(f"{name} subscription {row.id}: {result.outcome.value}{detail}")
             finally:
                 await provider.aclose()
-        if not sent:
+        if not found:
             print(f"user {args.user} has no subscriptions to send to")
+        elif not sent:
+            print("nothing was sent: configure the providers named above")
         return 0 if sent else 1
 
     return asyncio.run(run())

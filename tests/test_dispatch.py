@@ -235,3 +235,37 @@ def _event_key(posted: dict) -> str:
 
     headers = posted["headers"]
     return hashlib.sha256(f"{headers['ce-source']}\n{headers['ce-id']}".encode()).hexdigest()
+
+
+async def test_reply_event_routed_to_clean_up_deletes_the_dead_subscription(rig, function_client, engine):
+    dispatch, cleanup = function_client(rig.function), function_client("cleanup-invalid-tokens")
+    dead, alive = rig.add(engine, "alice"), rig.add(engine, "alice")
+    rig.dead(dead)
+    reply = await dispatch.post("/", **events.notification(["alice"]))
+    routed = await cleanup.post(
+        "/", content=reply.content, headers={k: v for k, v in reply.headers.items() if k.startswith("ce-") or k == "content-type"}
+    )
+    assert routed.status_code == 202
+    with Session(engine) as session:
+        assert session.scalars(select(Subscription.id)).all() == [alive.id]
+
+
+async def test_clean_up_racing_a_resubscribe_keeps_the_device(rig, function_client, engine):
+    dispatch, cleanup = function_client(rig.function), function_client("cleanup-invalid-tokens")
+    row = rig.add(engine, "alice")
+    rig.dead(row)
+    reply = await dispatch.post("/", **events.notification(["alice"]))
+    # The device registers again (new token from the OS, same device) before clean-up runs.
+    SubscriptionStore(engine).subscribe("alice", NewSubscription(
+        row.provider, row.token, _identity(row), topic=row.topic, environment=row.environment))
+    routed = await cleanup.post(
+        "/", content=reply.content, headers={k: v for k, v in reply.headers.items() if k.startswith("ce-") or k == "content-type"}
+    )
+    assert routed.status_code == 202
+    assert count_rows(engine, Subscription) == 1
+
+
+def _identity(row: Subscription) -> str:
+    import json
+
+    return json.loads(row.token)["endpoint"] if row.provider == "webpush" else row.token

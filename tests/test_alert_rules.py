@@ -1,0 +1,57 @@
+"""The shipped Prometheus alert rules: valid, unit-tested with promtool, and naming only metrics
+the functions export."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+from prometheus_client import generate_latest
+
+import shared.metrics  # noqa: F401 - registers every metric
+from tests.conftest import IN_CI, REPO
+
+RULES = REPO / "monitoring" / "alerts.yml"
+RULE_TESTS = REPO / "monitoring" / "alerts_test.yml"
+
+
+@pytest.fixture(scope="module")
+def promtool() -> str:
+    path = shutil.which("promtool")
+    if path is None:
+        message = "promtool not found (Debian package prometheus; `make test` installs it)"
+        if IN_CI:
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    return path
+
+
+def test_rules_are_valid(promtool):
+    result = subprocess.run([promtool, "check", "rules", str(RULES)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_rule_unit_tests_pass(promtool):
+    result = subprocess.run(
+        [promtool, "test", "rules", RULE_TESTS.name], capture_output=True, text=True, cwd=RULE_TESTS.parent,
+        env={**os.environ, "TZ": "UTC"},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def exported_names() -> set[str]:
+    text = generate_latest().decode()
+    return {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")}
+
+
+def test_every_metric_the_rules_name_is_exported():
+    named = set(re.findall(r"\bpush_[a-z_]+", RULES.read_text()))
+    exported = exported_names()
+    suffixes = ("_bucket", "_count", "_sum", "_total")
+    missing = {
+        name for name in named
+        if name not in exported and not any(name.endswith(s) and name[: -len(s)] in exported for s in suffixes)
+    }
+    assert named and missing == set()
