@@ -5,8 +5,8 @@
   again) or its id now holds another token.
 - a schedule tick (``dev.knative.sources.ping``, or a plain request from a cron connector, which
   sends no CloudEvent headers): delete subscriptions not refreshed for ``PUSH_SUBSCRIPTION_MAX_AGE_DAYS``
-  (default 270, the age after which FCM itself considers a token stale) and delivery records past
-  their retention.
+  (default 270, the age after which FCM itself considers a token stale), delivery records past
+  their retention and rate counters of past windows.
 
 Both are idempotent: a redelivered event deletes nothing more.
 """
@@ -33,6 +33,7 @@ from shared.events import (
 )
 from shared.http import ApiError, read_body, require_method, serve
 from shared.logs import configure_logging
+from shared.ratelimits import RateLimiter
 from shared.subscriptions import Clock, SubscriptionStore, utcnow
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,7 @@ class Cleanup:
         """Delete stale subscriptions and expired delivery records; how many of each."""
         subscriptions = self.store.expire(self.clock() - self.max_age)
         deliveries = self.ledger.expire()
+        RateLimiter(self.store.engine, self.clock).expire()
         metrics.EXPIRED.inc(subscriptions)
         log.info("expired", extra={"subscriptions": subscriptions, "deliveries": deliveries})
         return subscriptions, deliveries

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from typing import TypeVar
 
 from sqlalchemy import Engine, create_engine, event, inspect, text
+from sqlalchemy.dialects import mysql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -27,7 +28,7 @@ DEFAULT_DATABASE_URL = "sqlite:///push.sqlite3"
 
 #: The newest migration this code needs. ``pushctl migrate`` brings a database to it, and a
 #: function refuses to serve a database that is behind (a test keeps this equal to Alembic's head).
-SCHEMA_REVISION = "0002"
+SCHEMA_REVISION = "0003"
 
 T = TypeVar("T")
 
@@ -156,6 +157,14 @@ def run_transaction(engine: Engine, work: Callable[[Session], T], attempts: int 
             log.info("transaction conflict, retrying", extra={"attempt": attempt})
             time.sleep(0.01 * attempt)
     raise AssertionError("unreachable")
+
+
+def insert_ignore(session: Session, model: type):
+    """An INSERT for ``model`` that leaves rows whose key already exists alone, in the dialect of
+    the session's engine (SQLite's ON CONFLICT DO NOTHING, MySQL's INSERT IGNORE)."""
+    if session.get_bind().dialect.name == "sqlite":
+        return sqlite.insert(model).on_conflict_do_nothing()
+    return mysql.insert(model).prefix_with("IGNORE")
 
 
 def _is_retryable(exc: OperationalError) -> bool:

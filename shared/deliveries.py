@@ -14,10 +14,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from sqlalchemy import Engine, bindparam, delete, select, update
-from sqlalchemy.dialects import mysql, sqlite
 from sqlalchemy.orm import Session
 
-from shared.db import run_transaction
+from shared.db import insert_ignore, run_transaction
 from shared.models import Delivery
 from shared.providers.base import Outcome, SendResult
 from shared.subscriptions import Clock, utcnow
@@ -75,7 +74,7 @@ class DeliveryLedger:
                  "claim": claims.token, "lease_until": lease_until, "expires_at": expires_at}
                 for sub_id in chunk
             ]
-            session.execute(_insert_ignore(session), rows)
+            session.execute(insert_ignore(session, Delivery), rows)
             # Take over claims whose dispatcher stopped before recording anything.
             session.execute(
                 update(Delivery)
@@ -176,13 +175,6 @@ class DeliveryLedger:
             total += deleted
             if events < events_per_batch:
                 return total
-
-
-def _insert_ignore(session: Session):
-    """INSERT that leaves existing (event, subscription) rows alone, in each engine's dialect."""
-    if session.get_bind().dialect.name == "sqlite":
-        return sqlite.insert(Delivery).on_conflict_do_nothing()
-    return mysql.insert(Delivery).prefix_with("IGNORE")
 
 
 def _chunks(ids: Sequence[int] | list[int]) -> Iterator[list[int]]:

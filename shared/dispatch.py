@@ -34,6 +34,7 @@ from shared.db import DatabaseUnavailable, check_schema, get_engine
 from shared.deliveries import Claims, DeliveryLedger, Outcomes
 from shared.events import (
     NOTIFICATION_REQUESTED,
+    PING,
     InvalidToken,
     NotificationPolicy,
     NotificationRequest,
@@ -48,12 +49,17 @@ from shared.events import (
 from shared.http import ApiError, read_json, require_method, serve
 from shared.logs import configure_logging
 from shared.models import Subscription
+from shared.policy import DeliveryPolicy, Due, PendingStore
+from shared.ratelimits import RateLimiter
 from shared.providers.base import Device, Outcome, Provider, SendResult, WakeUp
 from shared.subscriptions import Clock, SubscriptionStore, token_sha256, utcnow
 
 log = logging.getLogger(__name__)
 
 DEFAULT_RETRY_AFTER = 30
+FLUSH_BATCH = 500
+#: What a device over its per-event-type limit gets: nothing sent, recorded as done.
+LIMITED = SendResult(Outcome.REJECTED, "limited")
 ECHO_PROVIDERS = ("fcm", "apns")
 #: Transient reasons that mean "slow down": the answer is then 429, and metrics say rate_limited.
 RATE_LIMITED = frozenset({"TooManyRequests", "TooManyProviderTokenUpdates", "QUOTA_EXCEEDED", "http_429"})
@@ -107,8 +113,13 @@ class Dispatcher:
         settings: DispatchSettings,
         sink_url: str | None = None,
         clock: Clock = utcnow,
+        delivery: DeliveryPolicy = DeliveryPolicy(),
+        pending: PendingStore | None = None,
     ) -> None:
         self.provider = provider
+        self.delivery = delivery
+        self.limiter = RateLimiter(store.engine, clock)
+        self.pending = pending
         self.store = store
         self.ledger = ledger
         self.policy = policy
@@ -125,6 +136,11 @@ class Dispatcher:
         configure_logging()
         metrics.serve_metrics()
         engine = get_engine()
+        delivery = DeliveryPolicy.from_env()
+        pending = None
+        if delivery.privacy_delay is not None:
+            pending = PendingStore(engine, delivery.privacy_delay)
+            metrics.PENDING_TOTALS.stats = pending.stats
         dispatcher = cls(
             provider,
             SubscriptionStore(engine),
@@ -140,6 +156,8 @@ class Dispatcher:
                 echo_apns_environment=env("PUSH_ECHO_APNS_ENVIRONMENT", "production"),
             ),
             sink_url=env("K_SINK"),
+            delivery=delivery,
+            pending=pending,
         )
         metrics.SUBSCRIPTION_TOTALS.count = dispatcher.store.count_by_provider
         try:
@@ -162,8 +180,15 @@ class Dispatcher:
         if request.url.path == f"/v1/message/{self.provider.name}" and self.provider.name in ECHO_PROVIDERS:
             return await self._handle_echo(request)
         event = await read_cloud_event(request)
+        if event["type"] == PING:
+            logs.event_id.set(str(event["id"])[:128])
+            report = await self.flush()
+            report.transient = 0  # what failed stays pending for the next tick
+            return await self._answer(report)
         if event["type"] != NOTIFICATION_REQUESTED:
-            raise ApiError(400, "unsupported_event_type", f"this function takes {NOTIFICATION_REQUESTED}")
+            raise ApiError(
+                400, "unsupported_event_type", f"this function takes {NOTIFICATION_REQUESTED} and {PING}"
+            )
         logs.event_id.set(str(event["id"])[:128])
         notification = parse_notification(data_object(event), self.policy)
         metrics.NOTIFICATIONS_REQUESTED.labels(self.provider.name, "cloudevent").inc()
@@ -198,8 +223,80 @@ class Dispatcher:
                 reason, observed_at = claims.dead[subscription.id]
                 report.dead.append(InvalidToken(subscription.id, subscription.token_sha256, reason, observed_at))
         to_send = [s for s in subscriptions if s.id in claims.claimed]
-        outcomes = await self._send_all(to_send, wakeup, report)
+        to_send, held = await self._apply_limits(to_send, notification.event_type)
+        if self.pending is not None:
+            await run_in_threadpool(
+                self.pending.enqueue, self.provider.name, [s.id for s in to_send],
+                notification.message_type, notification.ttl_seconds,
+            )
+            queued = SendResult(Outcome.DELIVERED, "queued")
+            outcomes = Outcomes({s.id: (queued, self.clock()) for s in to_send} | held)
+        else:
+            outcomes = await self._send_all(to_send, wakeup, report)
+            await self._refund_transient(to_send, notification.event_type, outcomes)
+            outcomes.results.update(held)
         await self._record(key, claims, outcomes)
+        return report
+
+    async def _apply_limits(
+        self, subscriptions: list[Subscription], event_type: str | None
+    ) -> tuple[list[Subscription], dict[int, tuple[SendResult, object]]]:
+        """Split off the devices over their per-event-type limit: they get no push this time,
+        and the event still succeeds for them."""
+        limit = self.delivery.limits.get(event_type) if event_type else None
+        if limit is None or not subscriptions:
+            return subscriptions, {}
+        allowed = await run_in_threadpool(
+            self.limiter.hit, [f"{s.id}\n{event_type}" for s in subscriptions], limit
+        )
+        held = {s.id: (LIMITED, self.clock()) for s, ok in zip(subscriptions, allowed) if not ok}
+        if held:
+            metrics.SENDS.labels(self.provider.name, "limited", event_type).inc(len(held))
+        return [s for s, ok in zip(subscriptions, allowed) if ok], held
+
+    async def _refund_transient(
+        self, subscriptions: list[Subscription], event_type: str | None, outcomes: Outcomes
+    ) -> None:
+        """Give back the limit of pushes that will be retried: only pushes sent count."""
+        limit = self.delivery.limits.get(event_type) if event_type else None
+        retried = [s for s in subscriptions if outcomes.results[s.id][0].outcome is Outcome.TRANSIENT]
+        if limit is not None and retried:
+            await run_in_threadpool(self.limiter.refund, [f"{s.id}\n{event_type}" for s in retried], limit)
+
+    async def flush(self) -> DispatchReport:
+        """Send the pending wake-ups that are due (privacy delay), batch by batch until none is
+        due or the deadline nears; transient failures stay pending for a later tick."""
+        report = DispatchReport()
+        if self.pending is None:
+            return report
+        started = time.monotonic()
+        while time.monotonic() - started < self.settings.deadline_seconds / 2:
+            token, due = await run_in_threadpool(self.pending.claim_due, self.provider.name, FLUSH_BATCH)
+            if not due:
+                break
+            rows = await run_in_threadpool(self.store.by_ids, [d.subscription_id for d in due])
+            gone = [d.subscription_id for d in due if d.subscription_id not in rows]
+            if gone:
+                await run_in_threadpool(self.pending.drop, gone)
+            groups: dict[tuple[str, int], list[Due]] = {}
+            for item in due:
+                if item.subscription_id in rows:
+                    groups.setdefault((item.message_type, item.ttl_seconds), []).append(item)
+            sent: list[Due] = []
+            retry: list[Due] = []
+            for (message_type, ttl), items in groups.items():
+                outcomes = await self._send_all(
+                    [rows[d.subscription_id] for d in items], WakeUp(message_type, ttl), report
+                )
+                for item in items:
+                    transient = outcomes.results[item.subscription_id][0].outcome is Outcome.TRANSIENT
+                    (retry if transient else sent).append(item)
+            await run_in_threadpool(
+                self.pending.finish, token, sent, retry,
+                timedelta(seconds=report.retry_after or DEFAULT_RETRY_AFTER),
+            )
+            if len(due) < FLUSH_BATCH:
+                break
         return report
 
     async def _record(self, key: str, claims: Claims, outcomes: Outcomes) -> None:

@@ -115,8 +115,44 @@ class SubscriptionTotals(Collector):
         yield family
 
 
+class PendingTotals(Collector):
+    """``push_pending`` and ``push_pending_oldest_age_seconds`` per provider, when the privacy
+    delay is on: read from the database at scrape time, cached like :class:`SubscriptionTotals`."""
+
+    def __init__(self, ttl: float = 15.0) -> None:
+        self.ttl = ttl
+        self.stats: Callable[[], dict[str, tuple[int, float]]] | None = None
+        self._lock = threading.Lock()
+        self._cached: dict[str, tuple[int, float]] = {}
+        self._at = float("-inf")
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        if self.stats is None:
+            return
+        with self._lock:
+            if time.monotonic() - self._at > self.ttl:
+                try:
+                    self._cached = self.stats()
+                    self._at = time.monotonic()
+                except Exception:  # noqa: BLE001 - a scrape must not fail on a database outage
+                    log.warning("could not read pending pushes for metrics")
+            cached = dict(self._cached)
+        count = GaugeMetricFamily("push_pending", "Wake-ups waiting for their privacy delay.", labels=["provider"])
+        age = GaugeMetricFamily(
+            "push_pending_oldest_age_seconds", "Age of the oldest pending wake-up.", labels=["provider"]
+        )
+        for provider in ("fcm", "apns", "webpush"):
+            pending, oldest = cached.get(provider, (0, 0.0))
+            count.add_metric([provider], pending)
+            age.add_metric([provider], oldest)
+        yield count
+        yield age
+
+
 SUBSCRIPTION_TOTALS = SubscriptionTotals()
 REGISTRY.register(SUBSCRIPTION_TOTALS)
+PENDING_TOTALS = PendingTotals()
+REGISTRY.register(PENDING_TOTALS)
 
 _server_lock = threading.Lock()
 _server_port: int | None = None
@@ -141,6 +177,7 @@ def serve_metrics() -> int | None:
                 registry = CollectorRegistry()
                 multiprocess.MultiProcessCollector(registry)
                 registry.register(SUBSCRIPTION_TOTALS)
+                registry.register(PENDING_TOTALS)
             server, _thread = start_http_server(port, addr=env("PUSH_METRICS_ADDR", "0.0.0.0"), registry=registry)
             _server_port = server.server_address[1]
         return _server_port

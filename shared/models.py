@@ -74,3 +74,43 @@ class Delivery(Base):
     expires_at: Mapped[datetime] = mapped_column(Timestamp, nullable=False)
 
     __table_args__ = (Index("ix_deliveries_expires_at", "expires_at"),)
+
+
+class RateCounter(Base):
+    """A fixed-window counter shared by every replica: how many times ``key`` was counted in
+    the window starting at ``window_start``. Used for per-event-type push limits and for
+    per-user request limits; rows expire with their window."""
+
+    __tablename__ = "rate_counters"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    count: Mapped[int] = mapped_column(Integer, nullable=False)
+    expires_at: Mapped[datetime] = mapped_column(Timestamp, nullable=False)
+
+    __table_args__ = (Index("ix_rate_counters_expires_at", "expires_at"),)
+
+
+class PendingPush(Base):
+    """A wake-up waiting for its privacy delay: one per device and message type, so several
+    events within the delay collapse into one push.
+
+    ``due_at`` is drawn at random per pending push when it is first stored. A flush claims due
+    rows (``claim``, ``claimed_until``) before sending, so two flushing replicas never send one
+    row twice, and a row whose flusher died is claimed again after the lease. ``version`` counts
+    the events coalesced into the row: a flush deletes the row only if no event joined it
+    meanwhile.
+    """
+
+    __tablename__ = "pending_pushes"
+
+    subscription_id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=False)
+    message_type: Mapped[str] = mapped_column(String(64), primary_key=True)
+    provider: Mapped[str] = mapped_column(String(16), nullable=False)
+    ttl_seconds: Mapped[int] = mapped_column(Integer, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, nullable=False)
+    due_at: Mapped[datetime] = mapped_column(Timestamp, nullable=False)
+    version: Mapped[int] = mapped_column(Integer, nullable=False)
+    claim: Mapped[str | None] = mapped_column(String(32))
+    claimed_until: Mapped[datetime | None] = mapped_column(Timestamp)
+
+    __table_args__ = (Index("ix_pending_pushes_provider_due", "provider", "due_at"),)

@@ -164,6 +164,13 @@ class SubscriptionStore:
                 )
             )
 
+    def by_ids(self, ids: Iterable[int]) -> dict[int, Subscription]:
+        wanted = list(dict.fromkeys(ids))
+        if not wanted:
+            return {}
+        with unavailable_as_503(), read_session(self.engine) as session:
+            return {row.id: row for row in session.scalars(select(Subscription).where(Subscription.id.in_(wanted)))}
+
     def count_by_provider(self) -> dict[str, int]:
         with unavailable_as_503(), read_session(self.engine) as session:
             rows = session.execute(

@@ -95,7 +95,7 @@ async def test_event_data_that_is_not_an_object_answers_422(dispatch):
 
 
 async def test_other_event_type_answers_400(dispatch):
-    response = await dispatch.post("/", **events.ping())
+    response = await dispatch.post("/", **events.invalid_tokens("webpush", []))
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "unsupported_event_type"
 

@@ -1,0 +1,198 @@
+"""Delivery policy: per-event-type push limits, and the privacy delay with coalescing.
+
+Both keep their state in the database, not in a process: replicas come and go, and a restart must
+lose nothing.
+
+- ``PUSH_EVENT_LIMITS``: JSON (the text, or the path of a file holding it) mapping an event type
+  to a limit per device, e.g. ``{"edit-user-talk": "5/hour", "mention": "20/day"}``. Event types
+  not named are not limited. A push over the limit is not sent, is counted
+  (``push_sends_total{outcome="limited"}``), and the event still succeeds.
+- ``PUSH_PRIVACY_DELAY``: ``"MIN-MAX"`` seconds (e.g. ``"60-300"``); off when unset. Wake-ups are
+  then stored as pending, one per device and message type, each due after its own random delay
+  in [MIN, MAX], so push traffic is harder to link to on-wiki actions; events arriving meanwhile
+  for the same device collapse into that one wake-up. A periodic tick
+  (``dev.knative.sources.ping`` to each dispatcher) sends what is due.
+"""
+from __future__ import annotations
+
+import json
+import random
+import secrets
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from sqlalchemy import Engine, and_, delete, func, select, update
+from sqlalchemy.orm import Session
+
+from shared.config import ConfigError, env, secret
+from shared.db import insert_ignore, read_session, run_transaction, unavailable_as_503
+from shared.models import PendingPush
+from shared.ratelimits import Limit
+from shared.subscriptions import Clock, utcnow
+
+
+@dataclass(frozen=True)
+class PrivacyDelay:
+    min_seconds: float
+    max_seconds: float
+
+    @classmethod
+    def parse(cls, text: str) -> PrivacyDelay:
+        try:
+            low, high = (float(part) for part in text.split("-", 1))
+        except ValueError:
+            raise ConfigError(f"PUSH_PRIVACY_DELAY must be MIN-MAX seconds like 60-300, not {text!r}") from None
+        if not 0 <= low <= high:
+            raise ConfigError(f"PUSH_PRIVACY_DELAY: need 0 <= MIN <= MAX, not {text!r}")
+        return cls(low, high)
+
+
+@dataclass(frozen=True)
+class DeliveryPolicy:
+    limits: dict[str, Limit] = field(default_factory=dict)
+    privacy_delay: PrivacyDelay | None = None
+
+    @classmethod
+    def from_env(cls) -> DeliveryPolicy:
+        limits: dict[str, Limit] = {}
+        raw = secret("PUSH_EVENT_LIMITS")  # the JSON, or a file holding it
+        if raw is not None:
+            try:
+                document = json.loads(raw)
+            except ValueError:
+                raise ConfigError("PUSH_EVENT_LIMITS is not valid JSON") from None
+            if not isinstance(document, dict):
+                raise ConfigError("PUSH_EVENT_LIMITS must be a JSON object of event type to limit")
+            for event_type, text in document.items():
+                limits[event_type] = Limit.parse(text, f"PUSH_EVENT_LIMITS[{event_type!r}]")
+        delay = env("PUSH_PRIVACY_DELAY")
+        return cls(limits, PrivacyDelay.parse(delay) if delay else None)
+
+
+@dataclass(frozen=True)
+class Due:
+    """A pending wake-up a flush claimed: send it, then :meth:`PendingStore.finish` it."""
+
+    subscription_id: int
+    message_type: str
+    ttl_seconds: int
+    version: int
+
+
+class PendingStore:
+    """Pending wake-ups of the privacy delay, shared by every replica through the database."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        delay: PrivacyDelay,
+        lease: timedelta = timedelta(seconds=120),
+        clock: Clock = utcnow,
+        uniform: Callable[[float, float], float] = random.SystemRandom().uniform,
+    ) -> None:
+        self.engine = engine
+        self.delay = delay
+        self.lease = lease
+        self.clock = clock
+        self.uniform = uniform
+
+    def _due_at(self, now: datetime) -> datetime:
+        """A delay drawn afresh for every pending push (not once per process)."""
+        return now + timedelta(seconds=self.uniform(self.delay.min_seconds, self.delay.max_seconds))
+
+    def enqueue(self, provider: str, subscription_ids: Iterable[int], message_type: str, ttl: int) -> None:
+        """Store a wake-up per device, or fold it into the one already pending (which keeps its
+        due time and takes the newest event's TTL)."""
+        ids = list(subscription_ids)
+        table = PendingPush.__table__
+
+        def work(session: Session) -> None:
+            now = self.clock()
+            fresh = []
+            for sub_id in ids:
+                joined = session.execute(
+                    update(table)
+                    .where(table.c.subscription_id == sub_id, table.c.message_type == message_type)
+                    .values(version=table.c.version + 1, ttl_seconds=ttl)
+                ).rowcount
+                if not joined:
+                    fresh.append(
+                        {"subscription_id": sub_id, "message_type": message_type, "provider": provider,
+                         "ttl_seconds": ttl, "created_at": now, "due_at": self._due_at(now), "version": 1}
+                    )
+            if fresh:
+                session.execute(insert_ignore(session, PendingPush), fresh)
+
+        run_transaction(self.engine, work)
+
+    def claim_due(self, provider: str, batch: int = 500) -> tuple[str, list[Due]]:
+        """Claim up to ``batch`` due wake-ups of ``provider`` that no live flush holds."""
+        token = secrets.token_hex(16)
+        table = PendingPush.__table__
+
+        def work(session: Session) -> list[Due]:
+            now = self.clock()
+            free = (table.c.claim.is_(None)) | (table.c.claimed_until < now)
+            keys = session.execute(
+                select(table.c.subscription_id, table.c.message_type)
+                .where(table.c.provider == provider, table.c.due_at <= now, free)
+                .order_by(table.c.due_at)
+                .limit(batch)
+            ).all()
+            for sub_id, message_type in keys:
+                session.execute(
+                    update(table)
+                    .where(table.c.subscription_id == sub_id, table.c.message_type == message_type, free)
+                    .values(claim=token, claimed_until=now + self.lease)
+                )
+            rows = session.execute(
+                select(table.c.subscription_id, table.c.message_type, table.c.ttl_seconds, table.c.version)
+                .where(table.c.claim == token)
+            ).all()
+            return [Due(*row) for row in rows]
+
+        return token, run_transaction(self.engine, work)
+
+    def finish(self, token: str, sent: Iterable[Due], retry: Iterable[Due], retry_after: timedelta) -> None:
+        """Delete what was sent, unless an event joined it meanwhile (then it waits for a new
+        delay); hand back what must be retried, due again after ``retry_after``."""
+        table = PendingPush.__table__
+        sent, retry = list(sent), list(retry)
+
+        def work(session: Session) -> None:
+            now = self.clock()
+            for due in sent:
+                key = and_(table.c.subscription_id == due.subscription_id,
+                           table.c.message_type == due.message_type, table.c.claim == token)
+                if not session.execute(delete(table).where(key, table.c.version == due.version)).rowcount:
+                    session.execute(update(table).where(key).values(
+                        claim=None, claimed_until=None, version=1, due_at=self._due_at(now)))
+            for due in retry:
+                session.execute(
+                    update(table)
+                    .where(table.c.subscription_id == due.subscription_id,
+                           table.c.message_type == due.message_type, table.c.claim == token)
+                    .values(claim=None, claimed_until=None, due_at=now + retry_after)
+                )
+
+        run_transaction(self.engine, work)
+
+    def drop(self, subscription_ids: Iterable[int]) -> None:
+        """Forget wake-ups of subscriptions that no longer exist."""
+        ids = list(subscription_ids)
+        if ids:
+            run_transaction(
+                self.engine,
+                lambda s: s.execute(delete(PendingPush).where(PendingPush.subscription_id.in_(ids))),
+            )
+
+    def stats(self) -> dict[str, tuple[int, float]]:
+        """Per provider: how many wake-ups are pending, and the oldest one's age in seconds."""
+        now = self.clock()
+        with unavailable_as_503(), read_session(self.engine) as session:
+            rows = session.execute(
+                select(PendingPush.provider, func.count(), func.min(PendingPush.created_at))
+                .group_by(PendingPush.provider)
+            ).all()
+        return {provider: (count, (now - oldest).total_seconds()) for provider, count, oldest in rows}
