@@ -28,7 +28,7 @@ DEFAULT_DATABASE_URL = "sqlite:///push.sqlite3"
 
 #: The newest migration this code needs. ``pushctl migrate`` brings a database to it, and a
 #: function refuses to serve a database that is behind (a test keeps this equal to Alembic's head).
-SCHEMA_REVISION = "0003"
+SCHEMA_REVISION = "0004"
 
 T = TypeVar("T")
 

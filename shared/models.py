@@ -41,6 +41,8 @@ class Subscription(Base):
     token_sha256: Mapped[str] = mapped_column(String(64), nullable=False)
     topic: Mapped[str | None] = mapped_column(String(255))
     environment: Mapped[str | None] = mapped_column(String(16))
+    app: Mapped[str | None] = mapped_column(String(64))
+    """The app (in ``PUSH_APPS``) whose credentials reach this device; ``None``: the default."""
     created_at: Mapped[datetime] = mapped_column(Timestamp, nullable=False)
     updated_at: Mapped[datetime] = mapped_column(Timestamp, nullable=False)
 
@@ -114,3 +116,20 @@ class PendingPush(Base):
     claimed_until: Mapped[datetime | None] = mapped_column(Timestamp)
 
     __table_args__ = (Index("ix_pending_pushes_provider_due", "provider", "due_at"),)
+
+
+class ProviderToken(Base):
+    """One signed APNs provider token per team and key, shared by every replica.
+
+    Apple accepts a new provider token at most every 20 minutes and wants one at least every 60;
+    replicas that each minted their own would trip ``TooManyProviderTokenUpdates``. Whichever
+    replica finds the token older than the refresh age replaces it, with a conditional update on
+    ``issued_at`` so only one of several racing replicas wins.
+    """
+
+    __tablename__ = "provider_tokens"
+
+    team_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    key_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    token: Mapped[str] = mapped_column(Text, nullable=False)
+    issued_at: Mapped[datetime] = mapped_column(Timestamp, nullable=False)
