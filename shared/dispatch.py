@@ -427,7 +427,9 @@ class Dispatcher:
 
 
 def _device(subscription: Subscription) -> Device:
-    return Device(subscription.id, subscription.token, subscription.topic, subscription.environment)
+    return Device(
+        subscription.id, subscription.token, subscription.topic, subscription.environment, subscription.app
+    )
 
 
 def notification_policy_from_env() -> NotificationPolicy:

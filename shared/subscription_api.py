@@ -12,6 +12,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from shared import metrics
+from shared.apps import load_apps
 from shared.auth import Authenticator
 from shared.config import env_int, env_list
 from shared.db import DatabaseUnavailable, check_schema, get_engine
@@ -44,7 +45,7 @@ class SubscriptionApi:
         api = cls(
             store,
             Authenticator.from_env(),
-            SubscribePolicy(allowed_apns_topics=env_list("PUSH_APNS_ALLOWED_TOPICS")),
+            SubscribePolicy(allowed_apns_topics=env_list("PUSH_APNS_ALLOWED_TOPICS"), apps=load_apps()),
         )
         try:
             check_schema(store.engine)
@@ -133,6 +134,8 @@ def subscription_view(row: Subscription) -> dict[str, object]:
     if row.provider == "apns":
         view["topic"] = row.topic
         view["environment"] = row.environment
+    if row.app is not None:
+        view["app"] = row.app
     return view
 
 

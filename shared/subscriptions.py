@@ -42,6 +42,7 @@ class NewSubscription:
     identity: str
     topic: str | None = None
     environment: str | None = None
+    app: str | None = None
 
     @property
     def token_sha256(self) -> str:
@@ -109,6 +110,7 @@ class SubscriptionStore:
         row.token = new.token
         row.topic = new.topic
         row.environment = new.environment
+        row.app = new.app
         row.updated_at = now
         session.flush()
 

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from shared.apps import Apps
 from shared.http import ApiError
 from shared.subscriptions import PROVIDERS, NewSubscription
 
@@ -34,19 +35,43 @@ class SubscribePolicy:
     """What subscribe accepts beyond the formats: the APNs topics (bundle ids) of our apps."""
 
     allowed_apns_topics: tuple[str, ...] = ()
+    apps: Apps = Apps({})
 
 
 def parse_subscribe(body: Any, policy: SubscribePolicy) -> NewSubscription:
+    subscription = _parse_subscribe(body, policy)
+    app = _app(body, subscription, policy.apps)
+    return NewSubscription(
+        subscription.provider, subscription.token, subscription.identity,
+        subscription.topic, subscription.environment, app,
+    )
+
+
+def _app(body: dict[str, Any], subscription: NewSubscription, apps: Apps) -> str | None:
+    """The app a subscription names: given as ``app``, or for APNs implied by the topic."""
+    app = body.get("app")
+    if app is not None:
+        if not isinstance(app, str) or app not in apps.names(subscription.provider):
+            raise ApiError(400, "invalid_field", f"app is not a {subscription.provider} app of this service", "app")
+    if subscription.provider == "apns" and apps.settings:
+        implied = apps.app_for_topic(subscription.topic or "")
+        if app is not None and implied != app:
+            raise ApiError(400, "invalid_field", f"topic is not one of the bundle ids of {app}", "topic")
+        return implied
+    return app
+
+
+def _parse_subscribe(body: Any, policy: SubscribePolicy) -> NewSubscription:
     obj = _object(body)
     provider = _provider(obj)
     if provider == "fcm":
-        _only(obj, {"provider", "token"})
+        _only(obj, {"provider", "token", "app"})
         token = _string(obj, "token", MAX_TOKEN_LENGTH)
         if not FCM_TOKEN.match(token):
             raise ApiError(400, "invalid_field", "token must be visible ASCII without blanks", "token")
         return NewSubscription("fcm", token, token)
     if provider == "apns":
-        _only(obj, {"provider", "token", "topic", "environment"})
+        _only(obj, {"provider", "token", "topic", "environment", "app"})
         token = _apns_token(obj)
         topic = _string(obj, "topic", 255)
         if not APNS_TOPIC.match(topic):
@@ -59,7 +84,7 @@ def parse_subscribe(body: Any, policy: SubscribePolicy) -> NewSubscription:
                 400, "invalid_field", "environment must be production or sandbox", "environment"
             )
         return NewSubscription("apns", token, token, topic=topic, environment=environment)
-    _only(obj, {"provider", "subscription"})
+    _only(obj, {"provider", "subscription", "app"})
     subscription = obj.get("subscription")
     if not isinstance(subscription, dict):
         raise ApiError(400, "invalid_field", "subscription must be an object", "subscription")

@@ -6,10 +6,11 @@ import functions_framework.aio
 from starlette.requests import Request
 from starlette.responses import Response
 
+from shared.apps import providers_from_env
 from shared.dispatch import Dispatcher
 from shared.providers.apns import ApnsProvider
 
-dispatcher = Dispatcher.from_env(ApnsProvider.from_env())
+dispatcher = Dispatcher.from_env(providers_from_env(ApnsProvider))
 
 
 @functions_framework.aio.http

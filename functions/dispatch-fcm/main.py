@@ -6,10 +6,11 @@ import functions_framework.aio
 from starlette.requests import Request
 from starlette.responses import Response
 
+from shared.apps import providers_from_env
 from shared.dispatch import Dispatcher
 from shared.providers.fcm import FcmProvider
 
-dispatcher = Dispatcher.from_env(FcmProvider.from_env())
+dispatcher = Dispatcher.from_env(providers_from_env(FcmProvider))
 
 
 @functions_framework.aio.http

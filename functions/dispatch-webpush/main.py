@@ -5,10 +5,11 @@ import functions_framework.aio
 from starlette.requests import Request
 from starlette.responses import Response
 
+from shared.apps import providers_from_env
 from shared.dispatch import Dispatcher
 from shared.providers.webpush import WebPushProvider
 
-dispatcher = Dispatcher.from_env(WebPushProvider.from_env())
+dispatcher = Dispatcher.from_env(providers_from_env(WebPushProvider))
 
 
 @functions_framework.aio.http

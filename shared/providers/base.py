@@ -52,6 +52,8 @@ class Device:
     token: str
     topic: str | None = None
     environment: str | None = None
+    app: str | None = None
+    """The app whose credentials reach the device (see :mod:`shared.apps`); ``None``: default."""
 
 
 @dataclass(frozen=True)

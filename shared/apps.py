@@ -1,0 +1,152 @@
+"""Several apps in one deployment: per-app credentials, and the router that picks them per device.
+
+Without ``PUSH_APPS`` a deployment serves one app, configured by the ``PUSH_FCM_*``,
+``PUSH_APNS_*`` and ``PUSH_VAPID_*`` settings. With it, ``PUSH_APPS`` is a JSON document (the
+text, or the path of a file holding it) naming each app and its credentials per provider::
+
+    {
+      "wikipedia": {
+        "apns": {"key": "/var/openfaas/secrets/wikipedia-apns-key", "key_id": "ABC123DEFG",
+                 "team_id": "DEF123GHIJ", "topics": ["org.wikimedia.wikipedia"]},
+        "fcm": {"credentials": "/var/openfaas/secrets/wikipedia-fcm.json"},
+        "webpush": {"vapid_private_key": "/var/openfaas/secrets/wikipedia-vapid",
+                    "vapid_subject": "mailto:push@wikimedia.org"}
+      },
+      "commons": {"apns": {"key": "...", "key_id": "...", "team_id": "...",
+                           "topics": ["org.wikimedia.commons"]}}
+    }
+
+A provider section takes that provider's constructor arguments (``key``, ``key_id``,
+``team_id``, ``production_url``, ``sandbox_url``, ``ca_file``, ``timeout_seconds``,
+``max_connections`` for APNs; ``credentials``, ``project_id``, ``endpoint``... for FCM;
+``vapid_private_key``, ``vapid_subject``, ``urgency``... for Web Push); secrets may be given as file
+paths. An APNs section lists the bundle ids (``topics``) it signs for. A subscription names its
+app (``"app"`` in the subscribe request; for APNs the topic implies it). The default app (the
+``PUSH_*`` settings), when configured, serves subscriptions that name none. Every mistake stops the
+function at start-up with an error naming the key, e.g. ``PUSH_APPS.commons.apns.key_id``.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from shared.config import ConfigError, secret
+from shared.providers.base import Device, Outcome, Provider, SendResult, WakeUp
+
+APP_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+PROVIDERS = ("fcm", "apns", "webpush")
+SECRET_KEYS = {"key", "credentials", "vapid_private_key"}
+
+
+@dataclass(frozen=True)
+class Apps:
+    """The validated ``PUSH_APPS``: per app, per provider, the provider's settings."""
+
+    settings: dict[str, dict[str, dict[str, Any]]]
+
+    def names(self, provider: str) -> set[str]:
+        return {app for app, sections in self.settings.items() if provider in sections}
+
+    def app_for_topic(self, topic: str) -> str | None:
+        for app, sections in self.settings.items():
+            if topic in sections.get("apns", {}).get("topics", ()):
+                return app
+        return None
+
+
+def load_apps() -> Apps:
+    raw = secret("PUSH_APPS")
+    if raw is None:
+        return Apps({})
+    try:
+        document = json.loads(raw)
+    except ValueError:
+        raise ConfigError("PUSH_APPS is not valid JSON (nor the path of a file holding it)") from None
+    if not isinstance(document, dict) or not document:
+        raise ConfigError("PUSH_APPS must be a JSON object naming at least one app")
+    settings: dict[str, dict[str, dict[str, Any]]] = {}
+    for app, sections in document.items():
+        where = f"PUSH_APPS.{app}"
+        if not APP_NAME.match(app):
+            raise ConfigError(f"{where}: app names are lower-case letters, digits, '.', '_' and '-'")
+        if not isinstance(sections, dict) or not sections:
+            raise ConfigError(f"{where} must be an object with fcm, apns or webpush settings")
+        settings[app] = {}
+        for provider, values in sections.items():
+            if provider not in PROVIDERS:
+                raise ConfigError(f"{where}.{provider} is not a provider (fcm, apns, webpush)")
+            if not isinstance(values, dict):
+                raise ConfigError(f"{where}.{provider} must be an object")
+            settings[app][provider] = {
+                key: _resolve(f"{where}.{provider}.{key}", key, value) for key, value in values.items()
+            }
+        topics = settings[app].get("apns", {}).get("topics")
+        if "apns" in settings[app] and (
+            not isinstance(topics, list) or not topics or not all(isinstance(t, str) for t in topics)
+        ):
+            raise ConfigError(f"{where}.apns.topics must list the app's bundle ids")
+    return Apps(settings)
+
+
+def _resolve(where: str, key: str, value: Any) -> Any:
+    """A secret given as a file path is read; everything else is taken as it is."""
+    if key in SECRET_KEYS:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{where} must be a string")
+        if "\n" not in value and len(value) < 4096 and os.path.isfile(value):
+            try:
+                with open(value) as handle:
+                    return handle.read().strip()
+            except OSError as exc:
+                raise ConfigError(f"{where}: cannot read {value}: {exc.strerror}") from None
+    return value
+
+
+class AppRouter:
+    """A :class:`Provider` that sends each device through its app's own provider client."""
+
+    def __init__(self, name: str, providers: dict[str | None, Provider]) -> None:
+        self.name = name
+        self.providers = providers
+
+    async def send(self, device: Device, wakeup: WakeUp) -> SendResult:
+        provider = self.providers.get(device.app)
+        if provider is None:
+            return SendResult(Outcome.REJECTED, "unknown_app")
+        return await provider.send(device, wakeup)
+
+    async def aclose(self) -> None:
+        for provider in self.providers.values():
+            await provider.aclose()
+
+
+def providers_from_env(provider_class: Any) -> Provider:
+    """The dispatcher's provider: the default app's from the ``PUSH_*`` settings and one per app
+    of ``PUSH_APPS`` with a section for this provider, behind an :class:`AppRouter`."""
+    name = provider_class.name
+    apps = load_apps()
+    per_app: dict[str | None, Provider] = {}
+    accepted = set(inspect.signature(provider_class.__init__).parameters) - {"self"}
+    for app in sorted(apps.names(name)):
+        values = {k: v for k, v in apps.settings[app][name].items() if k != "topics"}
+        for key in values:
+            if key not in accepted:
+                raise ConfigError(f"PUSH_APPS.{app}.{name}.{key} is not a {name} setting")
+        try:
+            per_app[app] = provider_class(**values)
+        except TypeError as exc:
+            raise ConfigError(f"PUSH_APPS.{app}.{name}: {exc}") from None
+        except ConfigError as exc:
+            raise ConfigError(f"PUSH_APPS.{app}.{name}: {exc}") from None
+    try:
+        per_app[None] = provider_class.from_env()
+    except ConfigError:
+        if not per_app:
+            raise
+    if list(per_app) == [None]:
+        return per_app[None]
+    return AppRouter(name, per_app)
