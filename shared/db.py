@@ -152,8 +152,11 @@ def run_transaction(engine: Engine, work: Callable[[Session], T], attempts: int 
                 with session.begin():
                     return work(session)
         except OperationalError as exc:
-            if attempt == attempts or not _is_retryable(exc):
+            if not _is_retryable(exc):
                 raise
+            if attempt == attempts:
+                # Still deadlocking: answer "try again later" rather than fail the request.
+                raise DatabaseUnavailable("lock contention") from exc
             log.info("transaction conflict, retrying", extra={"attempt": attempt})
             time.sleep(0.01 * attempt)
     raise AssertionError("unreachable")

@@ -58,6 +58,8 @@ def configure_logging() -> None:
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(level)
-    # httpx logs every request's URL at INFO: noise per push, and a URL may carry a token.
-    logging.getLogger("httpx").setLevel(max(logging.WARNING, root.level))
+    # httpx logs every request's URL at INFO (noise per push; a URL may carry a token), and
+    # hpack/h2 log every header they encode at DEBUG, access tokens included: never below WARNING.
+    for noisy in ("httpx", "httpcore", "hpack", "h2"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
     _configured = True
