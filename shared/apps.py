@@ -124,26 +124,27 @@ class AppRouter:
             await provider.aclose()
 
 
-def providers_from_env(provider_class: Any) -> Provider:
+def providers_from_env(provider_class: Any, **shared: Any) -> Provider:
     """The dispatcher's provider: the default app's from the ``PUSH_*`` settings and one per app
-    of ``PUSH_APPS`` with a section for this provider, behind an :class:`AppRouter`."""
+    of ``PUSH_APPS`` with a section for this provider, behind an :class:`AppRouter`. ``shared``
+    goes to every one of them (e.g. the APNs provider-token store)."""
     name = provider_class.name
     apps = load_apps()
     per_app: dict[str | None, Provider] = {}
-    accepted = set(inspect.signature(provider_class.__init__).parameters) - {"self"}
+    accepted = set(inspect.signature(provider_class.__init__).parameters) - {"self", *shared}
     for app in sorted(apps.names(name)):
         values = {k: v for k, v in apps.settings[app][name].items() if k != "topics"}
         for key in values:
             if key not in accepted:
                 raise ConfigError(f"PUSH_APPS.{app}.{name}.{key} is not a {name} setting")
         try:
-            per_app[app] = provider_class(**values)
+            per_app[app] = provider_class(**values, **shared)
         except TypeError as exc:
             raise ConfigError(f"PUSH_APPS.{app}.{name}: {exc}") from None
         except ConfigError as exc:
             raise ConfigError(f"PUSH_APPS.{app}.{name}: {exc}") from None
     try:
-        per_app[None] = provider_class.from_env()
+        per_app[None] = provider_class.from_env(**shared)
     except ConfigError:
         if not per_app:
             raise

@@ -21,7 +21,7 @@ from starlette.responses import Response
 
 from shared import logs, metrics
 from shared.config import env_int
-from shared.db import DatabaseUnavailable, check_schema, get_engine
+from shared.db import SchemaGate, get_engine
 from shared.deliveries import DeliveryLedger
 from shared.events import (
     PING,
@@ -51,7 +51,7 @@ class Cleanup:
         self.ledger = ledger
         self.max_age = max_age
         self.clock = clock
-        self._schema_checked = False
+        self.schema = SchemaGate(store.engine)
 
     @classmethod
     def from_env(cls) -> Cleanup:
@@ -63,21 +63,11 @@ class Cleanup:
             DeliveryLedger(engine),
             max_age=timedelta(days=env_int("PUSH_SUBSCRIPTION_MAX_AGE_DAYS", 270, minimum=1)),
         )
-        try:
-            check_schema(engine)
-            cleanup._schema_checked = True
-        except DatabaseUnavailable:
-            pass
         metrics.SUBSCRIPTION_TOTALS.count = cleanup.store.count_by_provider
         return cleanup
 
-    async def ready(self) -> None:
-        if not self._schema_checked:
-            await run_in_threadpool(check_schema, self.store.engine)
-            self._schema_checked = True
-
     async def handle(self, request: Request) -> Response:
-        return await serve(request, self._handle, self.ready, "cleanup-invalid-tokens")
+        return await serve(request, self._handle, self.schema.ready, "cleanup-invalid-tokens")
 
     async def _handle(self, request: Request) -> Response:
         require_method(request, ("POST",))

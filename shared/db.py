@@ -6,6 +6,7 @@ PyMySQL: ``mysql+pymysql://user:password@host/db?charset=utf8mb4``.
 """
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import time
@@ -138,6 +139,29 @@ def check_schema(engine: Engine) -> None:
             f"database schema is at revision {found or 'none'}, this code needs "
             f"{SCHEMA_REVISION}: run `pushctl migrate` against PUSH_DATABASE_URL first"
         )
+
+
+class SchemaGate:
+    """Lets a function serve only a database at :data:`SCHEMA_REVISION`.
+
+    Checked at start-up, so a function rolled out before ``pushctl migrate`` stops at once with
+    an error that says so; when the database cannot be reached then, checked again on each
+    request until it can (the function answers 503 meanwhile).
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._checked = False
+        try:
+            check_schema(engine)
+            self._checked = True
+        except DatabaseUnavailable:
+            log.warning("database unreachable at start-up; its schema is checked on the first request")
+
+    async def ready(self) -> None:
+        if not self._checked:
+            await asyncio.to_thread(check_schema, self.engine)
+            self._checked = True
 
 
 def run_transaction(engine: Engine, work: Callable[[Session], T], attempts: int = 4) -> T:

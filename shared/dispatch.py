@@ -30,7 +30,7 @@ from starlette.responses import JSONResponse, Response
 
 from shared import logs, metrics
 from shared.config import env, env_float, env_int, env_list
-from shared.db import DatabaseUnavailable, check_schema, get_engine
+from shared.db import DatabaseUnavailable, SchemaGate, get_engine
 from shared.deliveries import Claims, DeliveryLedger, Outcomes
 from shared.events import (
     NOTIFICATION_REQUESTED,
@@ -128,7 +128,7 @@ class Dispatcher:
         self.clock = clock
         self.function = f"dispatch-{provider.name}"
         self.source = f"/push-functions/{self.function}"
-        self._schema_checked = False
+        self.schema = SchemaGate(store.engine)
         self._sink_client: httpx.AsyncClient | None = None
 
     @classmethod
@@ -160,28 +160,18 @@ class Dispatcher:
             pending=pending,
         )
         metrics.SUBSCRIPTION_TOTALS.count = dispatcher.store.count_by_provider
-        try:
-            check_schema(engine)
-            dispatcher._schema_checked = True
-        except DatabaseUnavailable:
-            pass
         return dispatcher
 
-    async def ready(self) -> None:
-        if not self._schema_checked:
-            await run_in_threadpool(check_schema, self.store.engine)
-            self._schema_checked = True
-
     async def handle(self, request: Request) -> Response:
-        return await serve(request, self._handle, self.ready, self.function)
+        return await serve(request, self._handle, self.schema.ready, self.function)
 
     async def _handle(self, request: Request) -> Response:
         require_method(request, ("POST",))
         if request.url.path == f"/v1/message/{self.provider.name}" and self.provider.name in ECHO_PROVIDERS:
             return await self._handle_echo(request)
         event = await read_cloud_event(request)
+        logs.event_id.set(str(event["id"])[:128])
         if event["type"] == PING:
-            logs.event_id.set(str(event["id"])[:128])
             report = await self.flush()
             report.transient = 0  # what failed stays pending for the next tick
             return await self._answer(report)
@@ -189,7 +179,6 @@ class Dispatcher:
             raise ApiError(
                 400, "unsupported_event_type", f"this function takes {NOTIFICATION_REQUESTED} and {PING}"
             )
-        logs.event_id.set(str(event["id"])[:128])
         notification = parse_notification(data_object(event), self.policy)
         metrics.NOTIFICATIONS_REQUESTED.labels(self.provider.name, "cloudevent").inc()
         report = await self.dispatch(notification, event_key(event))

@@ -5,7 +5,7 @@ and hands it every request. Database work runs in worker threads, off the event 
 """
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timezone
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -14,23 +14,33 @@ from starlette.responses import JSONResponse, Response
 from shared import metrics
 from shared.apps import load_apps
 from shared.auth import Authenticator
-from shared.config import env_int, env_list
-from shared.db import DatabaseUnavailable, check_schema, get_engine
+from shared.config import env, env_int, env_list
+from shared.db import SchemaGate, get_engine
 from shared.http import ApiError, read_json, require_method, serve
 from shared.logs import configure_logging
 from shared.models import Subscription
+from shared.ratelimits import Limit, RateLimiter
 from shared.subscriptions import SubscriptionStore
 from shared.validation import SubscribePolicy, parse_subscribe, parse_unsubscribe
 
 MAX_BODY = 16 * 1024
+DEFAULT_SUBSCRIBE_RATE_LIMIT = "60/minute"
 
 
 class SubscriptionApi:
-    def __init__(self, store: SubscriptionStore, auth: Authenticator, policy: SubscribePolicy):
+    def __init__(
+        self,
+        store: SubscriptionStore,
+        auth: Authenticator,
+        policy: SubscribePolicy,
+        subscribe_limit: Limit | None = None,
+    ):
         self.store = store
         self.auth = auth
         self.policy = policy
-        self._schema_checked = False
+        self.subscribe_limit = subscribe_limit
+        self.limiter = RateLimiter(store.engine, store.clock)
+        self.schema = SchemaGate(store.engine)
 
     @classmethod
     def from_env(cls) -> SubscriptionApi:
@@ -42,28 +52,22 @@ class SubscriptionApi:
             get_engine(), cap=env_int("PUSH_MAX_SUBSCRIPTIONS_PER_USER", 10, minimum=1)
         )
         metrics.SUBSCRIPTION_TOTALS.count = store.count_by_provider
-        api = cls(
+        return cls(
             store,
             Authenticator.from_env(),
-            SubscribePolicy(allowed_apns_topics=env_list("PUSH_APNS_ALLOWED_TOPICS"), apps=load_apps()),
+            SubscribePolicy(
+                allowed_apns_topics=env_list("PUSH_APNS_ALLOWED_TOPICS"),
+                apps=load_apps(),
+                allowed_webpush_hosts=env_list("PUSH_WEBPUSH_ALLOWED_HOSTS"),
+            ),
+            subscribe_limit=subscribe_limit_from_env(),
         )
-        try:
-            check_schema(store.engine)
-            api._schema_checked = True
-        except DatabaseUnavailable:
-            pass
-        return api
-
-    async def ready(self) -> None:
-        if not self._schema_checked:
-            await run_in_threadpool(check_schema, self.store.engine)
-            self._schema_checked = True
 
     async def subscribe(self, request: Request) -> Response:
-        return await serve(request, self._counted(self._subscribe), self.ready, "subscribe")
+        return await serve(request, self._counted(self._subscribe), self.schema.ready, "subscribe")
 
     async def unsubscribe(self, request: Request) -> Response:
-        return await serve(request, self._counted(self._unsubscribe), self.ready, "unsubscribe")
+        return await serve(request, self._counted(self._unsubscribe), self.schema.ready, "unsubscribe")
 
     @staticmethod
     def _counted(handler):
@@ -98,6 +102,7 @@ class SubscriptionApi:
             rows = await run_in_threadpool(self.store.list_for_user, user_id)
             request.state.result = "listed"
             return JSONResponse({"subscriptions": [subscription_view(row) for row in rows]})
+        await self._check_rate(user_id)
         new = parse_subscribe(await read_json(request, MAX_BODY), self.policy)
         request.state.provider = new.provider
         result = await run_in_threadpool(self.store.subscribe, user_id, new)
@@ -105,6 +110,21 @@ class SubscriptionApi:
         return JSONResponse(
             subscription_view(result.subscription), status_code=201 if result.created else 200
         )
+
+    async def _check_rate(self, user_id: str) -> None:
+        """429 with Retry-After once the caller has subscribed ``PUSH_SUBSCRIBE_RATE_LIMIT``
+        times in the current window; checked before the body is read, so bad requests count."""
+        limit = self.subscribe_limit
+        if limit is None:
+            return
+        [allowed] = await run_in_threadpool(self.limiter.hit, [f"subscribe\n{user_id}"], limit)
+        if not allowed:
+            now = self.store.clock().replace(tzinfo=timezone.utc).timestamp()
+            retry_after = max(1, limit.window_seconds - int(now) % limit.window_seconds)
+            raise ApiError(
+                429, "rate_limited", "too many subscribe requests; try again later",
+                headers={"Retry-After": str(retry_after)},
+            )
 
     async def _unsubscribe(self, request: Request) -> Response:
         require_method(request, ("POST", "DELETE"))
@@ -120,6 +140,15 @@ class SubscriptionApi:
             raise ApiError(404, "not_found", "none of your subscriptions matches")
         request.state.result = "deleted"
         return JSONResponse({"deleted": deleted})
+
+
+def subscribe_limit_from_env() -> Limit | None:
+    """``PUSH_SUBSCRIBE_RATE_LIMIT``: subscribe requests per user, e.g. ``60/minute``; ``off``
+    disables it."""
+    text = env("PUSH_SUBSCRIBE_RATE_LIMIT", DEFAULT_SUBSCRIBE_RATE_LIMIT)
+    if text.lower() in ("off", "none", "0"):
+        return None
+    return Limit.parse(text, "PUSH_SUBSCRIBE_RATE_LIMIT")
 
 
 def subscription_view(row: Subscription) -> dict[str, object]:

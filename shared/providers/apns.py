@@ -1,8 +1,22 @@
 """The APNs provider: wake-ups to Apple devices over HTTP/2 with token (``.p8`` key) auth.
 
-Built on aioapns, which owns the HTTP/2 connections and signs the provider token (an ES256 JWT,
-re-signed by aioapns every 30 minutes per connection, inside Apple's 20-60 minute window). The
-module works around aioapns where it does not fit a long-running, never-raising provider:
+Built on aioapns, which owns the HTTP/2 connections and, without a token store, signs the
+provider token (an ES256 JWT, re-signed by aioapns every 30 minutes per connection, inside Apple's
+20-60 minute window). The module works around aioapns where it does not fit a long-running,
+never-raising provider:
+
+Provider token
+    With a token store (:class:`shared.apns_tokens.ApnsTokenStore`, given by the dispatcher),
+    every connection of every replica presents the one token shared through the database, so
+    cold-starting replicas do not each mint one (``TooManyProviderTokenUpdates``). aioapns asks
+    for the ``authorization`` header synchronously per request, from the
+    ``auth_provider`` its pool gives each new connection; :class:`_SharedToken` answers it from
+    memory, and :meth:`ApnsProvider.send` first awaits its cheap freshness check, which goes to
+    the store (in a thread) only once the token reaches the refresh age. The pool's own
+    per-connection signer is swapped for it in :class:`_EndpointProtocol` (the per-endpoint
+    subclass carries it as ``shared_token``); aioapns's signer is then created but never asked.
+    If the store fails, the token in memory is used until it is :data:`_LAST_RESORT_AGE` old,
+    and then one signed locally, so sends never wait on a broken database for long.
 
 Endpoints
     aioapns hard-codes the host and port in the ``APNS_SERVER``/``APNS_PORT`` class attributes
@@ -57,12 +71,14 @@ import asyncio
 import logging
 import re
 import ssl
+from datetime import datetime, timedelta
+from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
 
 from aioapns import APNs, NotificationRequest, PushType
 from aioapns.common import NotificationResult
-from aioapns.connection import APNsTLSClientProtocol
+from aioapns.connection import APNsTLSClientProtocol, AuthorizationHeaderProvider
 from aioapns.exceptions import ConnectionClosed, MaxAttemptsExceeded
 from aioapns.exceptions import ConnectionError as ApnsConnectionError
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -70,7 +86,15 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from h2.exceptions import H2Error
 
-from shared.config import ConfigError, env, env_float, env_int, require_env, require_secret
+from shared.apns_tokens import ApnsTokenStore, IssuedToken, sign_provider_token
+from shared.config import (
+    ConfigError,
+    env,
+    env_float,
+    env_int,
+    require_env,
+    require_secret,
+)
 from shared.providers.base import Device, Outcome, SendResult, WakeUp
 
 DEFAULT_PRODUCTION_URL = "https://api.push.apple.com"
@@ -87,16 +111,83 @@ _DEAD_REASONS = frozenset(
 )
 """Reasons meaning the token will never work for this topic and environment (any 410 too)."""
 
+_LAST_RESORT_AGE = timedelta(minutes=55)
+"""With the token store failing, the shared token is used until this old, then one signed here."""
+_STORE_RETRY = timedelta(seconds=30)
+"""After the token store failed, how long sends go on without asking it again."""
+
+log = logging.getLogger(__name__)
 logging.getLogger("hpack").setLevel(logging.CRITICAL)
+
+
+class _SharedToken(AuthorizationHeaderProvider):
+    """The ``authorization`` header of every connection of one provider, from the token store
+    (module docstring, "Provider token"). :meth:`get_header` is what aioapns calls per request;
+    :meth:`ensure_fresh` must have been awaited before."""
+
+    def __init__(self, store: ApnsTokenStore, key: str, key_id: str, team_id: str) -> None:
+        self._store = store
+        self._team_id = team_id
+        self._key_id = key_id
+        self._sign = partial(sign_provider_token, key, key_id, team_id)
+        self._token: IssuedToken | None = None
+        self._header = ""
+        self._store_retry_at: datetime | None = None
+        self._refreshing: asyncio.Task[None] | None = None
+
+    def get_header(self) -> str:
+        return self._header
+
+    async def ensure_fresh(self) -> None:
+        """Make :meth:`get_header` give a usable token: in memory when the one held is younger
+        than the refresh age, else from the store; concurrent sends share one refresh."""
+        now = self._store.clock()
+        token = self._token
+        if token is not None:
+            if self._store.is_fresh(token.issued_at, now):
+                return
+            retry_at = self._store_retry_at
+            if retry_at is not None and now < retry_at and now - token.issued_at < _LAST_RESORT_AGE:
+                return
+        task = self._refreshing
+        loop = asyncio.get_running_loop()
+        if task is None or task.done() or task.get_loop() is not loop:
+            task = self._refreshing = loop.create_task(self._refresh())
+        await asyncio.shield(task)
+
+    async def _refresh(self) -> None:
+        try:
+            token = await asyncio.to_thread(
+                self._store.get, self._team_id, self._key_id, self._sign
+            )
+            self._store_retry_at = None
+        except Exception as exc:  # noqa: BLE001 - any failure: fall back rather than fail sends
+            # The class only: a database error's text can hold the statement's parameters.
+            log.warning(
+                "APNs provider token: the shared token store failed (%s)", type(exc).__name__
+            )
+            now = self._store.clock()
+            self._store_retry_at = now + _STORE_RETRY
+            if self._token is not None and now - self._token.issued_at < _LAST_RESORT_AGE:
+                return
+            issued_at = now.replace(microsecond=0)
+            token = IssuedToken(self._sign(issued_at), issued_at)
+        self._token = token
+        self._header = f"bearer {token.token}"
 
 
 class _EndpointProtocol(APNsTLSClientProtocol):
     """aioapns's connection protocol with the endpoint as class attributes (set per endpoint by
     :func:`_endpoint_protocol`) and with its per-request bookkeeping kept tidy (module
-    docstring, "Time bounds")."""
+    docstring, "Time bounds"), and with the provider's shared token, if any, in place of the
+    signer the pool passes (module docstring, "Provider token")."""
+
+    shared_token: _SharedToken | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if self.shared_token is not None:
+            self.auth_provider = self.shared_token
         self.lost: asyncio.Future[None] = self.loop.create_future()
         """Done once the connection is closed, for :meth:`ApnsProvider.aclose` to wait on."""
 
@@ -123,9 +214,11 @@ class _EndpointProtocol(APNsTLSClientProtocol):
         super().on_stream_ended(stream_id)
 
 
-def _endpoint_protocol(setting: str, url: str) -> type[_EndpointProtocol]:
-    """The protocol class connecting to ``url`` (``https://host[:port]``); ``setting`` names
-    the variable in errors."""
+def _endpoint_protocol(
+    setting: str, url: str, shared_token: _SharedToken | None = None
+) -> type[_EndpointProtocol]:
+    """The protocol class connecting to ``url`` (``https://host[:port]``), presenting
+    ``shared_token`` if given; ``setting`` names the variable in errors."""
     parts = urlsplit(url)
     try:
         port = parts.port or 443
@@ -133,7 +226,7 @@ def _endpoint_protocol(setting: str, url: str) -> type[_EndpointProtocol]:
         port = 0
     if parts.scheme != "https" or not parts.hostname or not port or parts.path not in ("", "/"):
         raise ConfigError(f"{setting} must look like https://host[:port], not {url!r}")
-    attributes = {"APNS_SERVER": parts.hostname, "APNS_PORT": port}
+    attributes = {"APNS_SERVER": parts.hostname, "APNS_PORT": port, "shared_token": shared_token}
     return type(f"_EndpointProtocol_{parts.hostname}_{port}", (_EndpointProtocol,), attributes)
 
 
@@ -193,8 +286,11 @@ class ApnsProvider:
         ca_file: str | None = None,
         timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        token_store: ApnsTokenStore | None = None,
     ) -> None:
-        """``key`` is the ``.p8`` PEM text; ``ca_file`` an extra CA bundle (PEM) to trust."""
+        """``key`` is the ``.p8`` PEM text; ``ca_file`` an extra CA bundle (PEM) to trust;
+        ``token_store`` shares the provider token with other replicas (``None``: each
+        connection signs its own)."""
         _check_key(key)
         if not key_id:
             raise ConfigError("PUSH_APNS_KEY_ID is empty")
@@ -203,9 +299,14 @@ class ApnsProvider:
         self._key = key
         self._key_id = key_id
         self._team_id = team_id
+        self._shared_token = (
+            None if token_store is None else _SharedToken(token_store, key, key_id, team_id)
+        )
         self._protocols = {
-            "production": _endpoint_protocol("PUSH_APNS_PRODUCTION_URL", production_url),
-            "sandbox": _endpoint_protocol("PUSH_APNS_SANDBOX_URL", sandbox_url),
+            "production": _endpoint_protocol(
+                "PUSH_APNS_PRODUCTION_URL", production_url, self._shared_token
+            ),
+            "sandbox": _endpoint_protocol("PUSH_APNS_SANDBOX_URL", sandbox_url, self._shared_token),
         }
         self._ssl_context = _ssl_context(ca_file)
         self._timeout = timeout_seconds
@@ -214,7 +315,7 @@ class ApnsProvider:
         self._clients: dict[str, APNs] = {}
 
     @classmethod
-    def from_env(cls) -> ApnsProvider:
+    def from_env(cls, token_store: ApnsTokenStore | None = None) -> ApnsProvider:
         """The provider configured by the ``PUSH_APNS_*`` settings."""
         return cls(
             require_secret("PUSH_APNS_KEY", "the APNs provider signs its requests with this key"),
@@ -225,6 +326,7 @@ class ApnsProvider:
             ca_file=env("PUSH_APNS_CA_FILE"),
             timeout_seconds=env_float("PUSH_APNS_TIMEOUT_SECONDS", DEFAULT_TIMEOUT_SECONDS, 0.001),
             max_connections=env_int("PUSH_APNS_MAX_CONNECTIONS", DEFAULT_MAX_CONNECTIONS, 1),
+            token_store=token_store,
         )
 
     async def send(self, device: Device, wakeup: WakeUp) -> SendResult:
@@ -252,6 +354,8 @@ class ApnsProvider:
             apns_topic=device.topic,
         )
         client = self._client("sandbox" if device.environment == "sandbox" else "production")
+        if self._shared_token is not None:
+            await self._shared_token.ensure_fresh()
         try:
             result = await asyncio.wait_for(client.send_notification(request), self._timeout)
         except TimeoutError:

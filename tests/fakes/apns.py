@@ -18,6 +18,7 @@ answers and records never leak between tests)::
     apns_server.hang(token)                                # never answer
     apns_server.requests                                   # what was received, in order
     apns_server.connections_made                           # TLS connections accepted
+    apns_server.provider_tokens                            # distinct well-signed JWTs seen
 
 Standalone (for benchmarks), it answers 200 to every valid request until stopped and records
 nothing::
@@ -166,6 +167,7 @@ class FakeApns:
         self._connections_made = 0
         self._answers_sent = 0
         self._verified_tokens: dict[str, int] = {}
+        self._distinct_tokens: dict[str, None] = {}
         self._protocols: set[_Http2Server] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.Server | None = None
@@ -287,6 +289,13 @@ class FakeApns:
             return self._connections_made
 
     @property
+    def provider_tokens(self) -> list[str]:
+        """The distinct provider tokens (JWTs) seen with a valid signature (expired or not),
+        first seen first; only when recording."""
+        with self._lock:
+            return list(self._distinct_tokens)
+
+    @property
     def answers_sent(self) -> int:
         """How many answers were written, delayed ones included once they are out."""
         with self._lock:
@@ -387,6 +396,9 @@ class FakeApns:
             if len(self._verified_tokens) >= _JWT_CACHE_LIMIT:
                 self._verified_tokens.clear()
             self._verified_tokens[token] = issued_at
+            if self.record:
+                with self._lock:
+                    self._distinct_tokens[token] = None
         if time.time() + self.clock_offset - issued_at > TOKEN_MAX_AGE_SECONDS:
             return "ExpiredProviderToken"
         return None
