@@ -17,8 +17,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from shared.config import ConfigError
 from shared.providers.apns import ApnsProvider
-from tests.fakes.apns import FakeApns, make_p8_key
 from shared.providers.base import Device, Outcome, SendResult, WakeUp
+from tests.fakes.apns import FakeApns, make_p8_key
 
 TOKEN = "a1" * 32
 OTHER_TOKEN = "b2" * 32

@@ -192,9 +192,11 @@ class _EndpointProtocol(APNsTLSClientProtocol):
         """Done once the connection is closed, for :meth:`ApnsProvider.aclose` to wait on."""
 
     def connection_lost(self, exc: Exception | None) -> None:
-        super().connection_lost(exc)
-        if not self.lost.done():
-            self.lost.set_result(None)
+        try:
+            super().connection_lost(exc)
+        finally:  # even if aioapns trips over its own bookkeeping, aclose must not wait forever
+            if not self.lost.done():
+                self.lost.set_result(None)
 
     async def send_notification(self, request: NotificationRequest) -> NotificationResult:
         try:
