@@ -1,69 +1,266 @@
 """Run the whole function set on this machine: `make run`.
 
-Each function runs in its own functions-framework process (ASGI mode), as it is deployed, on SQLite
-in `.local/`. Stop them all with Ctrl-C.
+It starts, each in its own process and all on 127.0.0.1:
+
+- local receivers standing in for the push providers (the wire-protocol fakes of tests/fakes/):
+  a Web Push service that decrypts and prints every wake-up it receives, an FCM and an APNs
+  server. The dispatchers are configured for them: VAPID keys, a service-account JSON and an
+  APNs signing key are made in .local/. A provider whose settings you have set yourself
+  (PUSH_VAPID_PRIVATE_KEY, PUSH_FCM_CREDENTIALS, PUSH_APNS_KEY, or their _FILE forms) is left
+  to them;
+- the six functions, each in its own functions-framework process (ASGI), as deployed, on SQLite
+  in .local/;
+- the event router (scripts/local_router.py), standing in for the Knative broker: it routes
+  events by the Triggers in knative/.
+
+Every process's output is shown prefixed with its name. Ctrl-C (or SIGTERM) stops everything.
+
+Ports: the router on PUSH_LOCAL_BASE_PORT (default 8080), the functions on the next six (8081 to
+8086, see PORTS), the receivers on +10 to +12 (8090 Web Push, 8091 FCM, 8092 APNs), metrics on
++1001 to +1006 (9081 to 9086). PUSH_LOCAL_DIR moves .local/ elsewhere.
 """
 from __future__ import annotations
 
+import json
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
+import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-LOCAL = REPO / ".local"
+sys.path.insert(0, str(REPO))  # shared/, when the package is not installed
 BIN = Path(sys.executable).parent
+PYTHON = sys.executable
 
-#: Function name -> local port. Fixed, so the README's curl lines work.
-PORTS = {
-    "subscribe": 8081,
-    "unsubscribe": 8082,
-    "dispatch-fcm": 8083,
-    "dispatch-apns": 8084,
-    "dispatch-webpush": 8085,
-    "cleanup-invalid-tokens": 8086,
-}
+FUNCTIONS = (
+    "subscribe",
+    "unsubscribe",
+    "dispatch-fcm",
+    "dispatch-apns",
+    "dispatch-webpush",
+    "cleanup-invalid-tokens",
+)
+#: Function name -> port, with the default base: fixed, so the README's curl lines work.
+PORTS = {name: 8081 + index for index, name in enumerate(FUNCTIONS)}
+RECEIVER_OFFSETS = {"webpush": 10, "fcm": 11, "apns": 12}
+METRICS_OFFSET = 1001
+START_TIMEOUT = 60.0
 
 
-def local_environment() -> dict[str, str]:
-    environment = dict(os.environ)
-    environment.setdefault("PUSH_DATABASE_URL", f"sqlite:///{LOCAL / 'push.sqlite3'}")
-    environment.setdefault("PUSH_AUTH_PUBLIC_KEY", str(LOCAL / "auth-public.pem"))
-    return environment
+def base_port() -> int:
+    return int(os.environ.get("PUSH_LOCAL_BASE_PORT") or 8080)
+
+
+def function_ports(base: int) -> dict[str, int]:
+    return {name: base + 1 + index for index, name in enumerate(FUNCTIONS)}
+
+
+def local_dir() -> Path:
+    return Path(os.environ.get("PUSH_LOCAL_DIR") or REPO / ".local").resolve()
+
+
+def user_configured(*names: str) -> bool:
+    return any(os.environ.get(name) or os.environ.get(f"{name}_FILE") for name in names)
+
+
+class Stack:
+    """The processes started, their output relayed with a name prefix."""
+
+    def __init__(self) -> None:
+        self.processes: dict[str, subprocess.Popen] = {}
+        self.banners: dict[str, queue.Queue[str]] = {}
+        self.print_lock = threading.Lock()
+
+    def start(self, name: str, argv: list[str], env: dict[str, str], banner: bool = False) -> None:
+        process = subprocess.Popen(
+            [str(a) for a in argv], env=env, cwd=REPO, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+        )
+        self.processes[name] = process
+        if banner:
+            self.banners[name] = queue.Queue()
+        threading.Thread(target=self._relay, args=(name, process), daemon=True).start()
+
+    def _relay(self, name: str, process: subprocess.Popen) -> None:
+        assert process.stdout is not None
+        first = True
+        for line in process.stdout:
+            if first and name in self.banners:
+                self.banners[name].put(line)
+            first = False
+            self.say(f"{name:<22} | {line.rstrip()}")
+
+    def say(self, text: str) -> None:
+        with self.print_lock:
+            print(text, flush=True)
+
+    def banner(self, name: str) -> dict:
+        """The JSON line a receiver prints first: where it is and what it made."""
+        try:
+            return json.loads(self.banners[name].get(timeout=START_TIMEOUT))
+        except queue.Empty:
+            raise SystemExit(f"{name} did not start within {START_TIMEOUT:g} s") from None
+
+    def failed(self) -> list[str]:
+        return [name for name, process in self.processes.items() if process.poll() is not None]
+
+    def stop(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for process in self.processes.values():
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def start_receivers(stack: Stack, environment: dict[str, str], local: Path, base: int) -> dict[str, str]:
+    """Start the provider receivers the user has not replaced, and point the dispatchers at them."""
+    settings: dict[str, str] = {}
+    where: dict[str, str] = {}
+    vapid_public = None
+    if not user_configured("PUSH_VAPID_PRIVATE_KEY"):
+        vapid_public = local_vapid_keys(local, settings)
+        settings.setdefault("PUSH_VAPID_SUBJECT", "mailto:push-dev@localhost")
+    webpush_ca = local / "webpush-ca.pem"
+    argv = [PYTHON, "-m", "tests.fakes.webpush", "--port", base + RECEIVER_OFFSETS["webpush"],
+            "--ca-file", webpush_ca, "--print-pushes"]
+    if vapid_public:
+        argv += ["--application-server-key", vapid_public]
+    stack.start("webpush-receiver", argv, environment, banner=True)
+    if not user_configured("PUSH_FCM_CREDENTIALS"):
+        stack.start("fcm-receiver", [
+            PYTHON, "-m", "tests.fakes.fcm", "--port", base + RECEIVER_OFFSETS["fcm"],
+            "--ca-out", local / "fcm-ca.pem", "--credentials-out", local / "fcm-service-account.json",
+        ], environment, banner=True)
+    if not user_configured("PUSH_APNS_KEY"):
+        stack.start("apns-receiver", [
+            PYTHON, "-m", "tests.fakes.apns", "--port", base + RECEIVER_OFFSETS["apns"],
+            "--ca-out", local / "apns-ca.pem", "--key-out", local / "apns-key.p8",
+        ], environment, banner=True)
+
+    webpush = stack.banner("webpush-receiver")
+    settings["PUSH_WEBPUSH_CA_FILE"] = str(webpush_ca)
+    where["webpush-receiver"] = f"{webpush['origin']}  (new device: POST /subscriptions; CA {webpush_ca})"
+    if "fcm-receiver" in stack.banners:
+        fcm = stack.banner("fcm-receiver")
+        settings.update({
+            "PUSH_FCM_CREDENTIALS": fcm["credentials_path"],
+            "PUSH_FCM_ENDPOINT": fcm["endpoint"],
+            "PUSH_FCM_CA_FILE": fcm["ca_path"],
+        })
+        where["fcm-receiver"] = fcm["endpoint"]
+    if "apns-receiver" in stack.banners:
+        apns = stack.banner("apns-receiver")
+        settings.update({
+            "PUSH_APNS_KEY": apns["key_path"],
+            "PUSH_APNS_KEY_ID": apns["key_id"],
+            "PUSH_APNS_TEAM_ID": apns["team_id"],
+            "PUSH_APNS_PRODUCTION_URL": apns["base_url"],
+            "PUSH_APNS_SANDBOX_URL": apns["base_url"],
+            "PUSH_APNS_CA_FILE": apns["ca_path"],
+        })
+        where["apns-receiver"] = apns["base_url"]
+    for name, value in settings.items():
+        environment.setdefault(name, value)
+    return where
+
+
+def local_vapid_keys(local: Path, settings: dict[str, str]) -> str:
+    """The local VAPID key pair (made once, kept in .local/); returns the public key."""
+    private_path, public_path = local / "vapid-private-key", local / "vapid-public-key"
+    if not (private_path.exists() and public_path.exists()):
+        from shared.providers.webpush import generate_vapid_keys
+
+        keys = generate_vapid_keys()
+        private_path.write_text(keys.private_key + "\n")
+        private_path.chmod(0o600)
+        public_path.write_text(keys.public_key + "\n")
+    settings["PUSH_VAPID_PRIVATE_KEY"] = str(private_path)
+    return public_path.read_text().strip()
+
+
+def wait_until_ready(stack: Stack, urls: dict[str, str]) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    waiting = dict(urls)
+    while waiting:
+        if stack.failed():
+            raise SystemExit(f"stopped: {', '.join(stack.failed())} exited while starting")
+        if time.monotonic() > deadline:
+            raise SystemExit(f"not ready after {START_TIMEOUT:g} s: {', '.join(waiting)}")
+        for name, url in list(waiting.items()):
+            try:
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    if response.status == 200:
+                        del waiting[name]
+            except OSError:
+                pass
+        time.sleep(0.2)
+
+
+def interrupted(*_: object) -> None:
+    raise KeyboardInterrupt
 
 
 def main() -> int:
-    LOCAL.mkdir(exist_ok=True)
-    environment = local_environment()
-    subprocess.run([BIN / "pushctl", "dev-keys", str(LOCAL)], check=True, env=environment)
-    subprocess.run([BIN / "pushctl", "migrate"], check=True, env=environment)
-    processes: dict[str, subprocess.Popen] = {}
-    for name, port in PORTS.items():
-        source = REPO / "functions" / name / "main.py"
-        if not source.exists():
-            continue
-        processes[name] = subprocess.Popen(
-            [BIN / "functions-framework", "--asgi", "--target", name.replace("-", "_"),
-             "--source", str(source), "--host", "127.0.0.1", "--port", str(port)],
-            env=environment,
-        )
-        print(f"{name:24} http://127.0.0.1:{port}/")
-    print("\nA token for user 1:  .venv/bin/pushctl dev-token --user 1\nCtrl-C stops everything.")
+    signal.signal(signal.SIGTERM, interrupted)  # stop as cleanly as on Ctrl-C
+    local = local_dir()
+    local.mkdir(parents=True, exist_ok=True)
+    base = base_port()
+    ports = function_ports(base)
+    environment = dict(os.environ)
+    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), environment.get("PYTHONPATH")]))
+    environment.setdefault("PUSH_DATABASE_URL", f"sqlite:///{local / 'push.sqlite3'}")
+    environment.setdefault("PUSH_AUTH_PUBLIC_KEY", str(local / "auth-public.pem"))
+    subprocess.run([BIN / "pushctl", "dev-keys", local], check=True, env=environment, cwd=REPO)
+    subprocess.run([BIN / "pushctl", "migrate"], check=True, env=environment, cwd=REPO)
+
+    stack = Stack()
     try:
-        while all(process.poll() is None for process in processes.values()):
+        receivers = start_receivers(stack, environment, local, base)
+        for index, name in enumerate(FUNCTIONS):
+            source = REPO / "functions" / name / "main.py"
+            function_environment = dict(environment)
+            if environment.get("PUSH_METRICS_PORT") != "off":
+                function_environment["PUSH_METRICS_PORT"] = str(base + METRICS_OFFSET + index)
+            stack.start(name, [
+                BIN / "functions-framework", "--asgi", "--target", name.replace("-", "_"),
+                "--source", source, "--host", "127.0.0.1", "--port", ports[name],
+            ], function_environment)
+        stack.start("router", [
+            PYTHON, REPO / "scripts" / "local_router.py", "--port", base,
+            "--manifests", REPO / "knative",
+            *[arg for name in FUNCTIONS for arg in ("--service", f"{name}=http://127.0.0.1:{ports[name]}/")],
+        ], environment)
+        wait_until_ready(stack, {
+            **{name: f"http://127.0.0.1:{port}/readyz" for name, port in ports.items()},
+            "router": f"http://127.0.0.1:{base}/healthz",
+        })
+        lines = [f"  {'router (the broker)':<24} http://127.0.0.1:{base}/"]
+        lines += [f"  {name:<24} http://127.0.0.1:{port}/" for name, port in ports.items()]
+        lines += [f"  {name:<24} {url}" for name, url in receivers.items()]
+        stack.say(
+            "\npush-functions is running locally:\n" + "\n".join(lines)
+            + f"\n\nA token for user 1:  {BIN / 'pushctl'} dev-token --user 1 --key {local / 'auth-private.pem'}"
+            + "\nA notification:      python scripts/post_event.py --user 1"
+            + "\nWalkthrough: docs/deploy.md, \"Trying it locally\". Ctrl-C stops everything.\nReady.\n"
+        )
+        while not stack.failed():
             time.sleep(0.5)
-        failed = [name for name, process in processes.items() if process.poll() is not None]
-        print(f"stopped: {', '.join(failed)} exited", file=sys.stderr)
+        stack.say(f"stopped: {', '.join(stack.failed())} exited")
         return 1
     except KeyboardInterrupt:
         return 0
     finally:
-        for process in processes.values():
-            process.send_signal(signal.SIGTERM)
-        for process in processes.values():
-            process.wait(timeout=10)
+        stack.stop()
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session
 
-from shared.config import ConfigError, env, env_int
+from shared.config import ConfigError, env_int, secret
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,9 @@ class DatabaseUnavailable(Exception):
 
 
 def database_url() -> str:
-    return env("PUSH_DATABASE_URL", DEFAULT_DATABASE_URL)
+    """``PUSH_DATABASE_URL``, which holds a password and so may also come from a secret file
+    (OpenFaaS can give secrets only as files)."""
+    return secret("PUSH_DATABASE_URL") or DEFAULT_DATABASE_URL
 
 
 def get_engine(url: str | None = None) -> Engine:

@@ -32,12 +32,24 @@ MAX_TTL_SECONDS = 28 * 24 * 3600  # FCM's and Web Push services' longest
 
 
 async def read_cloud_event(request: Request, max_bytes: int = MAX_EVENT_BYTES) -> CloudEvent:
-    """The request as a CloudEvent, binary or structured; 400 when it is not one."""
+    """The request as a CloudEvent, binary or structured; 400 when it is not one.
+
+    Where ``PUSH_CONNECTOR_EVENT_TYPE`` is set, an OpenFaaS connector's plain request is read as
+    the CloudEvent it stands for (see :mod:`shared.connectors`); real CloudEvents never are."""
+    from shared.connectors import connector_event
+
     body = await read_body(request, max_bytes)
+    adapted = connector_event(request.headers, body)
+    if adapted is not None:
+        return adapted
     try:
         return from_http(dict(request.headers), body)
     except GenericException as exc:
         raise ApiError(400, "not_a_cloudevent", f"not a valid CloudEvent: {exc}") from None
+    except (ValueError, TypeError, AttributeError, KeyError):
+        # The SDK lets some malformed structured bodies (not UTF-8, JSON of the wrong shape)
+        # escape as plain exceptions.
+        raise ApiError(400, "not_a_cloudevent", "not a valid CloudEvent") from None
 
 
 def is_cloud_event(request: Request) -> bool:

@@ -178,3 +178,13 @@ def rig(request, tmp_path, monkeypatch):
     rig = rig_class(request.getfixturevalue(fixture), tmp_path)
     rig.configure(monkeypatch)
     return rig
+
+
+@pytest.fixture
+def webpush_rig(webpush_server, tmp_path, monkeypatch):
+    """The Web Push rig alone, for tests that need one dispatcher but not every provider."""
+    from tests.rigs import WebPushRig
+
+    rig = WebPushRig(webpush_server, tmp_path)
+    rig.configure(monkeypatch)
+    return rig

@@ -9,15 +9,6 @@ from tests import events
 
 
 @pytest.fixture
-def webpush_rig(webpush_server, tmp_path, monkeypatch):
-    from tests.rigs import WebPushRig
-
-    rig = WebPushRig(webpush_server, tmp_path)
-    rig.configure(monkeypatch)
-    return rig
-
-
-@pytest.fixture
 def dispatch(webpush_rig, function_client):
     return function_client("dispatch-webpush")
 

@@ -1,0 +1,54 @@
+# syntax=docker/dockerfile:1
+# One Dockerfile for every function's image; the function is a build argument:
+#
+#   docker build --build-arg FUNCTION=dispatch-apns -t push-functions/dispatch-apns .
+#
+# The image holds the `shared` package, only the dependencies that function needs
+# (requirements/<function>.txt) and only that function's folder, and runs it as a non-root user
+# with functions-framework in ASGI mode on $PORT (default 8080). Every function answers
+# /_/health and /_/ready (OpenFaaS) and /healthz and /readyz (Knative); metrics are on
+# PUSH_METRICS_PORT (9091). See docs/deploy.md.
+
+ARG PYTHON_IMAGE=python:3.11-slim
+
+# --- build: a virtualenv with the function's pinned dependencies and the shared package --------
+FROM ${PYTHON_IMAGE} AS build
+ARG FUNCTION
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN test -n "${FUNCTION}" \
+    || { echo "build with --build-arg FUNCTION=<a folder of functions/>" >&2; exit 1; }
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:${PATH}
+COPY requirements/ /src/requirements/
+RUN test -f "/src/requirements/${FUNCTION}.txt" \
+    || { echo "no requirements/${FUNCTION}.txt: is ${FUNCTION} a folder of functions/?" >&2; exit 1; } \
+    && pip install --requirement "/src/requirements/${FUNCTION}.txt"
+COPY pyproject.toml /src/
+COPY shared/ /src/shared/
+# Its dependencies are the pinned ones above; --no-deps keeps pip from resolving anything else.
+RUN pip install --no-deps /src
+
+# --- runtime -----------------------------------------------------------------------------------
+FROM ${PYTHON_IMAGE}
+ARG FUNCTION
+ENV FUNCTION=${FUNCTION} \
+    PATH=/opt/venv/bin:${PATH} \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PORT=8080
+RUN groupadd --system --gid 10001 push \
+    && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /app \
+       --shell /usr/sbin/nologin push
+COPY --from=build /opt/venv /opt/venv
+COPY functions/${FUNCTION}/ /app/functions/${FUNCTION}/
+WORKDIR /app
+# Numeric, so Kubernetes' runAsNonRoot can check it.
+USER 10001:10001
+EXPOSE 8080 9091
+HEALTHCHECK --interval=30s --timeout=3s --start-period=10s \
+    CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/_/health' % os.environ.get('PORT', '8080'), timeout=2)"
+# Shell form, so $PORT (set by Knative and OpenFaaS, default 8080) and the target (the folder name
+# with underscores) are filled in at start; exec makes functions-framework PID 1, so it gets
+# SIGTERM directly and drains.
+CMD exec functions-framework --asgi --target "$(echo "${FUNCTION}" | tr - _)" --source "/app/functions/${FUNCTION}/main.py" --port "${PORT:-8080}"

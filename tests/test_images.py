@@ -1,0 +1,309 @@
+"""The one Dockerfile builds each function's image with only what that function needs.
+
+Docker cannot run here, so the image is checked by reading: the Dockerfile's structure, and the
+dependency set each function's image installs (requirements/<function>.txt, resolved through its
+-r includes and then through the installed packages' own requirements). That set must leave out
+the other providers' libraries, and must be enough to import the function: a subprocess that
+sees only those packages (and the shared package) imports everything the function's main.py
+imports, plus what functions-framework's ASGI server and `pushctl migrate` load.
+"""
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+import sys
+import textwrap
+from importlib import metadata
+from pathlib import Path, PurePath
+
+import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+REPO = Path(__file__).resolve().parent.parent
+DOCKERFILE = REPO / "Dockerfile"
+REQUIREMENTS = REPO / "requirements"
+FUNCTIONS = sorted(p.name for p in (REPO / "functions").iterdir() if (p / "main.py").exists())
+
+#: Libraries a function's image must not carry (canonical distribution names).
+PROVIDER_LIBRARIES = {
+    "fcm": {"google-auth", "firebase-admin"},
+    "apns": {"aioapns"},
+    "webpush": {"pywebpush", "py-vapid", "http-ece"},
+}
+NOT_IN_IMAGE = {
+    "subscribe": PROVIDER_LIBRARIES["fcm"] | PROVIDER_LIBRARIES["apns"] | PROVIDER_LIBRARIES["webpush"],
+    "unsubscribe": PROVIDER_LIBRARIES["fcm"] | PROVIDER_LIBRARIES["apns"] | PROVIDER_LIBRARIES["webpush"],
+    "cleanup-invalid-tokens": PROVIDER_LIBRARIES["fcm"] | PROVIDER_LIBRARIES["apns"]
+    | PROVIDER_LIBRARIES["webpush"] | {"httpx"},
+    "dispatch-fcm": PROVIDER_LIBRARIES["apns"] | PROVIDER_LIBRARIES["webpush"] | {"firebase-admin"},
+    "dispatch-apns": PROVIDER_LIBRARIES["fcm"] | PROVIDER_LIBRARIES["webpush"] | {"requests"},
+    "dispatch-webpush": PROVIDER_LIBRARIES["fcm"] | PROVIDER_LIBRARIES["apns"],
+}
+#: Imported at run time though not by main.py's imports: the ASGI server functions-framework
+#: starts, the MySQL driver SQLAlchemy loads on the first connection, and `pushctl migrate`.
+RUNTIME_MODULES = [
+    "functions_framework._cli",
+    "functions_framework._http.gunicorn",
+    "uvicorn_worker",
+    "pymysql",
+    "shared.cli",
+    "alembic.command",
+]
+
+
+# --- the Dockerfile ---------------------------------------------------------------------------
+
+
+def dockerfile_instructions(text: str) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, continuation lines joined and comments dropped."""
+    instructions, current = [], ""
+    for line in text.splitlines():
+        stripped = line.strip()
+        if not current and (not stripped or stripped.startswith("#")):
+            continue
+        if stripped.startswith("#"):
+            continue
+        current += " " + stripped.rstrip("\\").strip() if current else stripped.rstrip("\\").strip()
+        if not stripped.endswith("\\"):
+            keyword, _, rest = current.partition(" ")
+            instructions.append((keyword.upper(), rest.strip()))
+            current = ""
+    return instructions
+
+
+@pytest.fixture(scope="module")
+def instructions() -> list[tuple[str, str]]:
+    return dockerfile_instructions(DOCKERFILE.read_text())
+
+
+def stages(instructions: list[tuple[str, str]]) -> list[list[tuple[str, str]]]:
+    result: list[list[tuple[str, str]]] = []
+    for keyword, rest in instructions:
+        if keyword == "FROM":
+            result.append([])
+        if result:
+            result[-1].append((keyword, rest))
+    return result
+
+
+def test_the_base_image_is_python_3_11_slim(instructions):
+    args = dict(rest.split("=", 1) for keyword, rest in instructions if keyword == "ARG" and "=" in rest)
+    bases = [rest.split()[0] for keyword, rest in instructions if keyword == "FROM"]
+    assert bases, "no FROM"
+    for base in bases:
+        resolved = re.sub(r"\$\{(\w+)\}", lambda m: args.get(m.group(1), m.group(0)), base)
+        assert resolved == "python:3.11-slim"
+
+
+def test_the_function_is_a_build_argument(instructions):
+    for stage in stages(instructions):
+        assert ("ARG", "FUNCTION") in stage, "every stage must declare ARG FUNCTION to use it"
+
+
+def test_the_image_installs_only_the_functions_requirement_file(instructions):
+    pip_installs = [rest for keyword, rest in instructions if keyword == "RUN" and "pip install" in rest]
+    requirement_installs = [r for r in pip_installs if "--requirement" in r or " -r " in r]
+    assert len(requirement_installs) == 1
+    assert '/src/requirements/${FUNCTION}.txt' in requirement_installs[0]
+    assert any("--no-deps /src" in r for r in pip_installs), "the shared package, without resolving"
+
+
+def test_the_runtime_stage_copies_only_the_functions_folder(instructions):
+    runtime = stages(instructions)[-1]
+    copies = [rest for keyword, rest in runtime if keyword == "COPY"]
+    sources = [c.split()[-2] for c in copies]
+    assert "functions/${FUNCTION}/" in sources
+    assert not any(s.rstrip("/") in ("functions", ".", "shared", "tests") for s in sources), sources
+    assert any(c.startswith("--from=build /opt/venv") for c in copies)
+
+
+def test_the_image_runs_as_a_non_root_user(instructions):
+    users = [rest for keyword, rest in stages(instructions)[-1] if keyword == "USER"]
+    assert users, "no USER in the runtime stage"
+    uid = users[-1].split(":")[0]
+    assert uid.isdigit() and int(uid) != 0, "a numeric non-root uid, so runAsNonRoot can check it"
+
+
+def test_the_command_starts_the_function_with_functions_framework(instructions):
+    commands = [rest for keyword, rest in instructions if keyword == "CMD"]
+    assert len(commands) == 1
+    command = commands[0]
+    assert "functions-framework --asgi" in command
+    assert '--target "$(echo "${FUNCTION}" | tr - _)"' in command
+    assert '--source "/app/functions/${FUNCTION}/main.py"' in command
+    assert '--port "${PORT:-8080}"' in command
+    envs = " ".join(rest for keyword, rest in stages(instructions)[-1] if keyword == "ENV")
+    assert "PORT=8080" in envs
+
+
+def test_dockerignore_keeps_local_state_out_of_the_build_context():
+    lines = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()]
+    patterns = [line for line in lines if line and not line.startswith("#")]
+    assert patterns[0] == "*", "start from nothing and list what an image may use"
+    allowed = {p[1:].rstrip("/") for p in patterns if p.startswith("!")}
+    assert allowed == {"Dockerfile", "pyproject.toml", "requirements", "shared", "functions"}
+
+
+# --- requirement files ----------------------------------------------------------------------
+
+
+def requirement_lines(path: Path, seen: set[Path] | None = None) -> list[Requirement]:
+    """The requirements of a pip requirements file, following its -r includes."""
+    seen = set() if seen is None else seen
+    if path in seen:
+        return []
+    seen.add(path)
+    result = []
+    for raw in path.read_text().splitlines():
+        line = raw.split(" #", 1)[0].strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith(("-r ", "--requirement ")):
+            result += requirement_lines((path.parent / line.split(None, 1)[1]).resolve(), seen)
+            continue
+        assert not line.startswith("-"), f"{path}: unexpected option {line!r}"
+        result.append(Requirement(line))
+    return result
+
+
+def resolve(requirements: list[Requirement]) -> dict[str, metadata.Distribution]:
+    """Every installed distribution these requirements bring in, by canonical name."""
+    found: dict[str, metadata.Distribution] = {}
+    extras_done: dict[str, set[str]] = {}
+    queue = [(req, set(req.extras)) for req in requirements]
+    while queue:
+        requirement, extras = queue.pop()
+        name = canonicalize_name(requirement.name)
+        done = extras_done.setdefault(name, set())
+        if name in found and extras <= done:
+            continue
+        done |= extras
+        dist = metadata.distribution(requirement.name)
+        found[name] = dist
+        for spec in dist.requires or []:
+            child = Requirement(spec)
+            contexts = [{"extra": e} for e in extras | {""}]
+            if child.marker is None or any(child.marker.evaluate(c) for c in contexts):
+                queue.append((child, set(child.extras)))
+    return found
+
+
+def function_requirements(function: str) -> list[Requirement]:
+    path = REQUIREMENTS / f"{function}.txt"
+    assert path.exists(), f"the Dockerfile installs requirements/{function}.txt for {function}"
+    return requirement_lines(path)
+
+
+@pytest.mark.parametrize("function", FUNCTIONS)
+def test_each_function_has_its_requirement_file(function):
+    assert function_requirements(function)
+
+
+def test_requirements_txt_includes_every_functions_file():
+    included = {
+        line.split(None, 1)[1] for line in (REPO / "requirements.txt").read_text().splitlines()
+        if line.startswith("-r ")
+    }
+    assert included == {f"requirements/{function}.txt" for function in FUNCTIONS}
+
+
+def test_every_requirement_is_pinned_once_at_the_installed_version():
+    pins: dict[str, str] = {}
+    for path in sorted(REQUIREMENTS.glob("*.txt")):
+        for requirement in requirement_lines(path):
+            specs = list(requirement.specifier)
+            assert len(specs) == 1 and specs[0].operator == "==", f"{path.name}: {requirement} is not pinned"
+            name = canonicalize_name(requirement.name)
+            assert pins.setdefault(name, specs[0].version) == specs[0].version, f"{name} pinned twice"
+            assert metadata.version(requirement.name) == specs[0].version, (
+                f"{name}: {specs[0].version} pinned, {metadata.version(requirement.name)} installed and tested"
+            )
+
+
+@pytest.mark.parametrize("function", FUNCTIONS)
+def test_the_image_leaves_out_other_providers_libraries(function):
+    installed = set(resolve(function_requirements(function)))
+    assert not installed & NOT_IN_IMAGE[function], sorted(installed & NOT_IN_IMAGE[function])
+
+
+def test_the_dependency_check_sees_transitive_dependencies():
+    """The check above can fail: requests comes into an image through pywebpush."""
+    installed = resolve(function_requirements("dispatch-webpush"))
+    assert "requests" in installed and "requests" not in {
+        canonicalize_name(r.name) for r in function_requirements("dispatch-webpush")
+    }
+
+
+# --- each image's packages are enough to run its function --------------------------------------
+
+
+def main_imports(function: str) -> list[str]:
+    tree = ast.parse((REPO / "functions" / function / "main.py").read_text())
+    modules = []
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            modules += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            modules.append(node.module)
+    return modules
+
+
+def link_distribution(dist: metadata.Distribution, target: Path) -> None:
+    """Make ``dist``'s installed files visible under ``target``: a whole regular package or module
+    is linked at once; a namespace package (``google``) is recreated so only this
+    distribution's part of it shows."""
+    base = Path(str(dist.locate_file("")))
+    for file in dist.files or []:
+        parts = PurePath(file).parts
+        if not parts or parts[0] == ".." or parts[0] == "__pycache__":
+            continue
+        source, destination = base, target
+        for index, part in enumerate(parts):
+            source, destination = source / part, destination / part
+            last = index == len(parts) - 1
+            if last or not source.is_dir() or (source / "__init__.py").exists() or "." in part:
+                if not destination.exists() and not destination.is_symlink():
+                    destination.symlink_to(source)
+                break
+            if destination.is_symlink():
+                break
+            destination.mkdir(exist_ok=True)
+
+
+def import_with_only(function: str, packages: Path, modules: list[str]) -> subprocess.CompletedProcess:
+    code = textwrap.dedent(
+        f"""
+        import importlib, sys
+        sys.path[:0] = [{str(packages)!r}, {str(REPO)!r}]
+        for name in {modules!r}:
+            importlib.import_module(name)
+        leaked = [m.__name__ for m in list(sys.modules.values())
+                  if getattr(m, "__file__", None) and "site-packages" in m.__file__
+                  and not m.__file__.startswith({str(packages)!r})]
+        assert not leaked, leaked
+        """
+    )
+    return subprocess.run(
+        [sys.executable, "-S", "-I", "-c", code], check=False, capture_output=True, text=True, timeout=120,
+        cwd=packages,
+    )
+
+
+@pytest.mark.parametrize("function", FUNCTIONS)
+def test_the_images_packages_are_enough_to_import_the_function(function, tmp_path):
+    for dist in resolve(function_requirements(function)).values():
+        link_distribution(dist, tmp_path)
+    result = import_with_only(function, tmp_path, main_imports(function) + RUNTIME_MODULES)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_the_import_check_fails_without_a_needed_package(tmp_path):
+    """The check above can fail: dispatch-apns without aioapns cannot import its provider."""
+    for name, dist in resolve(function_requirements("dispatch-apns")).items():
+        if name != "aioapns":
+            link_distribution(dist, tmp_path)
+    result = import_with_only("dispatch-apns", tmp_path, main_imports("dispatch-apns"))
+    assert result.returncode != 0
+    assert "aioapns" in result.stderr

@@ -1,0 +1,151 @@
+"""scripts/local_router.py, the local broker: routes by knative/'s Triggers, retries as the broker
+does, and routes reply events back through itself."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from shared.events import NOTIFICATION_REQUESTED, SUBSCRIPTION_INVALID
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+local_router = _load_script("local_router")
+
+FUNCTIONS = ["dispatch-fcm", "dispatch-apns", "dispatch-webpush", "cleanup-invalid-tokens"]
+
+
+class Receiver:
+    """A function stand-in: records what it gets and answers from a script."""
+
+    def __init__(self) -> None:
+        self.received: list[tuple[dict[str, str], bytes]] = []
+        self.answers: list[tuple[int, dict[str, str], bytes]] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                receiver.received.append(({k.lower(): v for k, v in self.headers.items()}, body))
+                status, headers, payload = receiver.answers.pop(0) if receiver.answers else (202, {}, b"")
+                self.send_response(status)
+                for key, value in headers.items():
+                    self.send_header(key, value)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/"
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def wait(self, count: int, timeout: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.received) < count and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(self.received) >= count, f"{len(self.received)} of {count} deliveries arrived"
+
+
+@pytest.fixture
+def receivers():
+    started = {name: Receiver() for name in FUNCTIONS}
+    yield started
+    for receiver in started.values():
+        receiver.server.shutdown()
+        receiver.server.server_close()
+
+
+@pytest.fixture
+def router(receivers):
+    routes, _ = local_router.load_routes(REPO / "knative", {n: r.url for n, r in receivers.items()})
+    return local_router.Router(routes, local_router.Delivery(retry=2, backoff_delay=0.01))
+
+
+def event(type_: str, id_: str = "e1", data: dict | None = None) -> local_router.Event:
+    return local_router.Event(
+        {"specversion": "1.0", "type": type_, "source": "/test", "id": id_, "datacontenttype": "application/json"},
+        json.dumps(data or {"users": ["1"], "message_type": "checkEchoV1"}).encode(),
+    )
+
+
+def test_the_routes_are_the_knative_triggers(receivers):
+    routes, delivery = local_router.load_routes(REPO / "knative", {n: r.url for n, r in receivers.items()})
+    by_type: dict[str, set[str]] = {}
+    for route in routes:
+        by_type.setdefault(route.attributes["type"], set()).add(route.subscriber)
+    assert by_type == {
+        NOTIFICATION_REQUESTED: {"dispatch-fcm", "dispatch-apns", "dispatch-webpush"},
+        SUBSCRIPTION_INVALID: {"cleanup-invalid-tokens"},
+    }
+    assert delivery.retry == 7 and delivery.backoff_policy == "exponential" and delivery.backoff_delay == 2
+    assert [delivery.delay(n) for n in (1, 2, 3)] == [2, 4, 8]
+
+
+def test_an_event_reaches_every_matching_function_in_binary_mode(router, receivers):
+    assert router.accept(event(NOTIFICATION_REQUESTED)) == 3
+    for name in ("dispatch-fcm", "dispatch-apns", "dispatch-webpush"):
+        receivers[name].wait(1)
+        headers, body = receivers[name].received[0]
+        assert headers["ce-type"] == NOTIFICATION_REQUESTED and headers["ce-id"] == "e1"
+        assert headers["content-type"] == "application/json"
+        assert json.loads(body)["users"] == ["1"]
+    assert receivers["cleanup-invalid-tokens"].received == []
+
+
+def test_503_and_429_are_retried_and_400_is_not(router, receivers):
+    receivers["dispatch-fcm"].answers = [(503, {}, b""), (429, {}, b""), (202, {}, b"")]
+    receivers["dispatch-apns"].answers = [(400, {}, b'{"error": {}}')]
+    router.accept(event(NOTIFICATION_REQUESTED))
+    receivers["dispatch-fcm"].wait(3)
+    time.sleep(0.2)
+    assert len(receivers["dispatch-apns"].received) == 1
+
+
+def test_a_2xx_with_a_body_that_is_not_an_event_is_retried(router, receivers):
+    receivers["dispatch-webpush"].answers = [(200, {"Content-Type": "text/plain"}, b"OK")]
+    router.accept(event(NOTIFICATION_REQUESTED))
+    receivers["dispatch-webpush"].wait(2)
+
+
+def test_a_reply_event_is_routed_again(router, receivers):
+    reply_headers = {
+        "ce-specversion": "1.0", "ce-type": SUBSCRIPTION_INVALID, "ce-source": "/push-functions/dispatch-webpush",
+        "ce-id": "r1", "Content-Type": "application/json",
+    }
+    receivers["dispatch-webpush"].answers = [(200, reply_headers, b'{"subscriptions": []}')]
+    router.accept(event(NOTIFICATION_REQUESTED))
+    receivers["cleanup-invalid-tokens"].wait(1)
+    headers, body = receivers["cleanup-invalid-tokens"].received[0]
+    assert headers["ce-type"] == SUBSCRIPTION_INVALID and headers["ce-id"] == "r1"
+    assert json.loads(body) == {"subscriptions": []}
+
+
+def test_structured_events_are_read_and_non_events_refused():
+    structured = json.dumps({
+        "specversion": "1.0", "type": "t", "source": "/s", "id": "1", "data": {"a": 1},
+    }).encode()
+    parsed = local_router.parse_event({"Content-Type": "application/cloudevents+json"}, structured)
+    assert parsed.attributes["type"] == "t" and json.loads(parsed.data) == {"a": 1}
+    assert parsed.binary()[0]["Content-Type"] == "application/json"
+    with pytest.raises(local_router.NotAnEvent):
+        local_router.parse_event({"Content-Type": "application/json"}, b"{}")
+    with pytest.raises(local_router.NotAnEvent):
+        local_router.parse_event({"ce-specversion": "1.0", "ce-type": "t"}, b"")
