@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -57,6 +57,8 @@ from shared.subscriptions import Clock, SubscriptionStore, token_sha256, utcnow
 log = logging.getLogger(__name__)
 
 DEFAULT_RETRY_AFTER = 30
+CHECKPOINT_SECONDS = 0.1
+OVERLOAD_RETRY_AFTER = 5
 FLUSH_BATCH = 500
 #: What a device over its per-event-type limit gets: nothing sent, recorded as done.
 LIMITED = SendResult(Outcome.REJECTED, "limited")
@@ -74,6 +76,9 @@ class DispatchSettings:
     below the platform's request timeout and below the claim lease."""
     echo_apns_environment: str = "production"
     """The APNs environment of tokens that Echo's request names and we do not know."""
+    max_in_flight: int = 100
+    """Requests one process works on at once; more are answered 503 so the broker backs off
+    (load shedding instead of unbounded memory)."""
 
 
 @dataclass
@@ -129,6 +134,7 @@ class Dispatcher:
         self.function = f"dispatch-{provider.name}"
         self.source = f"/push-functions/{self.function}"
         self.schema = SchemaGate(store.engine)
+        self._in_flight = 0
         self._sink_client: httpx.AsyncClient | None = None
 
     @classmethod
@@ -154,6 +160,7 @@ class Dispatcher:
                 concurrency=env_int("PUSH_DISPATCH_CONCURRENCY", 100, minimum=1),
                 deadline_seconds=env_float("PUSH_DISPATCH_DEADLINE_SECONDS", 60.0, minimum=1.0),
                 echo_apns_environment=env("PUSH_ECHO_APNS_ENVIRONMENT", "production"),
+                max_in_flight=env_int("PUSH_DISPATCH_MAX_IN_FLIGHT", 100, minimum=1),
             ),
             sink_url=env("K_SINK"),
             delivery=delivery,
@@ -167,6 +174,18 @@ class Dispatcher:
 
     async def _handle(self, request: Request) -> Response:
         require_method(request, ("POST",))
+        if self._in_flight >= self.settings.max_in_flight:
+            raise ApiError(
+                503, "overloaded", "too many requests in progress; try again later",
+                headers={"Retry-After": str(OVERLOAD_RETRY_AFTER)},
+            )
+        self._in_flight += 1
+        try:
+            return await self._handle_admitted(request)
+        finally:
+            self._in_flight -= 1
+
+    async def _handle_admitted(self, request: Request) -> Response:
         if request.url.path == f"/v1/message/{self.provider.name}" and self.provider.name in ECHO_PROVIDERS:
             return await self._handle_echo(request)
         event = await read_cloud_event(request)
@@ -221,9 +240,20 @@ class Dispatcher:
             queued = SendResult(Outcome.DELIVERED, "queued")
             outcomes = Outcomes({s.id: (queued, self.clock()) for s in to_send} | held)
         else:
-            outcomes = await self._send_all(to_send, wakeup, report)
+            recorded: set[int] = set()
+
+            async def checkpoint(batch: Outcomes) -> None:
+                try:
+                    await run_in_threadpool(self.ledger.record, key, claims, batch)
+                    recorded.update(batch.results)
+                except DatabaseUnavailable:
+                    log.warning("could not record delivery outcomes yet: database unavailable")
+
+            outcomes = await self._send_all(to_send, wakeup, report, checkpoint)
             await self._refund_transient(to_send, notification.event_type, outcomes)
-            outcomes.results.update(held)
+            outcomes = Outcomes(
+                {sub_id: r for sub_id, r in outcomes.results.items() if sub_id not in recorded} | held
+            )
         await self._record(key, claims, outcomes)
         return report
 
@@ -299,11 +329,21 @@ class Dispatcher:
             raise
 
     async def _send_all(
-        self, subscriptions: Sequence[Subscription], wakeup: WakeUp, report: DispatchReport
+        self,
+        subscriptions: Sequence[Subscription],
+        wakeup: WakeUp,
+        report: DispatchReport,
+        checkpoint: Callable[[Outcomes], Awaitable[None]] | None = None,
     ) -> Outcomes:
+        """Send to every device, at most ``concurrency`` at once, until the deadline.
+
+        With ``checkpoint``, final outcomes are handed over in small batches while the other sends
+        go on, so a process killed mid-event has recorded what it already sent and the
+        redelivered event does not send it again.
+        """
         limit = asyncio.Semaphore(self.settings.concurrency)
         results: dict[int, tuple[SendResult, object]] = {}
-
+        unrecorded: dict[int, tuple[SendResult, object]] = {}
         provider = self.provider.name
 
         async def send(subscription: Subscription) -> None:
@@ -312,15 +352,29 @@ class Dispatcher:
                 result = await self.provider.send(_device(subscription), wakeup)
                 elapsed = time.perf_counter() - started
             results[subscription.id] = (result, self.clock())
+            if result.outcome is not Outcome.TRANSIENT:
+                unrecorded[subscription.id] = results[subscription.id]
             metrics.PROVIDER_LATENCY.labels(provider, result.outcome.value).observe(elapsed)
 
+        async def record_as_we_go() -> None:
+            while True:
+                await asyncio.sleep(CHECKPOINT_SECONDS)
+                if unrecorded:
+                    batch = Outcomes(dict(unrecorded))
+                    unrecorded.clear()
+                    await checkpoint(batch)
+
         tasks = [asyncio.create_task(send(s)) for s in subscriptions]
+        recorder = asyncio.create_task(record_as_we_go()) if checkpoint and tasks else None
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=self.settings.deadline_seconds)
             for task in pending:
                 task.cancel()
             if pending:
                 await asyncio.gather(*pending, return_exceptions=True)
+        if recorder is not None:
+            recorder.cancel()
+            await asyncio.gather(recorder, return_exceptions=True)
         now = self.clock()
         for subscription in subscriptions:
             if subscription.id not in results:

@@ -26,6 +26,10 @@ HEALTH_PATHS = ("/_/health", "/healthz")
 READY_PATHS = ("/_/ready", "/readyz")
 DEFAULT_MAX_BODY = 64 * 1024
 DATABASE_RETRY_AFTER = 5
+#: Request head limits, checked before any other work (uvicorn's h11 stops heads over 16 KiB
+#: too, but not every server in front of a function does, and in-process callers none).
+MAX_HEADERS = 100
+MAX_HEADER_BYTES = 16 * 1024
 
 
 class ApiError(Exception):
@@ -117,6 +121,7 @@ async def serve(
     """
     if request.url.path in HEALTH_PATHS:
         return JSONResponse({"status": "ok"})
+    too_large = _head_too_large(request)
     given = request.headers.get("x-request-id", "")
     rid = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
     logs.request_id.set(rid)
@@ -125,7 +130,7 @@ async def serve(
     in_flight = metrics.IN_FLIGHT.labels(function)
     in_flight.inc()
     try:
-        response = await _answer(request, handler, ready)
+        response = too_large.response() if too_large else await _answer(request, handler, ready)
     finally:
         in_flight.dec()
     if request.url.path not in READY_PATHS:
@@ -136,6 +141,21 @@ async def serve(
             metrics.ERRORS.labels(function, getattr(response, "error_code", "unknown")).inc()
     response.headers["X-Request-Id"] = rid
     return response
+
+
+def _head_too_large(request: Request) -> ApiError | None:
+    """431 for a request head with too many header fields or too many bytes of them (a huge
+    Authorization header among them), before the request is otherwise looked at."""
+    raw = request.scope.get("headers") or []
+    if len(raw) > MAX_HEADERS:
+        return ApiError(
+            431, "headers_too_large", f"a request may carry at most {MAX_HEADERS} header fields"
+        )
+    if sum(len(name) + len(value) for name, value in raw) > MAX_HEADER_BYTES:
+        return ApiError(
+            431, "headers_too_large", f"the request's header fields must total at most {MAX_HEADER_BYTES} bytes"
+        )
+    return None
 
 
 async def _answer(request: Request, handler: Handler, ready: Callable[[], Awaitable[None]]) -> Response:

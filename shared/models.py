@@ -52,6 +52,7 @@ class Subscription(Base):
         Index("ix_subscriptions_user_provider", "user_id", "provider"),
         # Expiry deletes rows not refreshed for months.
         Index("ix_subscriptions_updated_at", "updated_at"),
+        {"sqlite_autoincrement": True},  # ids are never reused, as on MySQL
     )
 
 

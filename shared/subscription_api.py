@@ -102,8 +102,9 @@ class SubscriptionApi:
             rows = await run_in_threadpool(self.store.list_for_user, user_id)
             request.state.result = "listed"
             return JSONResponse({"subscriptions": [subscription_view(row) for row in rows]})
+        body = await read_json(request, MAX_BODY)  # 413/415/400 first: no database work for them
         await self._check_rate(user_id)
-        new = parse_subscribe(await read_json(request, MAX_BODY), self.policy)
+        new = parse_subscribe(body, self.policy)
         request.state.provider = new.provider
         result = await run_in_threadpool(self.store.subscribe, user_id, new)
         request.state.result = "created" if result.created else "refreshed"
@@ -113,7 +114,8 @@ class SubscriptionApi:
 
     async def _check_rate(self, user_id: str) -> None:
         """429 with Retry-After once the caller has subscribed ``PUSH_SUBSCRIBE_RATE_LIMIT``
-        times in the current window; checked before the body is read, so bad requests count."""
+        times in the current window; checked before the body is validated, so invalid requests
+        count too."""
         limit = self.subscribe_limit
         if limit is None:
             return

@@ -97,14 +97,16 @@ class SubscriptionStore:
         row = session.scalars(
             select(Subscription).where(Subscription.token_sha256 == new.token_sha256).with_for_update()
         ).one_or_none()
+        if row is not None and row.user_id != user_id:
+            # The device changed hands. The new owner gets a new row, so nothing about it (its
+            # id, its times) tells them the device was subscribed before.
+            session.delete(row)
+            session.flush()
+            row = None
+        created = row is None
         if row is None:
             row = Subscription(user_id=user_id, created_at=now, token_sha256=new.token_sha256)
             session.add(row)
-            created = True
-        else:
-            created = row.user_id != user_id
-            if created:
-                row.created_at = now  # a new owner: the device changed hands
         row.user_id = user_id
         row.provider = new.provider
         row.token = new.token

@@ -27,15 +27,19 @@ APNS_TOKEN = re.compile(r"^[0-9a-fA-F]{64,200}$")
 # Bundle ids: alphanumerics, hyphens and dots, with Apple's suffixes (".voip", ".complication").
 APNS_TOPIC = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,254}$")
 FCM_TOKEN = re.compile(r"^[\x21-\x7e]+$")  # visible ASCII, no blanks
+# These patterns are used with fullmatch: with re.match, "$" also matches before a final "\n",
+# which let a token or topic ending in a newline through.
 ENVIRONMENTS = ("production", "sandbox")
 
 
 @dataclass(frozen=True)
 class SubscribePolicy:
-    """What subscribe accepts beyond the formats: the APNs topics (bundle ids) of our apps."""
+    """What subscribe accepts beyond the formats: the APNs topics (bundle ids) of our apps, and
+    the Web Push services whose endpoints we will POST to (host suffixes; empty: any)."""
 
     allowed_apns_topics: tuple[str, ...] = ()
     apps: Apps = Apps({})
+    allowed_webpush_hosts: tuple[str, ...] = ()
 
 
 def parse_subscribe(body: Any, policy: SubscribePolicy) -> NewSubscription:
@@ -67,14 +71,14 @@ def _parse_subscribe(body: Any, policy: SubscribePolicy) -> NewSubscription:
     if provider == "fcm":
         _only(obj, {"provider", "token", "app"})
         token = _string(obj, "token", MAX_TOKEN_LENGTH)
-        if not FCM_TOKEN.match(token):
+        if not FCM_TOKEN.fullmatch(token):
             raise ApiError(400, "invalid_field", "token must be visible ASCII without blanks", "token")
         return NewSubscription("fcm", token, token)
     if provider == "apns":
         _only(obj, {"provider", "token", "topic", "environment", "app"})
         token = _apns_token(obj)
         topic = _string(obj, "topic", 255)
-        if not APNS_TOPIC.match(topic):
+        if not APNS_TOPIC.fullmatch(topic):
             raise ApiError(400, "invalid_field", "topic must be an app bundle id", "topic")
         if policy.allowed_apns_topics and topic not in policy.allowed_apns_topics:
             raise ApiError(400, "invalid_field", "topic is not one of this service's apps", "topic")
@@ -89,10 +93,27 @@ def _parse_subscribe(body: Any, policy: SubscribePolicy) -> NewSubscription:
     if not isinstance(subscription, dict):
         raise ApiError(400, "invalid_field", "subscription must be an object", "subscription")
     endpoint, p256dh, auth = _webpush_subscription(subscription)
+    if policy.allowed_webpush_hosts and not webpush_host_allowed(endpoint, policy.allowed_webpush_hosts):
+        raise ApiError(
+            400, "invalid_field", "subscription.endpoint is not a push service this service sends to",
+            "subscription.endpoint",
+        )
     canonical = json.dumps(
         {"endpoint": endpoint, "keys": {"p256dh": p256dh, "auth": auth}}, separators=(",", ":")
     )
     return NewSubscription("webpush", canonical, endpoint)
+
+
+def webpush_host_allowed(endpoint: str, suffixes: tuple[str, ...]) -> bool:
+    """Whether the endpoint's host is one of ``suffixes`` or a subdomain of one
+    (``push.services.mozilla.com`` allows ``updates.push.services.mozilla.com``, never
+    ``evilpush.services.mozilla.com.example``)."""
+    host = (urlsplit(endpoint).hostname or "").rstrip(".").lower()
+    for suffix in suffixes:
+        suffix = suffix.strip().lstrip(".").rstrip(".").lower()
+        if suffix and (host == suffix or host.endswith("." + suffix)):
+            return True
+    return False
 
 
 @dataclass(frozen=True)
@@ -157,7 +178,7 @@ def _string(obj: dict[str, Any], field: str, max_length: int) -> str:
 
 def _apns_token(obj: dict[str, Any]) -> str:
     token = _string(obj, "token", 200)
-    if not APNS_TOKEN.match(token) or len(token) % 2:
+    if not APNS_TOKEN.fullmatch(token) or len(token) % 2:
         raise ApiError(400, "invalid_field", "token must be the device token in hex", "token")
     return token.lower()
 

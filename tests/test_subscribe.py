@@ -175,3 +175,10 @@ async def test_concurrent_subscribes_of_one_user_respect_the_cap(function_client
     )
     assert [a.status_code for a in answers] == [201] * 6
     assert len(rows(engine)) == 3
+
+
+async def test_a_device_moved_to_another_user_gets_a_new_id(subscribe, issuer):
+    body = bodies.fcm()
+    first = (await subscribe.post("/", json=body, headers=issuer.headers("alice"))).json()
+    moved = (await subscribe.post("/", json=body, headers=issuer.headers("bob"))).json()
+    assert moved["id"] != first["id"]

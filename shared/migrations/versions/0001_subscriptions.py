@@ -31,6 +31,7 @@ def upgrade() -> None:
         mysql_engine="InnoDB",
         mysql_charset="utf8mb4",
         mysql_collate="utf8mb4_bin",  # ids and hashes compare exactly, case included
+        sqlite_autoincrement=True,  # never reuse an id (InnoDB does not either)
     )
     op.create_index("ix_subscriptions_user_provider", "subscriptions", ["user_id", "provider"])
     op.create_index("ix_subscriptions_updated_at", "subscriptions", ["updated_at"])

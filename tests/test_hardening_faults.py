@@ -1,0 +1,354 @@
+"""Faults, each counted: how many wake-ups were due, how many devices got none (lost) and how
+many got more than one (duplicated). Expected: zero lost, zero duplicated, in every scenario.
+
+- the provider rate limiting / unavailable with Retry-After, then recovering;
+- the provider hanging: the provider timeout and the dispatch deadline answer in time;
+- a token reported dead while its owner re-subscribes: clean-up keeps the re-subscribed row;
+- the database cut off in the middle of a run of events (a TCP proxy in front of MariaDB);
+- the dispatcher process SIGKILLed mid-event and the event redelivered to a fresh process.
+
+Run with ``-s`` to see each scenario's counts (one ``FAULT`` line each).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+import httpx
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from shared.models import Delivery, Subscription
+from tests import events
+from tests.conftest import REPO
+from tests.fakes import fcm as fake_fcm
+from tests.fakes import webpush as fake_webpush
+from tests.rigs import FcmRig
+
+MAX_REDELIVERIES = 10
+
+
+@dataclass
+class Tally:
+    scenario: str
+    due: int
+    lost: int
+    duplicated: int
+    deliveries: int  # broker deliveries (first + redeliveries) it took
+
+    def line(self) -> str:
+        return (f"FAULT {self.scenario}: wake-ups due {self.due}, lost {self.lost}, "
+                f"duplicated {self.duplicated}, deliveries {self.deliveries}")
+
+
+def tally(scenario: str, rig, rows, deliveries: int, per_device: int = 1) -> Tally:
+    counts = [len(rig.wakeups(row)) for row in rows]
+    result = Tally(
+        scenario, per_device * len(rows), sum(max(per_device - c, 0) for c in counts),
+        sum(max(c - per_device, 0) for c in counts), deliveries,
+    )
+    print("\n" + result.line())
+    return result
+
+
+def hang_once(rig, row) -> None:
+    """The provider never answers the next send to this device; later ones succeed."""
+    if rig.provider == "fcm":
+        rig.fake.script(row.token, fake_fcm.HANG, fake_fcm.OK)
+    elif rig.provider == "apns":
+        rig.fake.hang(row.token, once=True)
+    else:
+        rig.fake.script(json.loads(row.token), fake_webpush.HANG)
+
+
+async def deliver_until_done(client, posted: dict, retryable=(429, 503)) -> tuple[int, list]:
+    """Post the event as the broker does: again while the answer is retryable (without waiting
+    the Retry-After, to keep the test short). Returns how many deliveries it took, and answers."""
+    answers = []
+    for attempt in range(1, MAX_REDELIVERIES + 1):
+        response = await client.post("/", **posted)
+        answers.append(response.status_code)
+        if response.status_code not in retryable:
+            return attempt, answers
+        assert int(response.headers["retry-after"]) >= 1
+    raise AssertionError(f"still retryable after {MAX_REDELIVERIES} deliveries: {answers}")
+
+
+# --- the provider -------------------------------------------------------------------------
+
+
+async def test_provider_rate_limiting_then_recovering(rig, function_client, engine):
+    dispatch = function_client(rig.function)
+    limited, unavailable, fine = rig.add(engine, "a"), rig.add(engine, "b"), rig.add(engine, "c")
+    rig.rate_limited_once(limited, retry_after=2)
+    rig.transient_once(unavailable)
+    posted = events.notification(["a", "b", "c"], id_="rate-limited-1")
+    deliveries, answers = await deliver_until_done(dispatch, posted)
+    assert answers[0] in (429, 503) and answers[-1] == 202
+    result = tally(f"{rig.provider} 429/503 then recovering", rig, [limited, unavailable, fine], deliveries)
+    assert (result.lost, result.duplicated) == (0, 0)
+
+
+async def test_provider_hanging_is_cut_by_the_timeout_before_the_deadline(rig, function_client, engine, monkeypatch):
+    monkeypatch.setenv(f"PUSH_{rig.provider.upper()}_TIMEOUT_SECONDS", "1")
+    monkeypatch.setenv("PUSH_DISPATCH_DEADLINE_SECONDS", "3")
+    dispatch = function_client(rig.function)
+    stuck, fine = rig.add(engine, "a"), rig.add(engine, "a")
+    hang_once(rig, stuck)
+    posted = events.notification(["a"], id_="hanging-1")
+    started = time.monotonic()
+    first = await dispatch.post("/", **posted)
+    elapsed = time.monotonic() - started
+    assert first.status_code == 503 and elapsed < 3 + 1, elapsed
+    deliveries, answers = await deliver_until_done(dispatch, posted)
+    assert answers[-1] == 202
+    result = tally(f"{rig.provider} hanging (answered in {elapsed:.1f} s)", rig, [stuck, fine], deliveries + 1)
+    assert (result.lost, result.duplicated) == (0, 0)
+
+
+async def test_deadline_cuts_a_hang_the_provider_timeout_does_not(function_client, fcm_server, tmp_path, engine, monkeypatch):
+    rig = FcmRig(fcm_server, tmp_path)
+    rig.configure(monkeypatch)
+    monkeypatch.setenv("PUSH_FCM_TIMEOUT_SECONDS", "30")
+    monkeypatch.setenv("PUSH_DISPATCH_DEADLINE_SECONDS", "1.5")
+    dispatch = function_client("dispatch-fcm")
+    stuck = rig.add(engine, "a")
+    hang_once(rig, stuck)
+    posted = events.notification(["a"], id_="deadline-1")
+    started = time.monotonic()
+    assert (await dispatch.post("/", **posted)).status_code == 503
+    assert time.monotonic() - started < 1.5 + 1
+    deliveries, answers = await deliver_until_done(dispatch, posted)
+    result = tally("fcm hanging past the deadline", rig, [stuck], deliveries + 1)
+    assert (result.lost, result.duplicated) == (0, 0)
+
+
+# --- a token dying while its owner re-subscribes ---------------------------------------------------
+
+
+async def test_dead_report_racing_a_resubscribe_keeps_the_resubscribed_row(
+    rig, function_client, engine, auth_env
+):
+    dispatch, cleanup = function_client(rig.function), function_client("cleanup-invalid-tokens")
+    subscribe = function_client("subscribe")
+    row = rig.add(engine, "alice")
+    other = rig.add(engine, "alice")
+    rig.dead(row)
+    reply = await dispatch.post("/", **events.notification(["alice"], id_="dying-1"))
+    assert reply.status_code == 200
+    # The app registers the same device again (through the API) before clean-up runs.
+    if rig.provider == "webpush":
+        body = {"provider": "webpush", "subscription": json.loads(row.token)}
+    elif rig.provider == "apns":
+        body = {"provider": "apns", "token": row.token, "topic": row.topic, "environment": row.environment}
+    else:
+        body = {"provider": "fcm", "token": row.token}
+    assert (await subscribe.post("/", json=body, headers=auth_env.headers("alice"))).status_code == 200
+    headers = {k: v for k, v in reply.headers.items() if k.startswith("ce-") or k == "content-type"}
+    for _ in range(2):  # the report, and its redelivery
+        assert (await cleanup.post("/", content=reply.content, headers=headers)).status_code == 202
+    with Session(engine) as session:
+        kept = sorted(session.scalars(select(Subscription.id)))
+    assert kept == sorted([row.id, other.id])
+    print(f"\nFAULT {rig.provider} dead report racing a re-subscribe: subscriptions 2, lost {2 - len(kept)}")
+
+
+# --- the database cut off -------------------------------------------------------------------
+
+
+class CuttableProxy:
+    """A TCP proxy in front of MariaDB, on its own thread and event loop, that can be cut (every
+    connection dropped, new ones refused) and restored."""
+
+    def __init__(self, target_port: int = 3306) -> None:
+        self.target_port = target_port
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server = None
+        self.writers: set = set()
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        sock.close()
+        self.restore()
+
+    def _call(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)
+
+    async def _pipe(self, reader, writer) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    async def _client(self, reader, writer) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.close()
+            return
+        self.writers |= {writer, up_writer}
+        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+        self.writers -= {writer, up_writer}
+
+    async def _start(self) -> None:
+        self.server = await asyncio.start_server(self._client, "127.0.0.1", self.port)
+
+    async def _cut(self) -> None:
+        self.server.close()
+        for writer in list(self.writers):
+            writer.transport.abort()
+        self.writers.clear()
+        await self.server.wait_closed()
+
+    def restore(self) -> None:
+        self._call(self._start())
+
+    def cut(self) -> None:
+        self._call(self._cut())
+
+    def close(self) -> None:
+        if self.server is not None and self.server.is_serving():
+            self.cut()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+@pytest.mark.parametrize("database_url", ["mariadb"], indirect=True)
+async def test_database_cut_off_mid_run_then_back(rig, database_url, engine, monkeypatch):
+    from functions_framework.aio import create_asgi_app
+
+    proxy = CuttableProxy()
+    try:
+        monkeypatch.setenv("PUSH_DATABASE_URL", database_url.replace("127.0.0.1:3306", f"127.0.0.1:{proxy.port}"))
+        monkeypatch.setenv("PUSH_DATABASE_CONNECT_TIMEOUT", "2")
+        app = create_asgi_app(target=rig.function.replace("-", "_"), source=str(REPO / "functions" / rig.function / "main.py"))
+        module = sys.modules["main"]
+        users = [f"user-{i}" for i in range(20)]
+        rows = [rig.add(engine, user) for user in users]  # written directly, not through the proxy
+        posted = [events.notification([user], id_=f"db-cut-{i}") for i, user in enumerate(users)]
+        answers: dict[int, list[int]] = {i: [] for i in range(len(users))}
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://f") as client:
+            for i in range(10):
+                answers[i].append((await client.post("/", **posted[i])).status_code)
+            proxy.cut()
+            for i in range(10, 20):
+                response = await client.post("/", **posted[i])
+                answers[i].append(response.status_code)
+                assert response.status_code == 503 and response.headers["retry-after"]
+            proxy.restore()
+            for i in range(10, 20):
+                deliveries, more = await deliver_until_done(client, posted[i])
+                answers[i].extend(more)
+            for i in range(20):  # the broker may redeliver a finished event too: nothing again
+                answers[i].append((await client.post("/", **posted[i])).status_code)
+        await module.dispatcher.aclose()
+        assert all(a[0] == 202 for a in list(answers.values())[:10])
+        assert all(a[-1] == 202 for a in answers.values())
+        result = tally(f"{rig.provider} database cut for 10 of 20 events", rig, rows,
+                       sum(len(a) for a in answers.values()))
+        assert (result.lost, result.duplicated) == (0, 0)
+    finally:
+        proxy.close()
+
+
+# --- the dispatcher killed mid-event ----------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_dispatcher(env: dict, port: int) -> subprocess.Popen:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "functions_framework", "--target", "dispatch_fcm",
+         "--source", str(REPO / "functions" / "dispatch-fcm" / "main.py"), "--asgi",
+         "--host", "127.0.0.1", "--port", str(port)],
+        env=env, cwd=str(REPO), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its server may fork workers: kill the whole group
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    kill(process)
+    raise AssertionError("the dispatcher did not start")
+
+
+def kill(process: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    """Signal the process's whole group (functions-framework's server and its workers)."""
+    try:
+        os.killpg(process.pid, sig)
+    except ProcessLookupError:
+        pass
+    process.wait(10)
+
+
+async def test_dispatcher_killed_mid_event_and_redelivered_to_a_fresh_one(
+    fcm_server, tmp_path, engine, database_url, monkeypatch
+):
+    rig = FcmRig(fcm_server, tmp_path)
+    rig.configure(monkeypatch)
+    lease = 3
+    env = {**os.environ, "PUSH_DELIVERY_LEASE_SECONDS": str(lease), "PUSH_METRICS_PORT": "off",
+           "PUSH_DISPATCH_DEADLINE_SECONDS": "30", "PYTHONPATH": str(REPO)}
+    rows = [rig.add(engine, "alice") for _ in range(3)]
+    stuck = rows[0]
+    rig.fake.script(stuck.token, fake_fcm.HANG, fake_fcm.OK)
+    posted = events.notification(["alice"], id_="killed-1")
+    port = free_port()
+    first = start_dispatcher(env, port)
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            in_flight = asyncio.create_task(client.post("/", **posted))
+            # Wait until the dispatcher claimed the devices and the two others were delivered.
+            deadline = time.monotonic() + 20
+            while len(rig.fake.messages) < 2 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert len(rig.fake.messages) == 2
+            await asyncio.sleep(0.3)
+            kill(first)
+            with pytest.raises(httpx.HTTPError):
+                await in_flight
+    finally:
+        kill(first)
+    with Session(engine) as session:
+        claims = session.scalar(select(func.count()).select_from(Delivery))
+    assert claims == 3  # two recorded done, one claimed and never finished
+    killed_at = time.monotonic()
+    port = free_port()
+    fresh = start_dispatcher(env, port)
+    try:
+        answers = []
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            for _ in range(MAX_REDELIVERIES):
+                response = await client.post("/", **posted)
+                answers.append(response.status_code)
+                if response.status_code == 202:
+                    break
+                await asyncio.sleep(1)  # the broker's back-off, shortened
+    finally:
+        kill(fresh, signal.SIGTERM)
+    assert answers[-1] == 202
+    assert time.monotonic() - killed_at >= lease - 0.5  # taken over only once the lease ran out
+    result = tally("fcm dispatcher SIGKILLed mid-event", rig, rows, 1 + len(answers))
+    assert (result.lost, result.duplicated) == (0, 0)
