@@ -40,7 +40,13 @@ from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
 
 from shared.config import ConfigError, env_int
-from shared.db import get_engine, insert_ignore, read_session, run_transaction, unavailable_as_503
+from shared.db import (
+    get_engine,
+    insert_ignore,
+    read_session,
+    run_transaction,
+    unavailable_as_503,
+)
 from shared.models import ProviderToken
 from shared.subscriptions import Clock, utcnow
 

@@ -50,8 +50,8 @@ from shared.http import ApiError, read_json, require_method, serve
 from shared.logs import configure_logging
 from shared.models import Subscription
 from shared.policy import DeliveryPolicy, Due, PendingStore
-from shared.ratelimits import RateLimiter
 from shared.providers.base import Device, Outcome, Provider, SendResult, WakeUp
+from shared.ratelimits import RateLimiter
 from shared.subscriptions import Clock, SubscriptionStore, token_sha256, utcnow
 
 log = logging.getLogger(__name__)

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from cloudevents.exceptions import GenericException
 from cloudevents.conversion import to_binary
+from cloudevents.exceptions import GenericException
 from cloudevents.http import CloudEvent, from_http
 from starlette.requests import Request
 

@@ -107,8 +107,8 @@ async def test_webpush_dispatcher_has_no_echo_endpoint(dispatch):
 
 
 async def test_database_unreachable_answers_503_so_the_event_is_redelivered(webpush_rig, monkeypatch):
-    from functions_framework.aio import create_asgi_app
     import httpx
+    from functions_framework.aio import create_asgi_app
 
     from tests.conftest import REPO
 

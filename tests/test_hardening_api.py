@@ -33,8 +33,8 @@ with warnings.catch_warnings():  # "use httpx2": schemathesis itself runs ASGI a
 
 from shared.db import get_engine
 from shared.models import Subscription
-from tests.conftest import REPO
 from tests import subscription_bodies as bodies
+from tests.conftest import REPO
 
 SCHEMA = REPO / "openapi" / "subscriptions.yaml"
 BASE_URL = "http://testserver/function"

@@ -14,7 +14,7 @@ import secrets
 import pytest
 
 from shared.logs import JsonFormatter
-from shared.subscriptions import NewSubscription, SubscriptionStore
+from shared.subscriptions import SubscriptionStore
 from tests import events
 from tests import subscription_bodies as bodies
 from tests.metrics_scrape import scrape

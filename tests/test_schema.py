@@ -1,13 +1,13 @@
 """Migrations, and functions that refuse a database whose schema is behind."""
 from __future__ import annotations
 
+import httpx
 import pytest
 from alembic.autogenerate import compare_metadata
+from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from alembic.config import Config
 from functions_framework.aio import create_asgi_app
-import httpx
 
 from shared.db import SCHEMA_REVISION, SchemaBehind, get_engine
 from shared.models import Base

@@ -32,7 +32,13 @@ from py_vapid.jwt import sign as sign_jwt
 from pywebpush import WebPusher
 
 from shared.config import ConfigError, env, env_float, env_int, require_secret
-from shared.providers.base import Device, Outcome, SendResult, WakeUp, retry_after_seconds
+from shared.providers.base import (
+    Device,
+    Outcome,
+    SendResult,
+    WakeUp,
+    retry_after_seconds,
+)
 
 log = logging.getLogger(__name__)
 
