@@ -39,6 +39,17 @@ IN_CI = os.environ.get("CI", "").lower() == "true"
 _mariadb_ready: bool | None = None
 
 
+@pytest.fixture(autouse=True)
+def _restore_sys_path() -> Iterator[None]:
+    """functions-framework appends a function's folder to ``sys.path`` each time it loads it.
+    Hundreds of loads in one session make every failed import (httpx's ASGI transport tries one
+    per request) scan hundreds of folders, which slowed the load test tenfold at the end of the
+    suite; each test starts from the same path."""
+    saved = list(sys.path)
+    yield
+    sys.path[:] = saved
+
+
 def _prepare_mariadb() -> None:
     """Drop what an earlier run left, then migrate once per session."""
     global _mariadb_ready
