@@ -40,6 +40,13 @@ from shared.providers.base import Device, Outcome, Provider, SendResult, WakeUp
 APP_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 PROVIDERS = ("fcm", "apns", "webpush")
 SECRET_KEYS = {"key", "credentials", "vapid_private_key"}
+#: The ``PUSH_*`` settings that give the default app its credentials, per provider: when any is
+#: present, the default app is meant to exist, and a mistake in it must stop the function.
+DEFAULT_APP_SETTINGS = {
+    "fcm": ("PUSH_FCM_CREDENTIALS", "PUSH_FCM_PROJECT_ID"),
+    "apns": ("PUSH_APNS_KEY", "PUSH_APNS_KEY_ID", "PUSH_APNS_TEAM_ID"),
+    "webpush": ("PUSH_VAPID_PRIVATE_KEY", "PUSH_VAPID_SUBJECT"),
+}
 
 
 @dataclass(frozen=True)
@@ -146,7 +153,8 @@ def providers_from_env(provider_class: Any, **shared: Any) -> Provider:
     try:
         per_app[None] = provider_class.from_env(**shared)
     except ConfigError:
-        if not per_app:
+        # Without any of its settings there is no default app, only PUSH_APPS' apps.
+        if not per_app or any(secret(setting) is not None for setting in DEFAULT_APP_SETTINGS[name]):
             raise
     if list(per_app) == [None]:
         return per_app[None]

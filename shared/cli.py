@@ -5,7 +5,8 @@
 - ``pushctl vapid-keygen`` makes a VAPID key pair for Web Push: the private key for
   ``PUSH_VAPID_PRIVATE_KEY`` and the public key apps pass as ``applicationServerKey``.
 - ``pushctl send-test --user ID [--dry-run]`` sends a wake-up to one user's devices with every
-  configured provider and prints each outcome: for checking credentials.
+  configured provider, each device with its app's credentials (``PUSH_APPS``), and prints each
+  outcome: for checking credentials.
 - ``pushctl dev-keys DIR`` and ``pushctl dev-token --user ID``: a local signing key standing in for
   the wiki's OAuth server, so a developer can call subscribe on a laptop.
 """
@@ -51,8 +52,10 @@ def send_test(args: argparse.Namespace) -> int:
     import asyncio
     import importlib
 
+    from shared.apns_tokens import ApnsTokenStore
+    from shared.apps import providers_from_env
     from shared.db import check_schema
-    from shared.providers.base import Device, WakeUp
+    from shared.providers.base import WakeUp
     from shared.subscriptions import SubscriptionStore
 
     engine = get_engine()
@@ -71,17 +74,18 @@ def send_test(args: argparse.Namespace) -> int:
             found += len(subscriptions)
             try:
                 module = importlib.import_module(f"shared.providers.{name}")
-                provider = getattr(module, class_name).from_env()
+                # The dispatchers' routing: each device through its app's credentials.
+                shared = {"token_store": ApnsTokenStore.from_env(engine)} if name == "apns" else {}
+                provider = providers_from_env(getattr(module, class_name), **shared)
             except ConfigError as exc:
                 print(f"{name}: not configured: {exc}")
                 continue
             try:
-                for row in subscriptions:
-                    device = Device(row.id, row.token, row.topic, row.environment)
+                for device in subscriptions:
                     result = await provider.send(device, wakeup)
                     sent += 1
                     detail = f" ({result.reason})" if result.reason else ""
-                    print(f"{name} subscription {row.id}: {result.outcome.value}{detail}")
+                    print(f"{name} subscription {device.id}: {result.outcome.value}{detail}")
             finally:
                 await provider.aclose()
         if not found:

@@ -12,6 +12,9 @@ lose nothing.
   in [MIN, MAX], so push traffic is harder to link to on-wiki actions; events arriving meanwhile
   for the same device collapse into that one wake-up. A periodic tick
   (``dev.knative.sources.ping`` to each dispatcher) sends what is due.
+- ``PUSH_PENDING_LEASE_SECONDS``: how long a flush's claim keeps other flushes off the wake-ups
+  it is sending (default 120). It must be above ``PUSH_DISPATCH_DEADLINE_SECONDS``, the time a
+  flush may spend sending: a claim running out mid-send would let the next tick send again.
 """
 from __future__ import annotations
 
@@ -21,31 +24,38 @@ import secrets
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import partial
 
 from sqlalchemy import Engine, and_, delete, func, select, update
 from sqlalchemy.orm import Session
 
-from shared.config import ConfigError, env, secret
+from shared.config import ConfigError, env, env_float, secret
 from shared.db import insert_ignore, read_session, run_transaction, unavailable_as_503
 from shared.models import PendingPush
 from shared.ratelimits import Limit
 from shared.subscriptions import Clock, utcnow
+
+DEFAULT_PENDING_LEASE_SECONDS = 120.0
+#: The dispatchers' PUSH_DISPATCH_DEADLINE_SECONDS default, which the lease must stay above.
+DEFAULT_DEADLINE_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
 class PrivacyDelay:
     min_seconds: float
     max_seconds: float
+    lease_seconds: float = DEFAULT_PENDING_LEASE_SECONDS
+    """How long a flush's claim on the wake-ups it sends lasts."""
 
     @classmethod
-    def parse(cls, text: str) -> PrivacyDelay:
+    def parse(cls, text: str, lease_seconds: float = DEFAULT_PENDING_LEASE_SECONDS) -> PrivacyDelay:
         try:
             low, high = (float(part) for part in text.split("-", 1))
         except ValueError:
             raise ConfigError(f"PUSH_PRIVACY_DELAY must be MIN-MAX seconds like 60-300, not {text!r}") from None
         if not 0 <= low <= high:
             raise ConfigError(f"PUSH_PRIVACY_DELAY: need 0 <= MIN <= MAX, not {text!r}")
-        return cls(low, high)
+        return cls(low, high, lease_seconds)
 
 
 @dataclass(frozen=True)
@@ -67,7 +77,20 @@ class DeliveryPolicy:
             for event_type, text in document.items():
                 limits[event_type] = Limit.parse(text, f"PUSH_EVENT_LIMITS[{event_type!r}]")
         delay = env("PUSH_PRIVACY_DELAY")
-        return cls(limits, PrivacyDelay.parse(delay) if delay else None)
+        return cls(limits, PrivacyDelay.parse(delay, _pending_lease_seconds()) if delay else None)
+
+
+def _pending_lease_seconds() -> float:
+    """``PUSH_PENDING_LEASE_SECONDS``, checked against the deadline of a flush's sends: a lease
+    running out while the flush still sends would let the next tick send the same wake-ups."""
+    lease = env_float("PUSH_PENDING_LEASE_SECONDS", DEFAULT_PENDING_LEASE_SECONDS, minimum=1.0)
+    deadline = env_float("PUSH_DISPATCH_DEADLINE_SECONDS", DEFAULT_DEADLINE_SECONDS, minimum=1.0)
+    if lease <= deadline:
+        raise ConfigError(
+            f"PUSH_PENDING_LEASE_SECONDS ({lease:g}) must be above PUSH_DISPATCH_DEADLINE_SECONDS "
+            f"({deadline:g}), or a slow flush's wake-ups are sent again by the next tick"
+        )
+    return lease
 
 
 @dataclass(frozen=True)
@@ -87,13 +110,12 @@ class PendingStore:
         self,
         engine: Engine,
         delay: PrivacyDelay,
-        lease: timedelta = timedelta(seconds=120),
         clock: Clock = utcnow,
         uniform: Callable[[float, float], float] = random.SystemRandom().uniform,
     ) -> None:
         self.engine = engine
         self.delay = delay
-        self.lease = lease
+        self.lease = timedelta(seconds=delay.lease_seconds)
         self.clock = clock
         self.uniform = uniform
 
@@ -126,19 +148,21 @@ class PendingStore:
 
         run_transaction(self.engine, work)
 
-    def claim_due(self, provider: str, batch: int = 500) -> tuple[str, list[Due]]:
-        """Claim up to ``batch`` due wake-ups of ``provider`` that no live flush holds."""
+    def claim_due(self, provider: str, limit: int = 500, batch: int = 500) -> tuple[str, list[Due]]:
+        """Claim up to ``limit`` due wake-ups of ``provider`` that no live flush holds, ``batch``
+        per transaction so that none holds many row locks for long."""
         token = secrets.token_hex(16)
         table = PendingPush.__table__
 
-        def work(session: Session) -> list[Due]:
+        def claim_batch(session: Session, size: int) -> int:
+            """How many due rows the SELECT found (some may have gone to a racing flush)."""
             now = self.clock()
             free = (table.c.claim.is_(None)) | (table.c.claimed_until < now)
             keys = session.execute(
                 select(table.c.subscription_id, table.c.message_type)
                 .where(table.c.provider == provider, table.c.due_at <= now, free)
                 .order_by(table.c.due_at)
-                .limit(batch)
+                .limit(size)
             ).all()
             for sub_id, message_type in keys:
                 session.execute(
@@ -146,17 +170,28 @@ class PendingStore:
                     .where(table.c.subscription_id == sub_id, table.c.message_type == message_type, free)
                     .values(claim=token, claimed_until=now + self.lease)
                 )
+            return len(keys)
+
+        seen = 0
+        while seen < limit:
+            size = min(batch, limit - seen)
+            found = run_transaction(self.engine, partial(claim_batch, size=size))
+            seen += found
+            if found < size:
+                break
+        with unavailable_as_503(), read_session(self.engine) as session:
             rows = session.execute(
                 select(table.c.subscription_id, table.c.message_type, table.c.ttl_seconds, table.c.version)
                 .where(table.c.claim == token)
             ).all()
-            return [Due(*row) for row in rows]
+        return token, [Due(*row) for row in rows]
 
-        return token, run_transaction(self.engine, work)
-
-    def finish(self, token: str, sent: Iterable[Due], retry: Iterable[Due], retry_after: timedelta) -> None:
+    def finish(
+        self, token: str, sent: Iterable[Due], retry: Iterable[Due] = (), retry_after: timedelta = timedelta()
+    ) -> None:
         """Delete what was sent, unless an event joined it meanwhile (then it waits for a new
-        delay); hand back what must be retried, due again after ``retry_after``."""
+        delay); hand back what must be retried, due again after ``retry_after``. A wake-up
+        handed back is as old as this hand-back: its age in ``stats`` counts from now."""
         table = PendingPush.__table__
         sent, retry = list(sent), list(retry)
 
@@ -167,13 +202,13 @@ class PendingStore:
                            table.c.message_type == due.message_type, table.c.claim == token)
                 if not session.execute(delete(table).where(key, table.c.version == due.version)).rowcount:
                     session.execute(update(table).where(key).values(
-                        claim=None, claimed_until=None, version=1, due_at=self._due_at(now)))
+                        claim=None, claimed_until=None, version=1, created_at=now, due_at=self._due_at(now)))
             for due in retry:
                 session.execute(
                     update(table)
                     .where(table.c.subscription_id == due.subscription_id,
                            table.c.message_type == due.message_type, table.c.claim == token)
-                    .values(claim=None, claimed_until=None, due_at=now + retry_after)
+                    .values(claim=None, claimed_until=None, created_at=now, due_at=now + retry_after)
                 )
 
         run_transaction(self.engine, work)

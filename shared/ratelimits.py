@@ -1,9 +1,11 @@
 """Fixed-window rate limits kept in the database, so every replica sees the same counts.
 
 A limit is "at most ``count`` per ``window`` seconds" for a key (a device and event type, a
-user). Each hit is one atomic statement pair: create the window's counter row if missing, then
-increment it only while it is under the limit; the row count of that UPDATE says whether the hit
-was allowed. Concurrent hits on one key therefore never let more than ``count`` through.
+user). Each hit increments the window's counter row only while it is under the limit, and the row
+count of that UPDATE says whether the hit was allowed; only when it changed nothing is the row
+created if missing and the UPDATE tried again. Concurrent hits on one key therefore never let
+more than ``count`` through. Updating first matters on MariaDB: an INSERT IGNORE finding the row
+takes a shared lock, and two hits each holding one deadlock when both then need the exclusive.
 """
 from __future__ import annotations
 
@@ -47,35 +49,43 @@ class RateLimiter:
         self.engine = engine
         self.clock = clock
 
-    def hit(self, keys: Sequence[str], limit: Limit) -> list[bool]:
-        """Count one hit on each key; for each, whether it was within the limit."""
-        window = _epoch(self.clock()) // limit.window_seconds
+    def hit(self, keys: Sequence[str], limit: Limit, at: datetime | None = None) -> list[bool]:
+        """Count one hit on each key, in the window of ``at`` (default: now); for each, whether it
+        was within the limit. Keep ``at`` to :meth:`refund` the hit later."""
+        return run_transaction(self.engine, lambda s: self.hit_in(s, keys, limit, at))
+
+    def hit_in(self, session: Session, keys: Sequence[str], limit: Limit, at: datetime | None = None) -> list[bool]:
+        """:meth:`hit` inside the caller's transaction (subscribe counts its request in the
+        transaction that writes the subscription)."""
+        window = _epoch(at or self.clock()) // limit.window_seconds
         expires_at = datetime.fromtimestamp((window + 1) * limit.window_seconds, timezone.utc).replace(
             tzinfo=None
         ) + timedelta(seconds=60)
         rows = [_row_key(key, limit.window_seconds, window) for key in keys]
+        table = RateCounter.__table__
 
-        def work(session: Session) -> list[bool]:
-            if not rows:
-                return []
-            session.execute(
-                insert_ignore(session, RateCounter),
-                [{"key": r, "count": 0, "expires_at": expires_at} for r in rows],
-            )
-            table = RateCounter.__table__
-            return [
+        def take(session: Session, row: str) -> bool:
+            return session.execute(
+                update(table).where(table.c.key == row, table.c.count < limit.count)
+                .values(count=table.c.count + 1)
+            ).rowcount == 1
+
+        allowed = []
+        for row in rows:
+            ok = take(session, row)
+            if not ok:  # at the limit, or the window's counter does not exist yet
                 session.execute(
-                    update(table).where(table.c.key == row, table.c.count < limit.count)
-                    .values(count=table.c.count + 1)
-                ).rowcount == 1
-                for row in rows
-            ]
+                    insert_ignore(session, RateCounter), {"key": row, "count": 0, "expires_at": expires_at}
+                )
+                ok = take(session, row)
+            allowed.append(ok)
+        return allowed
 
-        return run_transaction(self.engine, work)
-
-    def refund(self, keys: Sequence[str], limit: Limit) -> None:
-        """Take back hits whose push never happened (a transient failure will be retried)."""
-        window = _epoch(self.clock()) // limit.window_seconds
+    def refund(self, keys: Sequence[str], limit: Limit, counted_at: datetime | None = None) -> None:
+        """Take back hits whose push never happened (a transient failure will be retried), in the
+        window they were counted in: ``counted_at``, the ``at`` they were hit with. Without it,
+        the window of now, which is another one once a window boundary has passed since."""
+        window = _epoch(counted_at or self.clock()) // limit.window_seconds
         rows = [_row_key(key, limit.window_seconds, window) for key in keys]
         table = RateCounter.__table__
         if rows:

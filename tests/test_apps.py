@@ -10,10 +10,13 @@ from sqlalchemy.orm import Session
 from shared.apps import load_apps, providers_from_env
 from shared.config import ConfigError
 from shared.models import Subscription
+from shared.providers.apns import ApnsProvider
 from shared.providers.fcm import FcmProvider
+from shared.providers.webpush import generate_vapid_keys
 from shared.subscriptions import NewSubscription, SubscriptionStore
 from tests import events
 from tests import subscription_bodies as bodies
+from tests.fakes.apns import FakeApns
 from tests.fakes.fcm import FakeFcm
 
 
@@ -70,6 +73,76 @@ async def test_default_app_serves_subscriptions_naming_none(fcm_server, second_f
     await dispatch.post("/", **events.notification(["alice"]))
     assert [m.token for m in fcm_server.messages] == [default]
     assert [m.token for m in second_fcm.messages] == [commons]
+
+
+def test_a_mistake_in_the_default_app_stops_start_up_beside_push_apps(two_fcm_apps, monkeypatch):
+    """Devices naming no app would otherwise all be refused as ``unknown_app``, silently."""
+    monkeypatch.setenv("PUSH_FCM_CREDENTIALS", "{}")
+    with pytest.raises(ConfigError, match="PUSH_FCM_CREDENTIALS"):
+        providers_from_env(FcmProvider)
+
+
+def test_a_partly_configured_default_app_stops_start_up_naming_what_is_missing(
+    apns_apps, monkeypatch, tmp_path
+):
+    monkeypatch.setenv("PUSH_SECRETS_DIR", str(tmp_path / "no-secrets"))
+    monkeypatch.setenv("PUSH_APNS_KEY_ID", "ABC123DEFG")
+    with pytest.raises(ConfigError, match="PUSH_APNS_KEY is not set"):
+        providers_from_env(ApnsProvider)
+
+
+@pytest.fixture
+def second_apns():
+    with FakeApns(key_id="COMMONSKEY", team_id="COMMONSTEA") as fake:
+        yield fake
+
+
+def apns_app(fake: FakeApns, topic: str) -> dict:
+    return {"key": fake.key_pem, "key_id": fake.key_id, "team_id": fake.team_id, "topics": [topic],
+            "production_url": fake.base_url, "sandbox_url": fake.base_url, "ca_file": fake.ca_path}
+
+
+async def test_each_apns_device_is_sent_with_its_apps_key_and_team(
+    apns_server, second_apns, tmp_path, monkeypatch, function_client, engine
+):
+    """Each fake accepts only its own key and team: a 200 from each proves which signed."""
+    monkeypatch.setenv("PUSH_APPS", json.dumps({
+        "wikipedia": {"apns": apns_app(apns_server, "org.wikimedia.wikipedia")},
+        "commons": {"apns": apns_app(second_apns, "org.wikimedia.commons")},
+    }))
+    monkeypatch.setenv("PUSH_SECRETS_DIR", str(tmp_path / "no-secrets"))
+    store = SubscriptionStore(engine)
+    wikipedia, commons = bodies.apns_token(), bodies.apns_token()
+    for token, app in ((wikipedia, "wikipedia"), (commons, "commons")):
+        store.subscribe("alice", NewSubscription("apns", token, token, f"org.wikimedia.{app}", "production", app))
+    dispatch = function_client("dispatch-apns")
+    assert (await dispatch.post("/", **events.notification(["alice"]))).status_code == 202
+    assert [(r.token, r.headers["apns-topic"], r.status) for r in apns_server.requests] == [
+        (wikipedia, "org.wikimedia.wikipedia", 200)]
+    assert [(r.token, r.headers["apns-topic"], r.status) for r in second_apns.requests] == [
+        (commons, "org.wikimedia.commons", 200)]
+
+
+async def test_each_web_push_device_is_sent_with_its_apps_vapid_key(
+    webpush_server, tmp_path, monkeypatch, function_client, engine
+):
+    """A push service refuses a push signed with another key than the one the browser
+    subscribed with (403), as the fake does."""
+    keys = {"wikipedia": generate_vapid_keys(), "commons": generate_vapid_keys()}
+    monkeypatch.setenv("PUSH_APPS", json.dumps({
+        app: {"webpush": {"vapid_private_key": key.private_key, "vapid_subject": "mailto:push@example.org",
+                          "ca_file": webpush_server.ca_file}}
+        for app, key in keys.items()
+    }))
+    monkeypatch.setenv("PUSH_SECRETS_DIR", str(tmp_path / "no-secrets"))
+    store = SubscriptionStore(engine)
+    browsers = {app: webpush_server.subscribe(key.public_key) for app, key in keys.items()}
+    for app, browser in browsers.items():
+        store.subscribe("alice", NewSubscription("webpush", json.dumps(browser), browser["endpoint"], app=app))
+    dispatch = function_client("dispatch-webpush")
+    assert (await dispatch.post("/", **events.notification(["alice"]))).status_code == 202
+    for app, browser in browsers.items():
+        assert [(p.status, p.vapid_key) for p in webpush_server.pushes_to(browser)] == [(201, keys[app].public_key)]
 
 
 @pytest.fixture

@@ -5,18 +5,25 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
+from collections.abc import Iterator
 from datetime import datetime, timedelta
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import Engine, event, select, update
 from sqlalchemy.orm import Session
 
 from shared.config import ConfigError
+from shared.deliveries import DeliveryLedger
+from shared.dispatch import Dispatcher, DispatchSettings
+from shared.events import NotificationPolicy
 from shared.models import PendingPush
 from shared.policy import DeliveryPolicy, PendingStore, PrivacyDelay
+from shared.providers.base import Device, Outcome, SendResult, WakeUp
 from shared.ratelimits import Limit, RateLimiter
-from shared.subscriptions import utcnow
+from shared.subscriptions import NewSubscription, SubscriptionStore, utcnow
 from tests import events
+from tests import subscription_bodies as bodies
 from tests.metrics_scrape import changes, scrape, series
 
 
@@ -93,6 +100,21 @@ def test_limiter_opens_again_in_the_next_window(engine):
     assert limiter.hit(["k"], limit) == [True]
 
 
+def test_a_refund_goes_back_to_the_window_its_hit_was_counted_in(engine):
+    """A send that fails transiently just after a window boundary must give its hit back to the
+    window it used up, not take one off the new window's count."""
+    clock = Clock(datetime(2026, 1, 1, 10, 59, 59))
+    limiter = RateLimiter(engine, clock)
+    limit = Limit.parse("1/hour", "test")
+    counted_at = clock.now
+    assert limiter.hit(["k"], limit, counted_at) == [True]
+    clock.now = datetime(2026, 1, 1, 11, 0, 1)
+    assert limiter.hit(["k"], limit) == [True]
+    limiter.refund(["k"], limit, counted_at)
+    assert limiter.hit(["k"], limit) == [False]
+    assert limiter.hit(["k"], limit, counted_at) == [True]
+
+
 def test_limiter_expire_drops_past_windows(engine):
     clock = Clock(datetime(2026, 1, 1, 10, 0, 0))
     limiter = RateLimiter(engine, clock)
@@ -120,6 +142,26 @@ def test_limits_may_come_from_a_file(tmp_path, monkeypatch):
     assert DeliveryPolicy.from_env().limits == {"edit-user-talk": Limit(5, 3600)}
 
 
+async def test_with_the_privacy_delay_every_event_queued_counts_against_its_limit(
+    rig, function_client, engine, monkeypatch
+):
+    """Limits are applied when an event is queued, and a pending wake-up does not keep the event
+    types folded into it (that would need a schema change): two events folded into one wake-up
+    use up a limit of two, as the README says."""
+    monkeypatch.setenv("PUSH_EVENT_LIMITS", json.dumps({"edit-user-talk": "2/hour"}))
+    monkeypatch.setenv("PUSH_PRIVACY_DELAY", "60-300")
+    dispatch = function_client(rig.function)
+    row = rig.add(engine, "alice")
+    for _ in range(2):
+        await dispatch.post("/", **events.notification(["alice"]))
+    make_due(engine)
+    await dispatch.post("/", **events.ping())
+    await dispatch.post("/", **events.notification(["alice"]))
+    make_due(engine)
+    await dispatch.post("/", **events.ping())
+    assert rig.wakeups(row) == ["checkEchoV1"]
+
+
 # --- privacy delay --------------------------------------------------------------------------
 
 
@@ -137,6 +179,95 @@ def make_due(engine) -> None:
 def pending(engine) -> list[PendingPush]:
     with Session(engine) as session:
         return list(session.scalars(select(PendingPush)))
+
+
+class ClaimsMeet:
+    """A ``before_cursor_execute`` hook that holds each of two flushes' claims between its SELECT
+    of free rows and its first UPDATE until both have selected: both then saw every row free,
+    and only the claim's conditional UPDATE keeps them from sending a row twice."""
+
+    def __init__(self) -> None:
+        self.barrier = threading.Barrier(2, timeout=30)  # the timeout only turns a bug into an error
+        self.waiting = 2
+        self.lock = threading.Lock()
+
+    def __call__(self, _connection, _cursor, statement: str, *_args: object) -> None:
+        if not (statement.startswith("UPDATE pending_pushes") and "claim IS NULL" in statement):
+            return
+        with self.lock:
+            if not self.waiting:
+                return
+            self.waiting -= 1
+        self.barrier.wait()
+
+
+@pytest.fixture
+def claims_meet(engine: Engine) -> Iterator[None]:
+    """Makes two flushes' claims overlap on MariaDB. On SQLite, where ``BEGIN IMMEDIATE`` makes a
+    second claim wait for the first to commit, they cannot overlap at all."""
+    if engine.dialect.name == "sqlite":
+        yield
+        return
+    hook = ClaimsMeet()
+    event.listen(engine, "before_cursor_execute", hook)
+    try:
+        yield
+    finally:
+        event.remove(engine, "before_cursor_execute", hook)
+    assert hook.waiting == 0, "the two claims never met"
+
+
+class Rendezvous:
+    """A provider whose sends return only once ``count`` of them are in flight together."""
+
+    name = "fcm"
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.started = 0
+        self.all_in_flight = asyncio.Event()
+
+    async def send(self, device: Device, wakeup: WakeUp) -> SendResult:
+        self.started += 1
+        if self.started == self.count:
+            self.all_in_flight.set()
+        await self.all_in_flight.wait()
+        return SendResult(Outcome.DELIVERED)
+
+    async def aclose(self) -> None:
+        pass
+
+
+class HeldBack:
+    """A provider that delivers at once, except to device ``held``, whose send waits for
+    ``release``."""
+
+    name = "fcm"
+
+    def __init__(self, held: int) -> None:
+        self.held = held
+        self.release = asyncio.Event()
+
+    async def send(self, device: Device, wakeup: WakeUp) -> SendResult:
+        if device.id == self.held:
+            await self.release.wait()
+        return SendResult(Outcome.DELIVERED)
+
+    async def aclose(self) -> None:
+        pass
+
+
+def fcm_device(engine) -> int:
+    token = bodies.fcm_token()
+    return SubscriptionStore(engine).subscribe("alice", NewSubscription("fcm", token, token)).subscription.id
+
+
+def flushing(engine, provider, store: PendingStore) -> Dispatcher:
+    """A dispatcher whose sends give up after 10 s: a flush that waits for that fails its test."""
+    return Dispatcher(
+        provider, SubscriptionStore(engine), DeliveryLedger(engine), NotificationPolicy(),
+        DispatchSettings(deadline_seconds=10.0), pending=store,
+    )
 
 
 async def test_delayed_event_sends_nothing_at_once_and_stores_a_pending_push(rig, delayed, engine):
@@ -177,7 +308,9 @@ async def test_several_events_within_the_delay_collapse_into_one_wake_up(rig, de
     assert rig.wakeups(row) == ["checkEchoV1"]
 
 
-async def test_two_replicas_flushing_at_once_send_each_pending_push_once(rig, function_client, engine, monkeypatch):
+async def test_two_replicas_flushing_at_once_send_each_pending_push_once(
+    rig, function_client, engine, monkeypatch, claims_meet
+):
     monkeypatch.setenv("PUSH_PRIVACY_DELAY", "60-300")
     replicas = [function_client(rig.function), function_client(rig.function)]
     rows = [rig.add(engine, f"user{i}") for i in range(6)]
@@ -260,6 +393,77 @@ def test_an_event_joining_a_claimed_push_gets_a_new_wake_up_later(engine):
     store.finish(token, [due], [], timedelta(seconds=30))
     [item] = pending(engine)
     assert item.claim is None and item.due_at == clock.now + timedelta(seconds=60)
+    assert item.created_at == clock.now
+
+
+async def test_a_flush_sends_every_message_type_and_ttl_at_once_under_one_deadline(engine):
+    """Groups sent one after another each had the whole deadline, so a hanging provider kept a
+    flush going past its lease (the next tick then sent its wake-ups again) and past the
+    platform's timeout. These sends return only while both groups are in flight together."""
+    clock = Clock(datetime(2026, 1, 1, 10, 0, 0))
+    store = PendingStore(engine, PrivacyDelay(0, 0), clock=clock)
+    store.enqueue("fcm", [fcm_device(engine)], "checkEchoV1", 60)
+    store.enqueue("fcm", [fcm_device(engine)], "checkEchoV1", 3600)
+    clock.now += timedelta(seconds=1)
+    report = await flushing(engine, Rendezvous(2), store).flush()
+    assert report.delivered == 2
+    assert pending(engine) == []
+
+
+async def test_a_flush_records_each_sent_wake_up_while_others_are_still_in_flight(engine, monkeypatch):
+    """A flush that dies midway leaves its claims to run out, and a later tick sends what they
+    hold: a wake-up already sent must be gone from the queue by then, or it is sent twice."""
+    clock = Clock(datetime(2026, 1, 1, 10, 0, 0))
+    store = PendingStore(engine, PrivacyDelay(0, 0), clock=clock)
+    sent, held = fcm_device(engine), fcm_device(engine)
+    store.enqueue("fcm", [sent, held], "checkEchoV1", 3600)
+    clock.now += timedelta(seconds=1)
+    recorded = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    finish = store.finish
+
+    def finish_and_tell(*args: object, **kwargs: object) -> None:
+        finish(*args, **kwargs)
+        loop.call_soon_threadsafe(recorded.set)
+
+    monkeypatch.setattr(store, "finish", finish_and_tell)
+    provider = HeldBack(held)
+    flush = asyncio.create_task(flushing(engine, provider, store).flush())
+    await recorded.wait()
+    assert [(item.subscription_id, item.claim is not None) for item in pending(engine)] == [(held, True)]
+    provider.release.set()
+    assert (await flush).delivered == 2
+
+
+def test_a_flushs_claim_lasts_push_pending_lease_seconds(engine, monkeypatch):
+    monkeypatch.setenv("PUSH_PRIVACY_DELAY", "0-0")
+    monkeypatch.setenv("PUSH_PENDING_LEASE_SECONDS", "300")
+    clock = Clock(datetime(2026, 1, 1, 10, 0, 0))
+    store = PendingStore(engine, DeliveryPolicy.from_env().privacy_delay, clock=clock)
+    store.enqueue("fcm", [1], "checkEchoV1", 3600)
+    store.claim_due("fcm")
+    [item] = pending(engine)
+    assert item.claimed_until == clock.now + timedelta(seconds=300)
+
+
+def test_pending_lease_must_be_above_the_dispatch_deadline(monkeypatch):
+    """A claim that runs out while its flush still sends lets the next tick send again."""
+    monkeypatch.setenv("PUSH_PRIVACY_DELAY", "60-300")
+    monkeypatch.setenv("PUSH_DISPATCH_DEADLINE_SECONDS", "120")
+    with pytest.raises(ConfigError, match="PUSH_PENDING_LEASE_SECONDS .* PUSH_DISPATCH_DEADLINE_SECONDS"):
+        DeliveryPolicy.from_env()
+
+
+def test_a_wake_up_handed_back_after_a_transient_failure_is_as_old_as_the_hand_back(engine):
+    """``push_pending_oldest_age_seconds`` shows how far behind the queue is: a wake-up retried
+    later is not late by the time it spent before its failed send."""
+    clock = Clock(datetime(2026, 1, 1, 10, 0, 0))
+    store = PendingStore(engine, PrivacyDelay(60, 60), clock=clock)
+    store.enqueue("fcm", [1], "checkEchoV1", 3600)
+    clock.now += timedelta(minutes=2)
+    token, [due] = store.claim_due("fcm")
+    store.finish(token, [], [due], timedelta(seconds=30))
+    assert store.stats() == {"fcm": (1, 0.0)}
 
 
 def test_privacy_delay_configuration_is_checked(monkeypatch):

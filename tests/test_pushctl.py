@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import base64
+import json
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from shared.cli import main as pushctl
+from shared.providers.webpush import generate_vapid_keys
+from shared.subscriptions import NewSubscription, SubscriptionStore
 
 
 def test_vapid_keygen_prints_a_matching_key_pair(capsys):
@@ -49,3 +52,19 @@ def test_send_test_names_missing_configuration(engine, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "PUSH_APNS_KEY is not set" in out
     assert "nothing was sent" in out
+
+
+def test_send_test_sends_each_device_with_its_apps_credentials(webpush_rig, engine, capsys, monkeypatch):
+    """As the dispatchers do: a device of a ``PUSH_APPS`` app signed with the default app's VAPID
+    key would be refused by its push service, and the operator misled about the credentials."""
+    commons = generate_vapid_keys()
+    monkeypatch.setenv("PUSH_APPS", json.dumps({"commons": {"webpush": {
+        "vapid_private_key": commons.private_key, "vapid_subject": "mailto:push@example.org",
+        "ca_file": webpush_rig.fake.ca_file}}}))
+    browser = webpush_rig.fake.subscribe(commons.public_key)
+    device = SubscriptionStore(engine).subscribe(
+        "7", NewSubscription("webpush", json.dumps(browser), browser["endpoint"], app="commons")
+    ).subscription
+    assert pushctl(["send-test", "--user", "7"]) == 0
+    assert f"webpush subscription {device.id}: delivered" in capsys.readouterr().out
+    assert [(p.status, p.vapid_key) for p in webpush_rig.fake.pushes_to(browser)] == [(201, commons.public_key)]
