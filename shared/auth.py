@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from shared.config import ConfigError, env, env_int, secret
 from shared.http import ApiError
+from shared.validation import is_text
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +55,8 @@ class Authenticator:
         return cls(None, ("RS256", "ES256"), jwks, issuer, audience, leeway)
 
     def user_id(self, authorization: str | None) -> str:
-        """The caller's user id, or :class:`ApiError` 401. Blocking (JWKS may be fetched): call
-        it from a worker thread."""
+        """The caller's user id, or :class:`ApiError` 401. With a JWKS it may block on fetching
+        the keys: call it from a worker thread then."""
         if not authorization:
             raise _unauthorized("missing_token", "an Authorization: Bearer token is required")
         scheme, _, token = authorization.partition(" ")
@@ -92,7 +93,7 @@ class Authenticator:
         except jwt.PyJWTError:
             raise _unauthorized("invalid_token", "the access token is not valid") from None
         sub = claims.get("sub")
-        if not isinstance(sub, str) or not sub or len(sub) > MAX_USER_ID_LENGTH:
+        if not isinstance(sub, str) or not sub or len(sub) > MAX_USER_ID_LENGTH or not is_text(sub):
             raise _unauthorized("invalid_token", "the access token names no user")
         return sub
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -21,6 +22,7 @@ from cloudevents.http import CloudEvent, from_http
 from starlette.requests import Request
 
 from shared.http import ApiError, read_body
+from shared.validation import is_text
 
 NOTIFICATION_REQUESTED = "org.wikimedia.push.notification.requested.v1"
 SUBSCRIPTION_INVALID = "org.wikimedia.push.subscription.invalid.v1"
@@ -29,6 +31,8 @@ PING = "dev.knative.sources.ping"
 MAX_EVENT_BYTES = 256 * 1024
 MAX_USER_ID_LENGTH = 64
 MAX_TTL_SECONDS = 28 * 24 * 3600  # FCM's and Web Push services' longest
+MAX_SUBSCRIPTION_ID = 2**63 - 1  # the largest id a signed 64-bit column holds
+SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 
 
 async def read_cloud_event(request: Request, max_bytes: int = MAX_EVENT_BYTES) -> CloudEvent:
@@ -39,17 +43,20 @@ async def read_cloud_event(request: Request, max_bytes: int = MAX_EVENT_BYTES) -
     from shared.connectors import connector_event
 
     body = await read_body(request, max_bytes)
-    adapted = connector_event(request.headers, body)
-    if adapted is not None:
-        return adapted
     try:
-        return from_http(dict(request.headers), body)
+        event = connector_event(request.headers, body)
+        if event is None:
+            event = from_http(dict(request.headers), body)
     except GenericException as exc:
         raise ApiError(400, "not_a_cloudevent", f"not a valid CloudEvent: {exc}") from None
-    except (ValueError, TypeError, AttributeError, KeyError):
-        # The SDK lets some malformed structured bodies (not UTF-8, JSON of the wrong shape)
-        # escape as plain exceptions.
+    except (ValueError, TypeError, AttributeError, KeyError, RecursionError):
+        # The SDK lets some malformed structured bodies (not UTF-8, JSON of the wrong shape or
+        # nested past the parser's recursion limit) escape as plain exceptions.
         raise ApiError(400, "not_a_cloudevent", "not a valid CloudEvent") from None
+    for name, value in event.get_attributes().items():
+        if isinstance(value, str) and not is_text(value):
+            raise ApiError(400, "not_a_cloudevent", f"the {name} attribute is not UTF-8 text", name)
+    return event
 
 
 def is_cloud_event(request: Request) -> bool:
@@ -68,7 +75,7 @@ def data_object(event: CloudEvent) -> dict[str, Any]:
     if isinstance(data, (bytes, str)):
         try:
             data = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise ApiError(400, "invalid_json", "the event data is not valid JSON") from None
     if not isinstance(data, dict):
         raise ApiError(422, "invalid_data", "the event data must be a JSON object")
@@ -104,14 +111,16 @@ def parse_notification(data: dict[str, Any], policy: NotificationPolicy) -> Noti
     if len(users) > policy.max_users:
         raise _invalid("users", f"at most {policy.max_users} users per event")
     for user in users:
-        if not isinstance(user, str) or not user or len(user) > MAX_USER_ID_LENGTH:
-            raise _invalid("users", "each user id must be a non-empty string of at most 64 characters")
+        if not isinstance(user, str) or not user or len(user) > MAX_USER_ID_LENGTH or not is_text(user):
+            raise _invalid("users", "each user id must be UTF-8 text of 1 to 64 characters")
     message_type = data.get("message_type")
     if message_type not in policy.message_types:
         raise _invalid("message_type", f"message_type must be one of {', '.join(policy.message_types)}")
     event_type = data.get("event_type")
-    if event_type is not None and (not isinstance(event_type, str) or not 0 < len(event_type) <= 64):
-        raise _invalid("event_type", "event_type must be a string of at most 64 characters")
+    if event_type is not None and (
+        not isinstance(event_type, str) or not 0 < len(event_type) <= 64 or not is_text(event_type)
+    ):
+        raise _invalid("event_type", "event_type must be UTF-8 text of 1 to 64 characters")
     dry_run = data.get("dry_run", False)
     if not isinstance(dry_run, bool):
         raise _invalid("dry_run", "dry_run must be true or false")
@@ -141,8 +150,10 @@ def parse_echo_request(body: Any, policy: NotificationPolicy) -> EchoRequest:
         raise ApiError(400, "invalid_field", "deviceTokens must be a non-empty list", "deviceTokens")
     if len(tokens) > policy.max_users:
         raise ApiError(400, "invalid_field", f"at most {policy.max_users} tokens", "deviceTokens")
-    if not all(isinstance(token, str) and 0 < len(token) <= 4096 for token in tokens):
-        raise ApiError(400, "invalid_field", "each device token must be a string", "deviceTokens")
+    if not all(isinstance(token, str) and 0 < len(token) <= 4096 and is_text(token) for token in tokens):
+        raise ApiError(
+            400, "invalid_field", "each device token must be UTF-8 text of 1 to 4096 characters", "deviceTokens"
+        )
     message_type = body.get("messageType")
     if message_type not in policy.message_types:
         raise ApiError(
@@ -150,8 +161,8 @@ def parse_echo_request(body: Any, policy: NotificationPolicy) -> EchoRequest:
             f"messageType must be one of {', '.join(policy.message_types)}", "messageType",
         )
     topic = body.get("topic")
-    if topic is not None and not isinstance(topic, str):
-        raise ApiError(400, "invalid_field", "topic must be a string", "topic")
+    if topic is not None and (not isinstance(topic, str) or not is_text(topic)):
+        raise ApiError(400, "invalid_field", "topic must be UTF-8 text", "topic")
     dry_run = body.get("dryRun", False)
     if not isinstance(dry_run, bool):
         raise ApiError(400, "invalid_field", "dryRun must be true or false", "dryRun")
@@ -206,12 +217,12 @@ def parse_invalid_tokens(data: dict[str, Any]) -> list[InvalidToken]:
         sub_id, digest, reason, observed = (
             item.get("id"), item.get("token_sha256"), item.get("reason", ""), item.get("observed_at")
         )
-        if not isinstance(sub_id, int) or isinstance(sub_id, bool) or sub_id < 1:
-            raise _invalid("subscriptions.id", "id must be a positive whole number")
-        if not isinstance(digest, str) or len(digest) != 64:
+        if not isinstance(sub_id, int) or isinstance(sub_id, bool) or not 1 <= sub_id <= MAX_SUBSCRIPTION_ID:
+            raise _invalid("subscriptions.id", f"id must be a whole number from 1 to {MAX_SUBSCRIPTION_ID}")
+        if not isinstance(digest, str) or not SHA256_HEX.fullmatch(digest):
             raise _invalid("subscriptions.token_sha256", "token_sha256 must be 64 hex digits")
-        if not isinstance(reason, str) or len(reason) > 64:
-            raise _invalid("subscriptions.reason", "reason must be a short string")
+        if not isinstance(reason, str) or len(reason) > 64 or not is_text(reason):
+            raise _invalid("subscriptions.reason", "reason must be UTF-8 text of at most 64 characters")
         parsed.append(InvalidToken(sub_id, digest.lower(), reason, _timestamp(observed)))
     return parsed
 
@@ -224,7 +235,10 @@ def _timestamp(value: Any) -> datetime:
     except ValueError:
         raise _invalid("subscriptions.observed_at", "observed_at must be an RFC 3339 timestamp") from None
     if moment.tzinfo is not None:
-        moment = moment.astimezone(timezone.utc).replace(tzinfo=None)
+        try:
+            moment = moment.astimezone(timezone.utc).replace(tzinfo=None)
+        except OverflowError:  # 0001-01-01T00:00+01:00 is in year 0 in UTC, which has none
+            raise _invalid("subscriptions.observed_at", "observed_at is out of range") from None
     return moment
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import json
 import re
 from dataclasses import dataclass
@@ -30,6 +31,19 @@ FCM_TOKEN = re.compile(r"^[\x21-\x7e]+$")  # visible ASCII, no blanks
 # These patterns are used with fullmatch: with re.match, "$" also matches before a final "\n",
 # which let a token or topic ending in a newline through.
 ENVIRONMENTS = ("production", "sandbox")
+# A host name's label once IDNA-encoded: letters, digits and inner hyphens (RFC 1123).
+HOST_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
+
+
+def is_text(value: str) -> bool:
+    """Whether ``value`` is text UTF-8 can encode. JSON's ``"\\ud800"`` escape decodes to a lone
+    surrogate, which hashing, the database driver and the providers all fail to encode: such a
+    string is refused where it comes in, naming its field."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -171,6 +185,8 @@ def _string(obj: dict[str, Any], field: str, max_length: int) -> str:
         raise ApiError(400, "missing_field", f"{field} is required", field)
     if not isinstance(value, str) or not value:
         raise ApiError(400, "invalid_field", f"{field} must be a non-empty string", field)
+    if not is_text(value):
+        raise ApiError(400, "invalid_field", f"{field} must be UTF-8 text", field)
     if len(value) > max_length:
         raise ApiError(400, "invalid_field", f"{field} is longer than {max_length}", field)
     return value
@@ -190,6 +206,7 @@ def _webpush_subscription(subscription: dict[str, Any]) -> tuple[str, str, str]:
                 400, "unknown_field", f"subscription.{key} is not a field", f"subscription.{key}"
             )
     endpoint = _endpoint(subscription.get("endpoint"), "subscription.endpoint")
+    _reachable(endpoint, "subscription.endpoint")
     keys = subscription.get("keys")
     if not isinstance(keys, dict):
         raise ApiError(400, "missing_field", "subscription.keys is required", "subscription.keys")
@@ -218,6 +235,8 @@ def _endpoint(value: Any, field: str) -> str:
         raise ApiError(400, "missing_field", f"{field} is required", field)
     if not isinstance(value, str) or len(value) > MAX_ENDPOINT_LENGTH:
         raise ApiError(400, "invalid_field", f"{field} must be a URL of at most 2048 characters", field)
+    if not is_text(value):
+        raise ApiError(400, "invalid_field", f"{field} must be UTF-8 text", field)
     try:
         parts = urlsplit(value)
         host = parts.hostname
@@ -227,6 +246,41 @@ def _endpoint(value: Any, field: str) -> str:
     if parts is None or parts.scheme != "https" or not host or parts.username or parts.password:
         raise ApiError(400, "invalid_field", f"{field} must be an https URL", field)
     return value
+
+
+def _reachable(endpoint: str, field: str) -> None:
+    """Refuse, at subscribe, an endpoint no request can ever reach, which would otherwise fail
+    inside the provider at every send: a port outside 1-65535, or a host that is neither an IP
+    literal nor a host name IDNA can encode. Blanks and control characters are refused anywhere
+    in it (push services' URLs never hold them), as urlsplit silently drops tabs and newlines:
+    the host checked would not be the one sent to. Unsubscribe does not check this, so every
+    endpoint stored before can still be removed."""
+    refused = ApiError(400, "invalid_field", f"{field} must be an https URL with a valid host and port", field)
+    if " " in endpoint or not endpoint.isprintable():
+        raise refused
+    parts = urlsplit(endpoint)
+    try:
+        port = parts.port
+    except ValueError:  # not a number, or over 65535
+        raise refused from None
+    if port == 0:
+        raise refused
+    host = (parts.hostname or "").removesuffix(".")
+    try:
+        ipaddress.ip_address(host)
+        return
+    except ValueError:
+        pass
+    try:
+        ascii_host = host.encode("idna").decode("ascii")
+    except UnicodeError:  # an empty label, or one longer than 63
+        raise refused from None
+    labels = ascii_host.split(".")
+    # A last label of digits only makes an IPv4 address, and this is not one.
+    if len(ascii_host) > 253 or labels[-1].isdigit():
+        raise refused
+    if not all(HOST_LABEL.fullmatch(label) for label in labels):
+        raise refused
 
 
 def _base64url(value: Any, field: str, max_length: int) -> tuple[str, bytes]:

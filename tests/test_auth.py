@@ -51,6 +51,12 @@ async def test_token_without_sub_answers_401(subscribe, issuer):
     await assert_refused(subscribe, {"Authorization": f"Bearer {token}"})
 
 
+async def test_token_whose_sub_is_not_text_answers_401(subscribe, issuer):
+    # JSON's "\ud800" decodes to a lone surrogate: no user id, and nothing could store it.
+    token = jwt.encode({"sub": "\ud800", "exp": int(time.time()) + 60}, issuer.key, "ES256")
+    await assert_refused(subscribe, {"Authorization": f"Bearer {token}"})
+
+
 async def test_token_signed_by_another_key_answers_401(subscribe):
     forged = jwt.encode({"sub": "42", "exp": int(time.time()) + 60}, ec.generate_private_key(ec.SECP256R1()), "ES256")
     await assert_refused(subscribe, {"Authorization": f"Bearer {forged}"})

@@ -1,6 +1,8 @@
 """Bad subscribe requests: a 4xx with a JSON body naming the field, and nothing written."""
 from __future__ import annotations
 
+import json
+
 import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -14,6 +16,12 @@ pytestmark = pytest.mark.usefixtures("auth_env")
 @pytest.fixture
 def subscribe(function_client):
     return function_client("subscribe")
+
+
+def post_json(client, body, headers: dict[str, str]):
+    """POST ``body`` as JSON text with every non-ASCII character escaped, as json.dumps writes
+    it: so a body can hold a lone surrogate (``"\\ud800"``), which UTF-8 cannot encode."""
+    return client.post("/", content=json.dumps(body), headers={**headers, "Content-Type": "application/json"})
 
 
 def count(engine) -> int:
@@ -62,6 +70,17 @@ INVALID = {
     "webpush_endpoint_too_long": (
         with_endpoint("https://push.example.net/" + "a" * 2048), "subscription.endpoint"
     ),
+    "webpush_endpoint_lone_surrogate": (with_endpoint("https://push.example.net/\ud800"), "subscription.endpoint"),
+    "webpush_endpoint_port_zero": (with_endpoint("https://push.example.net:0/x"), "subscription.endpoint"),
+    "webpush_endpoint_port_over_65535": (with_endpoint("https://push.example.net:99999/x"), "subscription.endpoint"),
+    "webpush_endpoint_host_empty_label": (with_endpoint("https://a_b..c/x"), "subscription.endpoint"),
+    "webpush_endpoint_host_label_over_63": (
+        with_endpoint(f"https://{'a' * 64}.example.net/x"), "subscription.endpoint"
+    ),
+    "webpush_endpoint_host_underscore": (with_endpoint("https://push_service.example.net/x"), "subscription.endpoint"),
+    "webpush_endpoint_host_with_blank": (with_endpoint("https://push example.net/x"), "subscription.endpoint"),
+    "webpush_endpoint_host_with_tab": (with_endpoint("https://push.exam\tple.net/x"), "subscription.endpoint"),
+    "webpush_endpoint_host_not_an_ipv4_address": (with_endpoint("https://999.1.1.1/x"), "subscription.endpoint"),
     "webpush_missing_keys": (
         {"provider": "webpush", "subscription": {"endpoint": "https://push.example.net/x"}},
         "subscription.keys",
@@ -79,12 +98,13 @@ INVALID = {
         {**bodies.webpush(), "subscription": {**bodies.webpush()["subscription"], "extra": 1}},
         "subscription.extra",
     ),
+    "unknown_field_named_by_a_lone_surrogate": ({**bodies.fcm(), "\ud800": 1}, "\ud800"),
 }
 
 
 @pytest.mark.parametrize("body,field", INVALID.values(), ids=INVALID.keys())
 async def test_invalid_field_answers_400_naming_it_and_writes_nothing(subscribe, issuer, engine, body, field):
-    response = await subscribe.post("/", json=body, headers=issuer.headers("42"))
+    response = await post_json(subscribe, body, issuer.headers("42"))
     assert response.status_code == 400
     assert response.json()["error"]["field"] == field
     assert count(engine) == 0
@@ -102,6 +122,16 @@ async def test_body_that_is_not_json_answers_400(subscribe, issuer):
     )
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "invalid_json"
+
+
+async def test_body_nested_past_the_parsers_limit_answers_400(subscribe, issuer, engine):
+    """Python's JSON parser recurses once per level, and raises RecursionError past its limit."""
+    response = await subscribe.post(
+        "/", content="[" * 8000 + "]" * 8000, headers={**issuer.headers("42"), "Content-Type": "application/json"}
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "invalid_json"
+    assert count(engine) == 0
 
 
 async def test_body_that_is_not_declared_json_answers_415(subscribe, issuer):
@@ -144,4 +174,22 @@ async def test_padded_base64url_keys_are_accepted_and_stored_unpadded(subscribe,
     body = bodies.webpush()
     body["subscription"]["keys"]["auth"] += "=="
     assert (await subscribe.post("/", json=body, headers=issuer.headers("42"))).status_code == 201
+    assert count(engine) == 1
+
+
+REACHABLE_ENDPOINTS = {
+    "localhost_with_port": "https://localhost:8090/wpush/1",
+    "ipv4_loopback_with_port": "https://127.0.0.1:8090/wpush/1",
+    "ipv6_literal": "https://[::1]:8090/wpush/1",
+    "highest_port": "https://push.example.net:65535/wpush/1",
+    "internationalized_host": "https://push.bücher.example/wpush/1",
+    "host_with_final_dot": "https://push.example.net./wpush/1",
+}
+
+
+@pytest.mark.parametrize("endpoint", REACHABLE_ENDPOINTS.values(), ids=REACHABLE_ENDPOINTS.keys())
+async def test_endpoint_on_a_host_and_port_a_request_can_reach_is_accepted(subscribe, issuer, engine, endpoint):
+    """The host rule refuses only what cannot work: the local stack and the tests use local hosts."""
+    response = await subscribe.post("/", json=with_endpoint(endpoint), headers=issuer.headers("42"))
+    assert response.status_code == 201
     assert count(engine) == 1

@@ -1,11 +1,14 @@
 """The unsubscribe function: one device, or all of the caller's on logout; never another's."""
 from __future__ import annotations
 
+import json
+
 import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from shared.models import Subscription
+from shared.subscriptions import NewSubscription, SubscriptionStore
 from tests import subscription_bodies as bodies
 
 pytestmark = pytest.mark.usefixtures("auth_env")
@@ -98,16 +101,52 @@ INVALID = {
     "webpush_missing_endpoint": ({"provider": "webpush"}, "endpoint"),
     "webpush_http_endpoint": ({"provider": "webpush", "endpoint": "http://x.example/1"}, "endpoint"),
     "webpush_with_token": ({"provider": "webpush", "endpoint": "https://x.example/1", "token": "t"}, "token"),
+    "fcm_token_lone_surrogate": ({"provider": "fcm", "token": "\ud800"}, "token"),
+    "webpush_endpoint_lone_surrogate": ({"provider": "webpush", "endpoint": "https://x.example/\udfff"}, "endpoint"),
 }
 
 
 @pytest.mark.parametrize("body,field", INVALID.values(), ids=INVALID.keys())
 async def test_invalid_request_answers_400_naming_the_field(subscribe, unsubscribe, issuer, engine, body, field):
     await subscribe.post("/", json=bodies.fcm(), headers=issuer.headers("42"))
-    response = await unsubscribe.post("/", json=body, headers=issuer.headers("42"))
+    # JSON text as json.dumps writes it, every non-ASCII character escaped: so a body can hold
+    # a lone surrogate ("\\ud800"), which UTF-8 cannot encode.
+    response = await unsubscribe.post(
+        "/", content=json.dumps(body), headers={**issuer.headers("42"), "Content-Type": "application/json"}
+    )
     assert response.status_code == 400
     assert response.json()["error"]["field"] == field
     assert owners(engine) == ["42"]
+
+
+async def test_body_nested_past_the_parsers_limit_answers_400(subscribe, unsubscribe, issuer, engine):
+    """Python's JSON parser recurses once per level, and raises RecursionError past its limit."""
+    await subscribe.post("/", json=bodies.fcm(), headers=issuer.headers("42"))
+    response = await unsubscribe.post(
+        "/", content="[" * 8000 + "]" * 8000, headers={**issuer.headers("42"), "Content-Type": "application/json"}
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "invalid_json"
+    assert owners(engine) == ["42"]
+
+
+async def test_body_over_16_kib_answers_413(subscribe, unsubscribe, issuer, engine):
+    await subscribe.post("/", json=bodies.fcm(), headers=issuer.headers("42"))
+    response = await unsubscribe.post("/", json={"provider": "fcm", "token": "a" * 20000}, headers=issuer.headers("42"))
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "body_too_large"
+    assert owners(engine) == ["42"]
+
+
+async def test_webpush_endpoint_subscribe_now_refuses_can_still_be_unsubscribed(unsubscribe, issuer, engine):
+    """Subscribe checks that an endpoint's host and port can be reached; endpoints stored before
+    it did must still be removable by the app that holds them."""
+    endpoint = "https://push.example.net:99999/x"
+    subscription = {"endpoint": endpoint, "keys": bodies.webpush_keys()}
+    SubscriptionStore(engine).subscribe("42", NewSubscription("webpush", json.dumps(subscription), endpoint))
+    response = await unsubscribe.post("/", json={"provider": "webpush", "endpoint": endpoint}, headers=issuer.headers("42"))
+    assert (response.status_code, response.json()) == (200, {"deleted": 1})
+    assert owners(engine) == []
 
 
 async def test_get_answers_405(unsubscribe, issuer):
