@@ -5,9 +5,9 @@
 #
 # The image holds the `shared` package, only the dependencies that function needs
 # (requirements/<function>.txt) and only that function's folder, and runs it as a non-root user
-# with functions-framework in ASGI mode on $PORT (default 8080). Every function answers
+# as a functions-framework ASGI app on $PORT (default 8080). Every function answers
 # /_/health and /_/ready (OpenFaaS) and /healthz and /readyz (Knative); metrics are on
-# PUSH_METRICS_PORT (9091). See docs/deploy.md.
+# PUSH_METRICS_PORT (9095: Knative's queue-proxy holds 9091). See docs/deploy.md.
 
 ARG PYTHON_IMAGE=python:3.11-slim
 
@@ -45,10 +45,16 @@ COPY functions/${FUNCTION}/ /app/functions/${FUNCTION}/
 WORKDIR /app
 # Numeric, so Kubernetes' runAsNonRoot can check it.
 USER 10001:10001
-EXPOSE 8080 9091
+EXPOSE 8080 9095
 HEALTHCHECK --interval=30s --timeout=3s --start-period=10s \
     CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/_/health' % os.environ.get('PORT', '8080'), timeout=2)"
+# gunicorn with uvicorn's worker, as `functions-framework --asgi` runs it (the same options: one
+# worker unless WORKERS says, the app loaded in the master before the fork, no worker timeout,
+# error-level logs), but through gunicorn's own command line, which also reads GUNICORN_CMD_ARGS:
+# functions-framework's launcher ignores that variable, so its gunicorn always drains for the
+# default 30 s. On SIGTERM gunicorn stops accepting requests and lets those in flight finish for
+# --graceful-timeout seconds before killing its worker; the dispatchers' manifests set
+# GUNICORN_CMD_ARGS="--graceful-timeout 75" to cover PUSH_DISPATCH_DEADLINE_SECONDS (60).
 # Shell form, so $PORT (set by Knative and OpenFaaS, default 8080) and the target (the folder name
-# with underscores) are filled in at start; exec makes functions-framework PID 1, so it gets
-# SIGTERM directly and drains.
-CMD exec functions-framework --asgi --target "$(echo "${FUNCTION}" | tr - _)" --source "/app/functions/${FUNCTION}/main.py" --port "${PORT:-8080}"
+# with underscores) are filled in at start; exec makes gunicorn PID 1, so it gets SIGTERM directly.
+CMD exec gunicorn --worker-class uvicorn_worker.UvicornWorker --preload --workers "${WORKERS:-1}" --timeout 0 --log-level "${GUNICORN_LOG_LEVEL:-error}" --limit-request-line 0 --bind "0.0.0.0:${PORT:-8080}" "functions_framework.aio:create_asgi_app(target='$(echo "${FUNCTION}" | tr - _)', source='/app/functions/${FUNCTION}/main.py')"

@@ -55,9 +55,18 @@ class ApiError(Exception):
         error: dict[str, Any] = {"code": self.code, "message": self.message}
         if self.field is not None:
             error["field"] = self.field
-        response = JSONResponse({"error": error}, status_code=self.status, headers=self.headers)
+        response = _AsciiJSONResponse({"error": error}, status_code=self.status, headers=self.headers)
         response.error_code = self.code  # for the errors metric, read by serve()
         return response
+
+
+class _AsciiJSONResponse(JSONResponse):
+    """JSON with every non-ASCII character escaped. Errors may quote what the caller sent (an
+    unknown field's name), and a lone surrogate in it cannot be encoded as UTF-8: the answer to
+    a bad request must never fail to render."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, allow_nan=False, separators=(",", ":")).encode("ascii")
 
 
 async def read_body(request: Request, max_bytes: int = DEFAULT_MAX_BODY) -> bytes:
@@ -82,7 +91,8 @@ async def read_body(request: Request, max_bytes: int = DEFAULT_MAX_BODY) -> byte
 
 
 async def read_json(request: Request, max_bytes: int = DEFAULT_MAX_BODY) -> Any:
-    """The request's JSON body: 415 unless it is declared JSON, 400 unless it parses."""
+    """The request's JSON body: 415 unless it is declared JSON, 400 unless it parses (nesting
+    deep enough to exhaust the parser's recursion limit included)."""
     content_type = request.headers.get("content-type", "")
     media_type = content_type.split(";", 1)[0].strip().lower()
     if media_type != "application/json" and not media_type.endswith("+json"):
@@ -92,6 +102,8 @@ async def read_json(request: Request, max_bytes: int = DEFAULT_MAX_BODY) -> Any:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
+    except RecursionError:
+        raise ApiError(400, "invalid_json", "the body nests too deeply") from None
 
 
 def require_method(request: Request, allowed: tuple[str, ...]) -> None:
@@ -119,6 +131,7 @@ async def serve(
     ``ready`` raises when the function cannot serve (schema behind, database down): the readiness
     probe then fails, and so does every request, with a 503 that says why.
     """
+    metrics.serve_metrics()  # started by the first request, in the process that serves it
     if request.url.path in HEALTH_PATHS:
         return JSONResponse({"status": "ok"})
     too_large = _head_too_large(request)

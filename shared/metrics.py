@@ -1,12 +1,14 @@
 """Prometheus metrics: the four golden signals of every function, and the product's own figures.
 
-Metrics are served by prometheus-client on their own port (``PUSH_METRICS_PORT``, default 9091,
+Metrics are served by prometheus-client on their own port (``PUSH_METRICS_PORT``, default 9095,
 ``off`` to disable), not on the function's port: subscribe and unsubscribe are public, their
 metrics are not. Labels hold only bounded, non-personal values: function names, methods, status
 classes, providers, outcomes and provider reason words; never a token, a user id or a secret.
 
-When a function runs several worker processes, set ``PROMETHEUS_MULTIPROC_DIR`` (prometheus-client's
-multi-process mode): the metrics server then adds up every worker's figures.
+The server starts with the first request, in the process that serves it (not in gunicorn's master,
+which imports the function and forks the workers). When a function runs several worker
+processes, set ``PROMETHEUS_MULTIPROC_DIR`` (prometheus-client's multi-process mode): the one worker
+that serves metrics then adds up every worker's figures.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from shared.config import ConfigError, env
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PORT = 9091
+DEFAULT_PORT = 9095
 # Wake-ups should leave within milliseconds; the top buckets catch provider timeouts.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -161,29 +163,63 @@ PENDING_TOTALS = PendingTotals()
 REGISTRY.register(PENDING_TOTALS)
 
 _server_lock = threading.Lock()
-_server_port: int | None = None
+_settings: tuple[int, str] | None = None
+"""Port and address of the metrics server, once :func:`configure` has read them."""
+_served: tuple[int, int | None] | None = None
+"""The process that started a metrics server, and its port (``None``: the bind failed)."""
 
 
-def serve_metrics() -> int | None:
-    """Start the process's metrics server once; its port (``None`` when turned off)."""
-    global _server_port
+def configure() -> None:
+    """Read and check ``PUSH_METRICS_PORT`` and ``PUSH_METRICS_ADDR`` at start-up; the server
+    itself starts with the first request (:func:`serve_metrics`)."""
+    global _settings
     raw = env("PUSH_METRICS_PORT", str(DEFAULT_PORT))
     if raw == "off":
-        return None
+        _settings = None
+        return
     try:
         port = int(raw)
     except ValueError:
         raise ConfigError(f"PUSH_METRICS_PORT must be a port number or off, not {raw!r}") from None
-    with _server_lock:
-        if _server_port is None:
-            registry = REGISTRY
-            if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-                from prometheus_client import multiprocess
+    _settings = (port, env("PUSH_METRICS_ADDR", "0.0.0.0"))
 
-                registry = CollectorRegistry()
-                multiprocess.MultiProcessCollector(registry)
-                registry.register(SUBSCRIPTION_TOTALS)
-                registry.register(PENDING_TOTALS)
-            server, _thread = start_http_server(port, addr=env("PUSH_METRICS_ADDR", "0.0.0.0"), registry=registry)
-            _server_port = server.server_address[1]
-        return _server_port
+
+def serve_metrics() -> int | None:
+    """Serve this process's metrics, starting the server the first time; its port (``None``
+    when turned off, or when another worker holds the port).
+
+    Called on every request, so the server runs in the process that serves requests:
+    ``functions-framework --asgi`` imports the function in gunicorn's master and forks the
+    workers from it, and a server started in the master would never see a worker's figures (and
+    would hold the port). With several workers, the first to bind serves; the others' figures
+    reach it through ``PROMETHEUS_MULTIPROC_DIR``.
+    """
+    global _served
+    served, pid = _served, os.getpid()
+    if served is not None and served[0] == pid:
+        return served[1]
+    with _server_lock:
+        if _served is not None and _served[0] == pid:
+            return _served[1]
+        if _settings is None:
+            configure()
+        if _settings is None:
+            _served = (pid, None)
+            return None
+        port, addr = _settings
+        registry: Collector = REGISTRY
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            from prometheus_client import multiprocess
+
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            registry.register(SUBSCRIPTION_TOTALS)
+            registry.register(PENDING_TOTALS)
+        try:
+            server, _thread = start_http_server(port, addr=addr, registry=registry)
+            _served = (pid, server.server_address[1])
+        except OSError as error:
+            level = logging.INFO if os.environ.get("PROMETHEUS_MULTIPROC_DIR") else logging.WARNING
+            log.log(level, "metrics server not started in this process: port %s: %s", port, error.strerror)
+            _served = (pid, None)
+        return _served[1]

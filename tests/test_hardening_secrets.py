@@ -2,7 +2,9 @@
 list, dispatch with dead, transient and good devices, redelivery, Echo's request, clean-up) with
 every log line captured, at DEBUG, as the JSON lines the functions write and as pytest records,
 and every metric sample scraped; none may hold a device token, a Web Push endpoint or key, the
-access tokens, the VAPID private key, the APNs .p8 key or the service account's private key."""
+users' access tokens, the VAPID private key, the APNs .p8 key or the service account's private
+key, nor the credentials the dispatchers obtained: FCM's OAuth access tokens and the APNs provider
+tokens (JWTs)."""
 from __future__ import annotations
 
 import io
@@ -10,10 +12,12 @@ import json
 import logging
 import os
 import secrets
+import sys
+from collections.abc import Callable, Iterator
 
 import pytest
 
-from shared.logs import JsonFormatter
+from shared import logs
 from shared.subscriptions import SubscriptionStore
 from tests import events
 from tests import subscription_bodies as bodies
@@ -21,17 +25,33 @@ from tests.metrics_scrape import scrape
 
 
 @pytest.fixture
-def captured(caplog):
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(JsonFormatter())
+def captured(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[], str]]:
+    """Every log line, as the functions write it and as pytest records it, with logging set up
+    the way production sets it up at ``PUSH_LOG_LEVEL=debug``. ``configure_logging`` runs once
+    per process, so it is run afresh here: otherwise the level and the loggers it quiets would be
+    whatever an earlier test left. Afterwards every logger is put back as it was."""
     root = logging.getLogger()
-    root.addHandler(handler)
+    levels = {lg: lg.level for lg in all_loggers()}
+    handlers = list(root.handlers)
+    stream = io.StringIO()
     caplog.set_level(logging.DEBUG)
+    monkeypatch.setattr(sys, "stderr", stream)
+    monkeypatch.setattr(logs, "_configured", False)
+    monkeypatch.setenv("PUSH_LOG_LEVEL", "debug")
+    logs.configure_logging()
+    added = [handler for handler in root.handlers if handler not in handlers]
     yield lambda: stream.getvalue() + "\n".join(
         f"{r.name} {r.getMessage()} {r.args!r} {r.exc_text or ''} {vars(r)!r}" for r in caplog.records
     )
-    root.removeHandler(handler)
+    for handler in added:
+        root.removeHandler(handler)
+    for lg in all_loggers():
+        lg.setLevel(levels.get(lg, logging.NOTSET))
+
+
+def all_loggers() -> list[logging.Logger]:
+    manager = logging.Logger.manager
+    return [logging.getLogger(), *(lg for lg in manager.loggerDict.values() if isinstance(lg, logging.Logger))]
 
 
 def pem_lines(pem: str) -> list[str]:
@@ -46,6 +66,17 @@ def secrets_of(rig, tmp_path) -> dict[str, str]:
     if rig.provider == "apns":
         return {f"APNs .p8 line {i}": line for i, line in enumerate(pem_lines(rig.fake.key_pem))}
     return {"VAPID private key": os.environ["PUSH_VAPID_PRIVATE_KEY"]}
+
+
+def credentials_obtained(rig) -> dict[str, str]:
+    """What the dispatcher authenticated to its provider with during the run: the OAuth access
+    tokens the fake FCM issued, the provider tokens (JWTs) the fake APNs accepted."""
+    if rig.provider == "fcm":
+        # The fake keeps the access tokens it issued only privately.
+        return {f"FCM access token {i}": t for i, t in enumerate(sorted(rig.fake._access_tokens))}
+    if rig.provider == "apns":
+        return {f"APNs provider token {i}": t for i, t in enumerate(rig.fake.provider_tokens)}
+    return {}
 
 
 def device_body(rig) -> tuple[dict, list[str]]:
@@ -108,6 +139,9 @@ async def test_logs_and_metrics_hold_no_token_endpoint_or_key(
     assert (await unsubscribe.post("/", json=request, headers={"Authorization": f"Bearer {access_tokens[1]}"})).status_code == 404
     assert (await unsubscribe.post("/", json=request, headers={"Authorization": f"Bearer {access_tokens[0]}"})).status_code == 200
 
+    obtained = credentials_obtained(rig)
+    assert len(obtained) > 0 or rig.provider == "webpush"
+    watched.update(obtained)
     logged = captured()
     assert len(logged) > 0
     samples = scrape()

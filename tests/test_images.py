@@ -10,16 +10,25 @@ imports, plus what functions-framework's ASGI server and `pushctl migrate` load.
 from __future__ import annotations
 
 import ast
+import os
 import re
+import signal
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
+import time
+import urllib.error
+import urllib.request
 from importlib import metadata
 from pathlib import Path, PurePath
 
 import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+
+from shared.metrics import DEFAULT_PORT as DEFAULT_METRICS_PORT
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKERFILE = REPO / "Dockerfile"
@@ -41,11 +50,12 @@ NOT_IN_IMAGE = {
     "dispatch-apns": PROVIDER_LIBRARIES["fcm"] | PROVIDER_LIBRARIES["webpush"] | {"requests"},
     "dispatch-webpush": PROVIDER_LIBRARIES["fcm"] | PROVIDER_LIBRARIES["apns"],
 }
-#: Imported at run time though not by main.py's imports: the ASGI server functions-framework
-#: starts, the MySQL driver SQLAlchemy loads on the first connection, and `pushctl migrate`.
+#: Imported at run time though not by main.py's imports: the server the image's command starts
+#: (gunicorn's command line, uvicorn's worker, functions-framework's ASGI app), the MySQL driver
+#: SQLAlchemy loads on the first connection, and `pushctl migrate`.
 RUNTIME_MODULES = [
-    "functions_framework._cli",
-    "functions_framework._http.gunicorn",
+    "gunicorn.app.wsgiapp",
+    "functions_framework.aio",
     "uvicorn_worker",
     "pymysql",
     "shared.cli",
@@ -126,16 +136,34 @@ def test_the_image_runs_as_a_non_root_user(instructions):
     assert uid.isdigit() and int(uid) != 0, "a numeric non-root uid, so runAsNonRoot can check it"
 
 
-def test_the_command_starts_the_function_with_functions_framework(instructions):
+def image_command(instructions: list[tuple[str, str]]) -> str:
     commands = [rest for keyword, rest in instructions if keyword == "CMD"]
     assert len(commands) == 1
-    command = commands[0]
-    assert "functions-framework --asgi" in command
-    assert '--target "$(echo "${FUNCTION}" | tr - _)"' in command
-    assert '--source "/app/functions/${FUNCTION}/main.py"' in command
-    assert '--port "${PORT:-8080}"' in command
+    return commands[0]
+
+
+def test_the_command_serves_the_functions_asgi_app_with_gunicorn_as_functions_framework_does(instructions):
+    command = image_command(instructions)
+    assert command.startswith("exec gunicorn "), "exec: gunicorn is PID 1 and gets SIGTERM itself"
+    assert "--worker-class uvicorn_worker.UvicornWorker" in command
+    assert "--preload" in command, "the app is loaded before the fork, as functions-framework does"
+    assert '--bind "0.0.0.0:${PORT:-8080}"' in command
+    assert (
+        "\"functions_framework.aio:create_asgi_app(target='$(echo \"${FUNCTION}\" | tr - _)', "
+        "source='/app/functions/${FUNCTION}/main.py')\"" in command
+    )
     envs = " ".join(rest for keyword, rest in stages(instructions)[-1] if keyword == "ENV")
     assert "PORT=8080" in envs
+
+
+def test_the_command_leaves_the_graceful_timeout_to_gunicorn_cmd_args(instructions):
+    """gunicorn's command-line options win over GUNICORN_CMD_ARGS, where the manifests set it."""
+    assert "--graceful-timeout" not in image_command(instructions)
+
+
+def test_the_image_exposes_the_function_port_and_the_default_metrics_port(instructions):
+    exposed = {port for keyword, rest in instructions if keyword == "EXPOSE" for port in rest.split()}
+    assert exposed == {"8080", str(DEFAULT_METRICS_PORT)}
 
 
 def test_dockerignore_keeps_local_state_out_of_the_build_context():
@@ -307,3 +335,81 @@ def test_the_import_check_fails_without_a_needed_package(tmp_path):
     result = import_with_only("dispatch-apns", tmp_path, main_imports("dispatch-apns"))
     assert result.returncode != 0
     assert "aioapns" in result.stderr
+
+
+# --- the image's command drains requests in flight on SIGTERM -----------------------------------
+
+
+SLOW_FUNCTION = """
+import asyncio
+
+import functions_framework.aio
+from starlette.responses import Response
+
+
+@functions_framework.aio.http
+async def slow(request):
+    await asyncio.sleep(float(request.query_params["seconds"]))
+    return Response(status_code=202)
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def stopped_mid_request(instructions, tmp_path: Path, gunicorn_cmd_args: str, seconds: float) -> int | None:
+    """Run the image's command (as the image's shell would, on a function under ``tmp_path``
+    that answers 202 after ``seconds``), send it SIGTERM half a second into a request, and
+    return that request's status, or None when the server cut it off."""
+    (tmp_path / "functions" / "slow").mkdir(parents=True)
+    (tmp_path / "functions" / "slow" / "main.py").write_text(SLOW_FUNCTION)
+    command = image_command(instructions).replace("/app/functions/", f"{tmp_path}/functions/")
+    port = free_port()
+    environment = {
+        **os.environ, "FUNCTION": "slow", "PORT": str(port), "GUNICORN_CMD_ARGS": gunicorn_cmd_args,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    environment.pop("WORKERS", None)
+    server = subprocess.Popen(["sh", "-c", command], env=environment, cwd=tmp_path,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "the server did not start"
+                time.sleep(0.1)
+        result: dict[str, int | None] = {}
+
+        def request() -> None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/?seconds={seconds}", timeout=30) as answer:
+                    result["status"] = answer.status
+            except (urllib.error.URLError, ConnectionError, OSError):
+                result["status"] = None
+
+        client = threading.Thread(target=request)
+        client.start()
+        time.sleep(0.5)
+        server.send_signal(signal.SIGTERM)
+        client.join(timeout=40)
+        server.wait(timeout=40)
+        return result["status"]
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+
+
+def test_on_sigterm_the_image_finishes_requests_for_the_graceful_timeout(instructions, tmp_path):
+    assert stopped_mid_request(instructions, tmp_path, "--graceful-timeout 10", seconds=2) == 202
+
+
+def test_on_sigterm_the_image_cuts_off_requests_past_the_graceful_timeout(instructions, tmp_path):
+    """The check above can fail: with a 1 s drain, a 3 s request is cut off."""
+    assert stopped_mid_request(instructions, tmp_path, "--graceful-timeout 1", seconds=3) is None

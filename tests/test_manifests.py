@@ -7,9 +7,11 @@ test showing its checker catches a bad document.
 """
 from __future__ import annotations
 
+import ast
 import copy
 import json
 import re
+import shlex
 import shutil
 import subprocess
 from collections.abc import Iterable
@@ -21,6 +23,7 @@ import pytest
 import yaml
 
 from shared.events import NOTIFICATION_REQUESTED, SUBSCRIPTION_INVALID
+from shared.metrics import DEFAULT_PORT as DEFAULT_METRICS_PORT
 
 REPO = Path(__file__).resolve().parent.parent
 KNATIVE = REPO / "knative"
@@ -29,8 +32,12 @@ SCHEMAS = (REPO.parent / "shared" / "schemas").resolve()
 FUNCTIONS = sorted(p.name for p in (REPO / "functions").iterdir() if (p / "main.py").exists())
 SERVICE = ("serving.knative.dev/v1", "Service")
 DISPATCHERS = [f for f in FUNCTIONS if f.startswith("dispatch-")]
-#: The event types each function sends (shared/dispatch.py: dead-token reports).
-EMITS = {name: {SUBSCRIPTION_INVALID} for name in DISPATCHERS}
+#: Where every function reads its secrets from (PUSH_SECRETS_DIR; OpenFaaS mounts them there).
+SECRETS_DIR = "/var/openfaas/secrets"
+#: Ports Knative's queue-proxy sidecar holds in every pod of a Service (8012/8013 proxy, 8022
+#: admin, 9090 autoscaler metrics, 9091 user metrics, 8008 profiling); its webhook refuses them
+#: as a containerPort (knative.dev/serving, pkg/apis/serving/k8s_validation.go, reservedPorts).
+KNATIVE_RESERVED_PORTS = {8008, 8012, 8013, 8022, 9090, 9091}
 #: What each function takes from the broker.
 TAKES = {name: {NOTIFICATION_REQUESTED} for name in DISPATCHERS} | {
     "cleanup-invalid-tokens": {SUBSCRIPTION_INVALID}
@@ -259,6 +266,110 @@ def test_the_subscriber_check_catches_a_missing_service(documents):
 
 
 # --- every event type a function emits, and every one it takes, has a Trigger ------------------
+#
+# What a function emits is read from the code, not listed here: the event types are the string
+# constants of shared/events.py; the functions of shared/events.py that make an event
+# (``{"type": CONSTANT, ...}``) are its makers; a function emits the types of the makers called,
+# and of the ``"type": CONSTANT`` mappings written, in the shared modules its main.py imports
+# (transitively). A new event type sent anywhere a function reaches needs a Trigger.
+
+
+def event_type_constants(events_py: Path) -> dict[str, str]:
+    """Module-level string constants of shared/events.py: name -> value."""
+    constants = {}
+    for node in ast.parse(events_py.read_text()).body:
+        if (
+            isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
+            and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)
+        ):
+            constants[node.targets[0].id] = node.value.value
+    return constants
+
+
+def type_entries(tree: ast.AST) -> Iterable[ast.expr]:
+    """The values of every ``"type": ...`` entry of a dict display under ``tree``."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Dict):
+            for key, value in zip(node.keys, node.values):
+                if isinstance(key, ast.Constant) and key.value == "type":
+                    yield value
+
+
+def event_makers(events_py: Path, constants: dict[str, str]) -> dict[str, set[str]]:
+    """Functions of shared/events.py that make an event -> the event types they give it."""
+    makers: dict[str, set[str]] = {}
+    for node in ast.parse(events_py.read_text()).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            types = {constants[v.id] for v in type_entries(node) if isinstance(v, ast.Name) and v.id in constants}
+            if types:
+                makers[node.name] = types
+    return makers
+
+
+def shared_imports(path: Path, root: Path) -> set[Path]:
+    """The files of the ``shared`` package that ``path`` imports (anywhere in it)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        for name in names:
+            if name.split(".")[0] != "shared":
+                continue
+            module = root.joinpath(*name.split("."))
+            found |= {c for c in (module.with_suffix(".py"), module / "__init__.py") if c.is_file()}
+    return found
+
+
+def emitted_in(path: Path, constants: dict[str, str], makers: dict[str, set[str]]) -> set[str]:
+    """Event types the code of ``path`` sends: calls to shared.events' makers, and ``"type":``
+    entries holding one of its constants."""
+    tree = ast.parse(path.read_text())
+    from_events: dict[str, str] = {}  # local name -> name in shared.events
+    events_modules: set[str] = set()  # local names of the shared.events module
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module == "shared.events" and not node.level:
+            from_events |= {alias.asname or alias.name: alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module == "shared" and not node.level:
+            events_modules |= {alias.asname or alias.name for alias in node.names if alias.name == "events"}
+
+    def original(expression: ast.expr) -> str | None:
+        if isinstance(expression, ast.Name):
+            return from_events.get(expression.id)
+        if isinstance(expression, ast.Attribute) and isinstance(expression.value, ast.Name):
+            return expression.attr if expression.value.id in events_modules else None
+        return None
+
+    types = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and original(node.func) in makers:
+            types |= makers[original(node.func)]
+    types |= {constants[original(v)] for v in type_entries(tree) if original(v) in constants}
+    return types
+
+
+def emitted_event_types(root: Path) -> dict[str, set[str]]:
+    """Function name -> the event types it sends, read from the code under ``root``."""
+    events_py = root / "shared" / "events.py"
+    constants = event_type_constants(events_py)
+    makers = event_makers(events_py, constants)
+    emits = {}
+    for main in sorted((root / "functions").glob("*/main.py")):
+        seen, queue = set(), [main]
+        while queue:
+            path = queue.pop()
+            if path not in seen:
+                seen.add(path)
+                queue += shared_imports(path, root)
+        emits[main.parent.name] = set().union(*(emitted_in(path, constants, makers) for path in seen))
+    return emits
+
+
+#: The event types each function sends, from the code (today: the dispatchers' dead-token reports).
+EMITS = emitted_event_types(REPO)
 
 
 def trigger_types(documents: list[Document]) -> dict[str, set[str]]:
@@ -270,11 +381,11 @@ def trigger_types(documents: list[Document]) -> dict[str, set[str]]:
     return routes
 
 
-def unrouted_events(documents: list[Document]) -> list[str]:
+def unrouted_events(documents: list[Document], emits: dict[str, set[str]] = EMITS) -> list[str]:
     routes = trigger_types(documents)
     problems = [
         f"{function} emits {event_type}, which no Trigger delivers"
-        for function, types in EMITS.items() for event_type in types if not routes.get(event_type)
+        for function, types in emits.items() for event_type in types if not routes.get(event_type)
     ]
     problems += [
         f"no Trigger delivers {event_type} to {function}"
@@ -294,6 +405,40 @@ def test_the_routing_check_catches_an_unrouted_event_type(documents):
         if not (kind(d)[1] == "Trigger" and d["spec"]["filter"]["attributes"]["type"] == SUBSCRIPTION_INVALID)
     ]
     assert any(SUBSCRIPTION_INVALID in p for p in unrouted_events(trimmed))
+
+
+def test_the_emitted_event_types_are_read_from_the_code():
+    """The dispatchers' dead-token reports (shared/dispatch.py calls invalid_tokens_event) are
+    found; importing shared/events.py, as cleanup-invalid-tokens does to read those reports, is
+    not sending one."""
+    assert set(EMITS) == set(FUNCTIONS)
+    assert all(SUBSCRIPTION_INVALID in EMITS[name] for name in DISPATCHERS)
+    assert EMITS["cleanup-invalid-tokens"] == EMITS["subscribe"] == set()
+
+
+def test_a_new_event_type_sent_by_a_function_needs_a_trigger(documents, tmp_path):
+    """A new constant and maker in shared/events.py, called from a module a function imports
+    through another, is an emitted type; without a Trigger for it the routing check fails."""
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "__init__.py").write_text("")
+    (tmp_path / "shared" / "events.py").write_text(
+        'REFRESHED = "org.wikimedia.push.subscription.refreshed.v1"\n'
+        "def refreshed_event(source):\n"
+        '    return CloudEvent({"type": REFRESHED, "source": source}, {})\n'
+    )
+    (tmp_path / "shared" / "notify.py").write_text(
+        "from shared.events import refreshed_event as made\n"
+        "def tell():\n"
+        '    return made("/subscribe")\n'
+    )
+    (tmp_path / "shared" / "api.py").write_text("from shared import notify\n")
+    (tmp_path / "functions" / "subscribe").mkdir(parents=True)
+    (tmp_path / "functions" / "subscribe" / "main.py").write_text("from shared.api import tell\n")
+    emits = emitted_event_types(tmp_path)
+    assert emits == {"subscribe": {"org.wikimedia.push.subscription.refreshed.v1"}}
+    assert unrouted_events(documents, emits) == [
+        "subscribe emits org.wikimedia.push.subscription.refreshed.v1, which no Trigger delivers"
+    ]
 
 
 def test_dispatchers_reports_reach_the_broker_with_the_cleanup_trigger(documents):
@@ -364,6 +509,27 @@ def test_every_knative_image_is_set_in_the_kustomization(documents):
     assert used <= images
 
 
+def unpinned_images(images: list[Document]) -> list[str]:
+    """kustomize ``images`` entries that leave the tag to the registry (``latest``)."""
+    problems = []
+    for entry in images:
+        digest = entry.get("digest")
+        if digest is not None and not re.fullmatch(r"sha256:[0-9a-f]{64}", str(digest)):
+            problems.append(f"{entry['name']}: digest {digest!r} is not sha256:<64 hex digits>")
+        elif not digest and not entry.get("newTag"):
+            problems.append(f"{entry['name']}: neither newTag nor digest")
+    return problems
+
+
+def test_every_kustomization_image_is_pinned_by_tag_or_digest():
+    images = yaml.safe_load((KNATIVE / "kustomization.yaml").read_text())["images"]
+    assert unpinned_images(images) == []
+
+
+def test_the_pin_check_catches_an_image_left_at_latest():
+    assert len(unpinned_images([{"name": "a"}, {"name": "b", "digest": "sha256:abc"}, {"name": "c", "newTag": "1"}])) == 2
+
+
 def test_every_knative_manifest_is_listed_in_a_kustomization():
     resources, others = kustomize_files(KNATIVE)
     files = {p.resolve() for p in KNATIVE.rglob("*.yaml")}
@@ -392,14 +558,184 @@ def test_dispatcher_timeout_is_above_the_deadline_and_below_the_lease(documents)
 
 
 @pytest.mark.parametrize("function", FUNCTIONS)
-def test_every_function_scales_to_zero_reads_secrets_from_files_and_probes_readyz(documents, function):
+def test_every_function_scales_to_zero_and_probes_readyz(documents, function):
     service = services(documents)[function]
     assert annotations(service)["autoscaling.knative.dev/min-scale"] == "0"
     assert container(service)["readinessProbe"]["httpGet"]["path"] == "/readyz"
-    assert env(service)["PUSH_DATABASE_URL"]["secretKeyRef"]["name"]
-    assert env(service)["PUSH_SECRETS_DIR"] == "/var/openfaas/secrets"
-    mounts = container(service).get("volumeMounts", [])
-    assert all(m["mountPath"] == "/var/openfaas/secrets" and m.get("readOnly") for m in mounts)
+
+
+def needed_secrets(function: str, stack: Document) -> set[str]:
+    """The secret files a function reads: the database URL for every one, and its credentials
+    (stack.yml's list; the two platforms are checked to agree below)."""
+    return {"push-database-url"} | set(stack["functions"][function].get("secrets", []))
+
+
+def secret_file_problems(service: Document, needed: set[str]) -> list[str]:
+    """How ``service`` fails to give each ``needed`` secret as a read-only file named as
+    PUSH_SECRETS_DIR expects, with no secret in an environment variable."""
+    problems = []
+    function = container(service)
+    for variable in function.get("env", []):
+        if "secretKeyRef" in variable.get("valueFrom", {}):
+            problems.append(f"{variable['name']} comes from a Secret as an environment variable, not as a file")
+    if env(service).get("PUSH_SECRETS_DIR") != SECRETS_DIR:
+        problems.append(f"PUSH_SECRETS_DIR is not {SECRETS_DIR}")
+    mounts = function.get("volumeMounts", [])
+    problems += [f"{m['name']} is mounted at {m['mountPath']}, not {SECRETS_DIR}" for m in mounts if m["mountPath"] != SECRETS_DIR]
+    problems += [f"{m['name']} is mounted writable" for m in mounts if not m.get("readOnly")]
+    volumes = {v["name"]: v for v in service["spec"]["template"]["spec"].get("volumes", [])}
+    files: dict[str, Document] = {}  # file name in SECRETS_DIR -> the secret source giving it
+    for mount in mounts:
+        for source in volumes.get(mount["name"], {}).get("projected", {}).get("sources", []):
+            for item in source.get("secret", {}).get("items", []):
+                if item["key"] == item["path"]:
+                    files[item["path"]] = source["secret"]
+    for secret in sorted(needed):
+        if secret not in files:
+            problems.append(f"needs {secret}, which no volume mounts as {SECRETS_DIR}/{secret}")
+    if files.get("push-database-url", {}).get("optional"):
+        problems.append("push-database-url is optional: without it the function would fall back to SQLite")
+    return problems
+
+
+@pytest.mark.parametrize("function", FUNCTIONS)
+def test_every_function_reads_the_secrets_it_needs_from_mounted_files(documents, stack, function):
+    assert secret_file_problems(services(documents)[function], needed_secrets(function, stack)) == []
+
+
+def test_the_secret_file_check_catches_a_missing_mount_and_a_secret_in_the_environment(documents, stack):
+    """cleanup-invalid-tokens as it was: the database URL from the environment, nothing mounted."""
+    service = copy.deepcopy(services(documents)["cleanup-invalid-tokens"])
+    function = container(service)
+    function.pop("volumeMounts", None)
+    function["env"].append(
+        {"name": "PUSH_DATABASE_URL",
+         "valueFrom": {"secretKeyRef": {"name": "push-database-url", "key": "push-database-url"}}}
+    )
+    problems = secret_file_problems(service, needed_secrets("cleanup-invalid-tokens", stack))
+    assert any("PUSH_DATABASE_URL comes from a Secret" in p for p in problems)
+    assert any("needs push-database-url" in p for p in problems)
+
+
+def test_the_secret_file_check_catches_an_optional_database_url(documents, stack):
+    service = copy.deepcopy(services(documents)["subscribe"])
+    volume = service["spec"]["template"]["spec"]["volumes"][0]
+    volume["projected"]["sources"][0]["secret"]["optional"] = True
+    assert any("optional" in p for p in secret_file_problems(service, needed_secrets("subscribe", stack)))
+
+
+# --- ports: none of Knative's, and Prometheus scrapes the metrics port -----------------------
+
+
+def metrics_port(environment: dict[str, Any]) -> int:
+    """The port a function serves metrics on: PUSH_METRICS_PORT, else shared.metrics' default."""
+    return int(environment.get("PUSH_METRICS_PORT", DEFAULT_METRICS_PORT))
+
+
+def reserved_port_problems(documents: Iterable[Document]) -> list[str]:
+    problems = []
+    for name, service in services(documents).items():
+        spec = service["spec"]["template"]["spec"]
+        for each in spec["containers"]:
+            problems += [
+                f"{name}: containerPort {port['containerPort']} is Knative's"
+                for port in each.get("ports", []) if int(port["containerPort"]) in KNATIVE_RESERVED_PORTS
+            ]
+        if name in FUNCTIONS and metrics_port(env(service)) in KNATIVE_RESERVED_PORTS:
+            problems.append(f"{name}: metrics port {metrics_port(env(service))} is Knative's")
+        scraped = annotations(service).get("prometheus.io/port")
+        if scraped is not None and int(scraped) in KNATIVE_RESERVED_PORTS:
+            problems.append(f"{name}: prometheus.io/port {scraped} is Knative's")
+    return problems
+
+
+def test_no_knative_service_uses_a_port_knatives_queue_proxy_holds(documents):
+    assert DEFAULT_METRICS_PORT not in KNATIVE_RESERVED_PORTS
+    assert reserved_port_problems(documents) == []
+
+
+def test_the_port_check_catches_the_queue_proxys_user_metrics_port(documents):
+    service = copy.deepcopy(services(documents)["dispatch-fcm"])
+    annotations(service)["prometheus.io/port"] = "9091"
+    for variable in container(service)["env"]:
+        if variable["name"] == "PUSH_METRICS_PORT":
+            variable["value"] = "9091"
+    container(service)["ports"][0]["containerPort"] = 8012
+    assert len(reserved_port_problems([service])) == 3
+
+
+@pytest.mark.parametrize("function", FUNCTIONS)
+def test_prometheus_scrapes_the_metrics_port_on_both_platforms(documents, stack, function):
+    service = services(documents)[function]
+    entry = stack["functions"][function]
+    assert int(annotations(service)["prometheus.io/port"]) == metrics_port(env(service))
+    assert int(entry["annotations"]["prometheus.io/port"]) == metrics_port(entry.get("environment", {}))
+
+
+# --- shutdown: a dispatcher drains its events before the platform kills it --------------------
+
+
+def graceful_timeout(environment: dict[str, Any]) -> int:
+    """How long gunicorn lets requests in flight finish after SIGTERM, as it reads
+    GUNICORN_CMD_ARGS (the image's command leaves that setting to it; default 30 s)."""
+    from gunicorn.config import Config
+
+    config = Config()
+    parsed = config.parser().parse_args(shlex.split(environment.get("GUNICORN_CMD_ARGS", "")))
+    return parsed.graceful_timeout if parsed.graceful_timeout is not None else config.graceful_timeout
+
+
+def go_seconds(duration: str) -> float:
+    """A Go duration as OpenFaaS reads write_timeout (``90s``, ``1m30s``), in seconds."""
+    parts = re.findall(r"(\d+(?:\.\d+)?)(h|ms|m|s)", duration)
+    if not parts or "".join(n + u for n, u in parts) != duration:
+        raise ValueError(f"not a duration: {duration!r}")
+    return sum(float(n) * {"h": 3600, "m": 60, "s": 1, "ms": 0.001}[u] for n, u in parts)
+
+
+def drain_problems(documents: Iterable[Document], stack: Document) -> list[str]:
+    """Dispatchers whose drain on shutdown is shorter than PUSH_DISPATCH_DEADLINE_SECONDS (an
+    event in flight is cut off) or not shorter than the pod's terminationGracePeriodSeconds (the
+    kubelet kills it first). Knative sets that grace period to the revision's timeoutSeconds;
+    faas-netes and the OpenFaaS operator to write_timeout + 2 s (30 s without it)."""
+    problems = []
+    knative_services = services(documents)
+    for name in DISPATCHERS:
+        service = knative_services[name]
+        environment = stack["functions"][name].get("environment", {})
+        platforms = [
+            ("knative", env(service), service["spec"]["template"]["spec"]["timeoutSeconds"]),
+            ("stack.yml", environment, go_seconds(environment.get("write_timeout", "30s")) + 2),
+        ]
+        for where, variables, grace in platforms:
+            deadline, drain = int(variables["PUSH_DISPATCH_DEADLINE_SECONDS"]), graceful_timeout(variables)
+            if drain < deadline:
+                problems.append(f"{where} {name}: drains {drain} s, less than the {deadline} s deadline")
+            if drain >= grace:
+                problems.append(f"{where} {name}: drains {drain} s, not less than the {grace:g} s grace period")
+    return problems
+
+
+def test_dispatchers_drain_for_the_deadline_within_the_grace_period(documents, stack):
+    assert drain_problems(documents, stack) == []
+
+
+def test_the_drain_check_catches_gunicorns_default_graceful_timeout(documents, stack):
+    knative = [copy.deepcopy(d) for d in documents]
+    service = services(knative)["dispatch-apns"]
+    container(service)["env"] = [e for e in container(service)["env"] if e["name"] != "GUNICORN_CMD_ARGS"]
+    openfaas = copy.deepcopy(stack)
+    openfaas["functions"]["dispatch-fcm"]["environment"] = {
+        k: v for k, v in stack["functions"]["dispatch-fcm"]["environment"].items() if k != "GUNICORN_CMD_ARGS"
+    }
+    openfaas["functions"]["dispatch-webpush"]["environment"] = {
+        **stack["functions"]["dispatch-webpush"]["environment"], "write_timeout": "60s"
+    }
+    assert sorted(drain_problems(knative, openfaas)) == [
+        "knative dispatch-apns: drains 30 s, less than the 60 s deadline",
+        "stack.yml dispatch-fcm: drains 30 s, less than the 60 s deadline",
+        "stack.yml dispatch-webpush: drains 75 s, not less than the 62 s grace period",
+    ]
 
 
 # --- the two platforms agree ----------------------------------------------------------------
@@ -436,6 +772,61 @@ def test_openfaas_connectors_reach_the_right_functions(stack):
         assert "/async-function/cleanup-invalid-tokens" in functions[name]["environment"]["K_SINK"]
     cleanup = functions["cleanup-invalid-tokens"]["annotations"]
     assert cleanup["topic"] == "cron-function" and len(cleanup["schedule"].split()) == 5
+
+
+# --- OpenFaaS builds from a context of only what the image needs ------------------------------
+
+
+def dockerignore_allowed() -> set[str]:
+    """The top-level paths .dockerignore lets into a build context (it starts from ``*``)."""
+    lines = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()]
+    return {line[1:].strip("/") for line in lines if line.startswith("!")}
+
+
+def dockerfile_sources() -> set[str]:
+    """The top-level paths the Dockerfile COPYs from the build context."""
+    sources = set()
+    for line in (REPO / "Dockerfile").read_text().splitlines():
+        words = line.split()
+        if words[:1] == ["COPY"] and not any(w.startswith("--from") for w in words):
+            sources |= {w.strip("/").split("/")[0] for w in words[1:-1] if not w.startswith("--")}
+    return sources
+
+
+def build_context_problems(stack: Document) -> list[str]:
+    """faas-cli copies a ``lang: dockerfile`` function's handler folder into build/<function>/,
+    then ``configuration.copy``'s paths: the handler must be the function's own folder, and the
+    copies the Dockerfile and what it reads, never what .dockerignore keeps out (.venv/, .local/)."""
+    copies = {path.removeprefix("./").strip("/") for path in stack.get("configuration", {}).get("copy", [])}
+    allowed = dockerignore_allowed() | {".dockerignore"}
+    problems = [f"configuration.copy: {path!r} is not something an image may use" for path in sorted(copies - allowed)]
+    problems += [
+        f"configuration.copy: the Dockerfile reads {path!r}, which is not copied"
+        for path in sorted(({"Dockerfile", ".dockerignore"} | dockerfile_sources()) - copies)
+    ]
+    for name, function in stack["functions"].items():
+        handler = Path(function.get("handler", "."))
+        if function.get("lang") == "dockerfile" and handler != Path("functions") / name:
+            problems.append(f"{name}: handler {function.get('handler')!r} is not functions/{name}")
+    return problems
+
+
+def test_openfaas_builds_each_function_from_only_what_its_image_needs(stack):
+    assert build_context_problems(stack) == []
+
+
+def test_the_build_context_check_catches_the_repository_as_handler(stack):
+    whole = copy.deepcopy(stack)
+    whole["functions"]["subscribe"]["handler"] = "."
+    whole["configuration"]["copy"] = ["./Dockerfile", "./.local", "./shared"]
+    assert sorted(build_context_problems(whole)) == [
+        "configuration.copy: '.local' is not something an image may use",
+        "configuration.copy: the Dockerfile reads '.dockerignore', which is not copied",
+        "configuration.copy: the Dockerfile reads 'functions', which is not copied",
+        "configuration.copy: the Dockerfile reads 'pyproject.toml', which is not copied",
+        "configuration.copy: the Dockerfile reads 'requirements', which is not copied",
+        "subscribe: handler '.' is not functions/subscribe",
+    ]
 
 
 # --- kustomize: one place for the parameters ------------------------------------------------
@@ -527,7 +918,7 @@ def test_the_kustomization_builds_with_the_parameters_applied(kustomize, tmp_pat
     assert len([d for d in built if d["kind"] == "PingSource"]) == 1 + len(DISPATCHERS)
 
 
-def test_the_database_url_can_come_from_its_openfaas_secret_file(stack, tmp_path, monkeypatch):
+def test_the_database_url_is_read_from_its_mounted_secret_file(stack, tmp_path, monkeypatch):
     assert all("push-database-url" in f.get("secrets", []) for f in stack["functions"].values())
     from shared.db import database_url
 
