@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import email.utils
 import enum
+import math
 import time
 from dataclasses import dataclass
 from datetime import timezone
@@ -38,14 +39,15 @@ class WakeUp:
     dry_run: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Device:
-    """What a provider needs to know of one subscription.
+    """One subscription as the dispatcher and the providers see it.
 
     ``token`` is the provider token: an FCM registration token, an APNs device token (lower-case
     hex), or for Web Push the subscription JSON text
     (``{"endpoint": ..., "keys": {"p256dh": ..., "auth": ...}}``).
-    ``topic`` and ``environment`` are set for APNs only.
+    ``topic`` and ``environment`` are set for APNs only. ``id`` is 0 for a device that is not
+    subscribed (one named by an Echo request).
     """
 
     id: int
@@ -54,6 +56,8 @@ class Device:
     environment: str | None = None
     app: str | None = None
     """The app whose credentials reach the device (see :mod:`shared.apps`); ``None``: default."""
+    token_sha256: str = ""
+    """The subscription's device hash: what dead-token reports name instead of the token."""
 
 
 @dataclass(frozen=True)
@@ -86,20 +90,29 @@ class Provider(Protocol):
         ...
 
 
+MAX_RETRY_AFTER_SECONDS = 3600.0
+"""The longest wait a provider's Retry-After can ask for. A Web Push service is whatever host a
+subscriber named, so its header is untrusted input: ``inf`` or a date in the year 9999 must not
+reach the broker (or a ``timedelta``) as is."""
+
+
 def retry_after_seconds(value: str | None) -> float | None:
-    """An HTTP ``Retry-After`` header as seconds from now: it is either delta-seconds or an
-    HTTP date (RFC 9110, 10.2.3). ``None`` when absent or unreadable."""
+    """An HTTP ``Retry-After`` header as seconds from now, at most
+    :data:`MAX_RETRY_AFTER_SECONDS`: it is either delta-seconds or an HTTP date (RFC 9110,
+    10.2.3). ``None`` when absent or unreadable."""
     if not value:
         return None
     value = value.strip()
     try:
-        return max(float(value), 0.0)
+        seconds = float(value)
     except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return max(when.timestamp() - time.time(), 0.0)
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, OverflowError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=timezone.utc)
+        seconds = when.timestamp() - time.time()
+    if not math.isfinite(seconds):
+        return None if math.isnan(seconds) else MAX_RETRY_AFTER_SECONDS
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER_SECONDS)
