@@ -56,7 +56,7 @@ class Cleanup:
     @classmethod
     def from_env(cls) -> Cleanup:
         configure_logging()
-        metrics.serve_metrics()
+        metrics.configure()
         engine = get_engine()
         cleanup = cls(
             SubscriptionStore(engine),

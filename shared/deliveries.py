@@ -9,11 +9,12 @@ another invocation right now (skip, and ask for a retry), and which still need i
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import TypeVar
 
-from sqlalchemy import Engine, bindparam, delete, select, update
+from sqlalchemy import Engine, delete, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from shared.db import insert_ignore, run_transaction
@@ -21,7 +22,8 @@ from shared.models import Delivery
 from shared.providers.base import Outcome, SendResult
 from shared.subscriptions import Clock, utcnow
 
-CHUNK = 500  # ids per IN (...) list
+CHUNK = 500  # ids per IN (...) list, rows per INSERT
+T = TypeVar("T")
 
 
 @dataclass
@@ -61,92 +63,109 @@ class DeliveryLedger:
 
     def claim(self, event_key: str, subscription_ids: Sequence[int]) -> Claims:
         """Claim every subscription of the event that is not done or in flight elsewhere."""
-        token = secrets.token_hex(16)
-        return run_transaction(self.engine, lambda s: self._claim(s, event_key, subscription_ids, token))
+        return run_transaction(
+            self.engine, lambda s: self.claim_many_in(s, [(event_key, subscription_ids)])[0]
+        )
 
-    def _claim(self, session: Session, key: str, ids: Sequence[int], token: str) -> Claims:
-        claims = Claims(token)
+    def claim_many_in(self, session: Session, requests: Sequence[tuple[str, Sequence[int]]]) -> list[Claims]:
+        """:meth:`claim` for several events at once, inside the caller's transaction (the
+        dispatcher reads the subscriptions and claims them in one, for every event of a batch)."""
+        claims = [Claims(secrets.token_hex(16)) for _ in requests]
         now = self.clock()
         lease_until, expires_at = now + self.lease, now + self.retention
-        for chunk in _chunks(ids):
-            rows = [
+        rows = sorted(  # one lock order for every replica
+            (
                 {"event_key": key, "subscription_id": sub_id, "state": "sending",
-                 "claim": claims.token, "lease_until": lease_until, "expires_at": expires_at}
-                for sub_id in chunk
-            ]
-            session.execute(insert_ignore(session, Delivery), rows)
-            # Take over claims whose dispatcher stopped before recording anything.
-            session.execute(
-                update(Delivery)
-                .where(
-                    Delivery.event_key == key,
-                    Delivery.subscription_id.in_(chunk),
-                    Delivery.state == "sending",
-                    Delivery.lease_until < now,
-                )
-                .values(claim=claims.token, lease_until=lease_until)
-            )
-            for row in session.scalars(
-                select(Delivery).where(Delivery.event_key == key, Delivery.subscription_id.in_(chunk))
-            ):
-                if row.claim == claims.token and row.state == "sending":
-                    claims.claimed.add(row.subscription_id)
-                elif row.state == "sending":
-                    claims.in_flight.add(row.subscription_id)
-                elif row.state == "dead":
-                    claims.dead[row.subscription_id] = (row.reason or "", row.observed_at or now)
-                else:
-                    claims.done.add(row.subscription_id)
+                 "claim": claim.token, "lease_until": lease_until, "expires_at": expires_at}
+                for claim, (key, ids) in zip(claims, requests)
+                for sub_id in ids
+            ),
+            key=lambda row: (row["event_key"], row["subscription_id"]),
+        )
+        table = Delivery.__table__
+        inserted = sum(
+            session.execute(insert_ignore(session, table), chunk).rowcount for chunk in _chunks(rows)
+        )
+        if inserted == len(rows):
+            # First deliveries (the common case): every row is ours.
+            for claim, (_, ids) in zip(claims, requests):
+                claim.claimed.update(ids)
+            return claims
+        for claim, (key, ids) in zip(claims, requests):
+            for chunk in _chunks(ids):
+                self._settle(session, key, chunk, claim, now, lease_until)
         return claims
+
+    def _settle(
+        self, session: Session, key: str, ids: list[int], claims: Claims, now: datetime, lease_until: datetime
+    ) -> None:
+        """Sort an event's rows that were there before this claim: take over the claims of a
+        dispatcher that stopped before recording anything, and see what the others hold."""
+        table = Delivery.__table__
+        session.execute(
+            update(table)
+            .where(
+                table.c.event_key == key,
+                table.c.subscription_id.in_(ids),
+                table.c.state == "sending",
+                table.c.lease_until < now,
+            )
+            .values(claim=claims.token, lease_until=lease_until)
+        )
+        for row in session.execute(
+            select(table.c.subscription_id, table.c.state, table.c.claim, table.c.reason, table.c.observed_at)
+            .where(table.c.event_key == key, table.c.subscription_id.in_(ids))
+        ):
+            if row.claim == claims.token and row.state == "sending":
+                claims.claimed.add(row.subscription_id)
+            elif row.state == "sending":
+                claims.in_flight.add(row.subscription_id)
+            elif row.state == "dead":
+                claims.dead[row.subscription_id] = (row.reason or "", row.observed_at or now)
+            else:
+                claims.done.add(row.subscription_id)
 
     def record(self, event_key: str, claims: Claims, outcomes: Outcomes) -> None:
         """Keep the final outcomes; give up the claims of transient failures so the
         redelivered event sends to those devices again."""
-        run_transaction(self.engine, lambda s: self._record(s, event_key, claims, outcomes))
+        self.record_many([(event_key, claims, outcomes)])
 
-    def _record(self, session: Session, key: str, claims: Claims, outcomes: Outcomes) -> None:
-        retry: list[int] = []
-        final: dict[str, list[dict]] = {}
-        for sub_id, (result, observed_at) in outcomes.results.items():
-            if result.outcome is Outcome.TRANSIENT:
-                retry.append(sub_id)
-            else:
-                final.setdefault(result.outcome.value, []).append(
-                    {"b_id": sub_id, "b_reason": result.reason[:64], "b_observed": observed_at}
-                )
+    def record_many(self, items: Sequence[tuple[str, Claims, Outcomes]]) -> list[None]:
+        """:meth:`record` for several events in one transaction (one result per item, for
+        :class:`shared.batching.Batcher`)."""
+        run_transaction(self.engine, lambda s: self._record_many(s, items))
+        return [None] * len(items)
+
+    def _record_many(self, session: Session, items: Sequence[tuple[str, Claims, Outcomes]]) -> None:
+        retry: list[tuple[str, int]] = []
+        final: dict[tuple[str, str], tuple[list[tuple[str, int]], datetime]] = {}
+        for key, _, outcomes in items:
+            for sub_id, (result, observed_at) in outcomes.results.items():
+                if result.outcome is Outcome.TRANSIENT:
+                    retry.append((key, sub_id))
+                    continue
+                group = (result.outcome.value, result.reason[:64])
+                pairs, earliest = final.get(group, ([], observed_at))
+                pairs.append((key, sub_id))
+                final[group] = (pairs, min(earliest, observed_at))
         table = Delivery.__table__
-        ours = (table.c.event_key == key, table.c.claim == claims.token)
+        row_key = tuple_(table.c.event_key, table.c.subscription_id)
+        # A claim token belongs to one event: matching any of the batch's tokens is matching
+        # each row's own.
+        ours = table.c.claim.in_({claims.token for _, claims, _ in items})
         for chunk in _chunks(retry):
-            session.execute(delete(table).where(*ours, table.c.subscription_id.in_(chunk)))
-        for state, rows in final.items():
-            session.execute(
-                update(table)
-                .where(*ours, table.c.subscription_id == bindparam("b_id"))
-                .values(
-                    state=state,
-                    reason=bindparam("b_reason"),
-                    observed_at=bindparam("b_observed"),
-                    lease_until=None,
-                ),
-                rows,
-            )
-
-    def release(self, event_key: str, claims: Claims, subscription_ids: Iterable[int]) -> None:
-        """Give up claims without an outcome (the sends never started)."""
-        ids = list(subscription_ids)
-        run_transaction(
-            self.engine,
-            lambda s: [
-                s.execute(
-                    delete(Delivery).where(
-                        Delivery.event_key == event_key,
-                        Delivery.claim == claims.token,
-                        Delivery.subscription_id.in_(chunk),
-                    )
+            session.execute(delete(table).where(row_key.in_(chunk), ours))
+        # One UPDATE per outcome and reason, not per device (PyMySQL runs an executemany UPDATE
+        # as one statement per row). The group's earliest observation stands for all of it:
+        # clean-up keeps a row refreshed after ``observed_at``, so an earlier time errs towards
+        # keeping a device that re-registered.
+        for (state, reason), (pairs, observed_at) in final.items():
+            for chunk in _chunks(pairs):
+                session.execute(
+                    update(table)
+                    .where(row_key.in_(chunk), ours)
+                    .values(state=state, reason=reason, observed_at=observed_at, lease_until=None)
                 )
-                for chunk in _chunks(ids)
-            ],
-        )
 
     def expire(self, events_per_batch: int = 500) -> int:
         """Delete records past their retention, a few hundred events per transaction so no
@@ -177,7 +196,7 @@ class DeliveryLedger:
                 return total
 
 
-def _chunks(ids: Sequence[int] | list[int]) -> Iterator[list[int]]:
-    ids = list(ids)
-    for start in range(0, len(ids), CHUNK):
-        yield ids[start : start + CHUNK]
+def _chunks(items: Sequence[T]) -> Iterator[list[T]]:
+    items = list(items)
+    for start in range(0, len(items), CHUNK):
+        yield items[start : start + CHUNK]

@@ -21,16 +21,18 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import httpx
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from shared import logs, metrics
+from shared.batching import Batcher
 from shared.config import env, env_float, env_int, env_list
-from shared.db import DatabaseUnavailable, SchemaGate, get_engine
+from shared.db import DatabaseUnavailable, SchemaGate, get_engine, run_transaction
 from shared.deliveries import Claims, DeliveryLedger, Outcomes
 from shared.events import (
     NOTIFICATION_REQUESTED,
@@ -48,7 +50,6 @@ from shared.events import (
 )
 from shared.http import ApiError, read_json, require_method, serve
 from shared.logs import configure_logging
-from shared.models import Subscription
 from shared.policy import DeliveryPolicy, Due, PendingStore
 from shared.providers.base import Device, Outcome, Provider, SendResult, WakeUp
 from shared.ratelimits import RateLimiter
@@ -59,9 +60,12 @@ log = logging.getLogger(__name__)
 DEFAULT_RETRY_AFTER = 30
 CHECKPOINT_SECONDS = 0.1
 OVERLOAD_RETRY_AFTER = 5
-FLUSH_BATCH = 500
+#: Due wake-ups one flush claims and sends at most; the rest wait for the next tick.
+FLUSH_LIMIT = 5000
 #: What a device over its per-event-type limit gets: nothing sent, recorded as done.
 LIMITED = SendResult(Outcome.REJECTED, "limited")
+#: What a device gets when its provider raised instead of answering (a bug, or an unsendable token).
+PROVIDER_ERROR = SendResult(Outcome.REJECTED, "provider_error")
 ECHO_PROVIDERS = ("fcm", "apns")
 #: Transient reasons that mean "slow down": the answer is then 429, and metrics say rate_limited.
 RATE_LIMITED = frozenset({"TooManyRequests", "TooManyProviderTokenUpdates", "QUOTA_EXCEEDED", "http_429"})
@@ -136,11 +140,16 @@ class Dispatcher:
         self.schema = SchemaGate(store.engine)
         self._in_flight = 0
         self._sink_client: httpx.AsyncClient | None = None
+        # Concurrent events share their claim and record transactions (shared.batching).
+        self._claims: Batcher[tuple[Sequence[str], str], tuple[list[Device], Claims]] = Batcher(
+            self._load_and_claim
+        )
+        self._records: Batcher[tuple[str, Claims, Outcomes], None] = Batcher(ledger.record_many)
 
     @classmethod
     def from_env(cls, provider: Provider) -> Dispatcher:
         configure_logging()
-        metrics.serve_metrics()
+        metrics.configure()
         engine = get_engine()
         delivery = DeliveryPolicy.from_env()
         pending = None
@@ -209,17 +218,17 @@ class Dispatcher:
         With an event key (and not a dry run) the ledger makes this safe to repeat: devices
         already served by an earlier delivery of the same event are skipped.
         """
-        subscriptions = await run_in_threadpool(
-            self.store.for_users, notification.users, self.provider.name
-        )
         wakeup = WakeUp(notification.message_type, notification.ttl_seconds, notification.dry_run)
         report = DispatchReport()
-        if not subscriptions:
-            return report
         if key is None or notification.dry_run:
+            subscriptions = await run_in_threadpool(
+                self.store.for_users, notification.users, self.provider.name
+            )
             await self._send_all(subscriptions, wakeup, report)
             return report
-        claims = await run_in_threadpool(self.ledger.claim, key, [s.id for s in subscriptions])
+        subscriptions, claims = await self._claims.submit((notification.users, key))
+        if not subscriptions:
+            return report
         report.skipped = len(claims.done)
         if claims.done or claims.dead or claims.in_flight:
             metrics.REDELIVERIES.labels(self.provider.name).inc()
@@ -231,7 +240,8 @@ class Dispatcher:
                 reason, observed_at = claims.dead[subscription.id]
                 report.dead.append(InvalidToken(subscription.id, subscription.token_sha256, reason, observed_at))
         to_send = [s for s in subscriptions if s.id in claims.claimed]
-        to_send, held = await self._apply_limits(to_send, notification.event_type)
+        counted_at = self.clock()  # the limits' window: a refund goes back to the same one
+        to_send, held = await self._apply_limits(to_send, notification.event_type, counted_at)
         if self.pending is not None:
             await run_in_threadpool(
                 self.pending.enqueue, self.provider.name, [s.id for s in to_send],
@@ -244,29 +254,50 @@ class Dispatcher:
 
             async def checkpoint(batch: Outcomes) -> None:
                 try:
-                    await run_in_threadpool(self.ledger.record, key, claims, batch)
+                    await self._records.submit((key, claims, batch))
                     recorded.update(batch.results)
                 except DatabaseUnavailable:
                     log.warning("could not record delivery outcomes yet: database unavailable")
 
             outcomes = await self._send_all(to_send, wakeup, report, checkpoint)
-            await self._refund_transient(to_send, notification.event_type, outcomes)
+            await self._refund_transient(to_send, notification.event_type, outcomes, counted_at)
             outcomes = Outcomes(
                 {sub_id: r for sub_id, r in outcomes.results.items() if sub_id not in recorded} | held
             )
         await self._record(key, claims, outcomes)
         return report
 
+    def _load_and_claim(
+        self, requests: Sequence[tuple[Sequence[str], str]]
+    ) -> list[tuple[list[Device], Claims]]:
+        """For each (users, event key): the users' devices with this provider, claimed for the
+        event. One transaction for the whole batch, so an event costs the database a share of
+        two (this and the outcomes') in the common case."""
+
+        def work(session: Session) -> list[tuple[list[Device], Claims]]:
+            everyone = {user for users, _ in requests for user in users}
+            by_user = self.store.devices_by_user_in(session, everyone, self.provider.name)
+            targets = []
+            for users, _ in requests:
+                devices = {d.id: d for user in users for d in by_user.get(user, ())}
+                targets.append(sorted(devices.values(), key=lambda d: d.id))
+            claims = self.ledger.claim_many_in(
+                session, [(key, [d.id for d in devices]) for devices, (_, key) in zip(targets, requests)]
+            )
+            return list(zip(targets, claims))
+
+        return run_transaction(self.store.engine, work)
+
     async def _apply_limits(
-        self, subscriptions: list[Subscription], event_type: str | None
-    ) -> tuple[list[Subscription], dict[int, tuple[SendResult, object]]]:
+        self, subscriptions: list[Device], event_type: str | None, counted_at: datetime
+    ) -> tuple[list[Device], dict[int, tuple[SendResult, object]]]:
         """Split off the devices over their per-event-type limit: they get no push this time,
         and the event still succeeds for them."""
         limit = self.delivery.limits.get(event_type) if event_type else None
         if limit is None or not subscriptions:
             return subscriptions, {}
         allowed = await run_in_threadpool(
-            self.limiter.hit, [f"{s.id}\n{event_type}" for s in subscriptions], limit
+            self.limiter.hit, [f"{s.id}\n{event_type}" for s in subscriptions], limit, counted_at
         )
         held = {s.id: (LIMITED, self.clock()) for s, ok in zip(subscriptions, allowed) if not ok}
         if held:
@@ -274,53 +305,73 @@ class Dispatcher:
         return [s for s, ok in zip(subscriptions, allowed) if ok], held
 
     async def _refund_transient(
-        self, subscriptions: list[Subscription], event_type: str | None, outcomes: Outcomes
+        self, subscriptions: list[Device], event_type: str | None, outcomes: Outcomes, counted_at: datetime
     ) -> None:
         """Give back the limit of pushes that will be retried: only pushes sent count."""
         limit = self.delivery.limits.get(event_type) if event_type else None
         retried = [s for s in subscriptions if outcomes.results[s.id][0].outcome is Outcome.TRANSIENT]
         if limit is not None and retried:
-            await run_in_threadpool(self.limiter.refund, [f"{s.id}\n{event_type}" for s in retried], limit)
+            await run_in_threadpool(
+                self.limiter.refund, [f"{s.id}\n{event_type}" for s in retried], limit, counted_at
+            )
 
     async def flush(self) -> DispatchReport:
-        """Send the pending wake-ups that are due (privacy delay), batch by batch until none is
-        due or the deadline nears; transient failures stay pending for a later tick."""
+        """Send the pending wake-ups that are due (privacy delay); transient failures stay pending
+        for a later tick.
+
+        Every (message type, TTL) group is sent at once, so the whole flush shares one deadline
+        and ends within the claim's lease (``PUSH_PENDING_LEASE_SECONDS``, kept above it): no
+        later tick claims a wake-up this flush may still send. As for events, what was sent is
+        recorded as the sends go on, so a flush that dies midway does not send it again.
+        """
         report = DispatchReport()
         if self.pending is None:
             return report
-        started = time.monotonic()
-        while time.monotonic() - started < self.settings.deadline_seconds / 2:
-            token, due = await run_in_threadpool(self.pending.claim_due, self.provider.name, FLUSH_BATCH)
-            if not due:
-                break
-            rows = await run_in_threadpool(self.store.by_ids, [d.subscription_id for d in due])
-            gone = [d.subscription_id for d in due if d.subscription_id not in rows]
-            if gone:
-                await run_in_threadpool(self.pending.drop, gone)
-            groups: dict[tuple[str, int], list[Due]] = {}
-            for item in due:
-                if item.subscription_id in rows:
-                    groups.setdefault((item.message_type, item.ttl_seconds), []).append(item)
-            sent: list[Due] = []
-            retry: list[Due] = []
-            for (message_type, ttl), items in groups.items():
-                outcomes = await self._send_all(
-                    [rows[d.subscription_id] for d in items], WakeUp(message_type, ttl), report
-                )
-                for item in items:
-                    transient = outcomes.results[item.subscription_id][0].outcome is Outcome.TRANSIENT
+        token, due = await run_in_threadpool(self.pending.claim_due, self.provider.name, FLUSH_LIMIT)
+        if not due:
+            return report
+        rows = await run_in_threadpool(self.store.by_ids, [d.subscription_id for d in due])
+        gone = [d.subscription_id for d in due if d.subscription_id not in rows]
+        if gone:
+            await run_in_threadpool(self.pending.drop, gone)
+        groups: dict[tuple[str, int], dict[int, Due]] = {}
+        for item in due:
+            if item.subscription_id in rows:
+                groups.setdefault((item.message_type, item.ttl_seconds), {})[item.subscription_id] = item
+        recorded: set[Due] = set()
+
+        def checkpoint_of(items: dict[int, Due]) -> Callable[[Outcomes], Awaitable[None]]:
+            async def checkpoint(batch: Outcomes) -> None:
+                sent = [items[sub_id] for sub_id in batch.results]
+                try:
+                    await run_in_threadpool(self.pending.finish, token, sent)
+                    recorded.update(sent)
+                except DatabaseUnavailable:
+                    log.warning("could not record flushed wake-ups yet: database unavailable")
+
+            return checkpoint
+
+        results = await asyncio.gather(*(
+            self._send_all([rows[sub_id] for sub_id in items], WakeUp(message_type, ttl), report,
+                           checkpoint_of(items))
+            for (message_type, ttl), items in groups.items()
+        ))
+        sent: list[Due] = []
+        retry: list[Due] = []
+        for items, outcomes in zip(groups.values(), results):
+            for sub_id, item in items.items():
+                if item not in recorded:
+                    transient = outcomes.results[sub_id][0].outcome is Outcome.TRANSIENT
                     (retry if transient else sent).append(item)
-            await run_in_threadpool(
-                self.pending.finish, token, sent, retry,
-                timedelta(seconds=report.retry_after or DEFAULT_RETRY_AFTER),
-            )
-            if len(due) < FLUSH_BATCH:
-                break
+        await run_in_threadpool(
+            self.pending.finish, token, sent, retry,
+            timedelta(seconds=report.retry_after or DEFAULT_RETRY_AFTER),
+        )
         return report
 
     async def _record(self, key: str, claims: Claims, outcomes: Outcomes) -> None:
         try:
-            await run_in_threadpool(self.ledger.record, key, claims, outcomes)
+            await self._records.submit((key, claims, outcomes))
         except DatabaseUnavailable:
             # The sends happened; their claims stay until the lease runs out, and the broker
             # redelivers (503). Devices already sent to may then get this wake-up twice: the
@@ -330,7 +381,7 @@ class Dispatcher:
 
     async def _send_all(
         self,
-        subscriptions: Sequence[Subscription],
+        subscriptions: Sequence[Device],
         wakeup: WakeUp,
         report: DispatchReport,
         checkpoint: Callable[[Outcomes], Awaitable[None]] | None = None,
@@ -346,10 +397,20 @@ class Dispatcher:
         unrecorded: dict[int, tuple[SendResult, object]] = {}
         provider = self.provider.name
 
-        async def send(subscription: Subscription) -> None:
+        async def send(subscription: Device) -> None:
             async with limit:
                 started = time.perf_counter()
-                result = await self.provider.send(_device(subscription), wakeup)
+                try:
+                    result = await self.provider.send(subscription, wakeup)
+                except Exception as exc:  # noqa: BLE001 - see below
+                    # Providers classify every answer; what escapes is a device they cannot
+                    # send to at all (a stored Web Push endpoint the HTTP client refuses, say).
+                    # Retrying will not help, and must not hold the other devices' event.
+                    log.error(
+                        "%s provider failed on subscription %d: %s",
+                        provider, subscription.id, type(exc).__name__,
+                    )
+                    result = PROVIDER_ERROR
                 elapsed = time.perf_counter() - started
             results[subscription.id] = (result, self.clock())
             if result.outcome is not Outcome.TRANSIENT:
@@ -434,8 +495,6 @@ class Dispatcher:
     async def _handle_echo(self, request: Request) -> Response:
         echo = parse_echo_request(await read_json(request), self.policy)
         metrics.NOTIFICATIONS_REQUESTED.labels(self.provider.name, "echo").inc()
-        if self.provider.name == "apns" and not echo.topic:
-            raise ApiError(400, "missing_field", "topic is required for APNs", "topic")
         tokens = [token.lower() for token in echo.tokens] if self.provider.name == "apns" else list(echo.tokens)
         known = await run_in_threadpool(
             self.store.by_token_hashes, [token_sha256(t) for t in tokens], self.provider.name
@@ -446,9 +505,13 @@ class Dispatcher:
             row = known.get(digest)
             environment = row.environment if row else self.settings.echo_apns_environment
             subscriptions.append(
-                Subscription(
+                Device(
                     id=row.id if row else 0, token=token, token_sha256=digest,
-                    topic=echo.topic, environment=environment if self.provider.name == "apns" else None,
+                    # Echo leaves the topic out for devices it stored without one: a known
+                    # device has its own; an unknown one without a topic is refused (MissingTopic).
+                    topic=echo.topic or (row.topic if row else None),
+                    environment=environment if self.provider.name == "apns" else None,
+                    app=row.app if row else None,
                 )
             )
         report = DispatchReport()
@@ -467,12 +530,6 @@ class Dispatcher:
         await self.provider.aclose()
         if self._sink_client is not None:
             await self._sink_client.aclose()
-
-
-def _device(subscription: Subscription) -> Device:
-    return Device(
-        subscription.id, subscription.token, subscription.topic, subscription.environment, subscription.app
-    )
 
 
 def notification_policy_from_env() -> NotificationPolicy:

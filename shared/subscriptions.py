@@ -10,14 +10,16 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from sqlalchemy import Engine, bindparam, delete, func, select
+from sqlalchemy import Engine, Select, bindparam, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from shared.db import read_session, run_transaction, unavailable_as_503
 from shared.models import Subscription
+from shared.providers.base import Device
 
 PROVIDERS = ("fcm", "apns", "webpush")
+_USERS_PER_QUERY = 1000  # user ids per IN (...) list
 
 Clock = Callable[[], datetime]
 
@@ -66,62 +68,78 @@ class SubscriptionStore:
         self.cap = cap
         self.clock = clock
 
-    def subscribe(self, user_id: str, new: NewSubscription) -> SubscribeResult:
+    def subscribe(
+        self, user_id: str, new: NewSubscription, admit: Callable[[Session], bool] | None = None
+    ) -> SubscribeResult | None:
         """Create the subscription, refresh it, or move it from another user to ``user_id``.
 
         Over the cap, the caller's least recently updated subscriptions are evicted in the same
         transaction, after the new row is written: a request that fails deletes nothing. Two
         requests racing to insert one token make one row: the loser's insert fails on the unique
         hash and its transaction runs again, finding the row.
+
+        ``admit`` runs first in the same transaction (a rate limit counting the request); when
+        it answers no, nothing is written and the result is ``None``.
         """
+
+        def work(session: Session) -> SubscribeResult | None:
+            if admit is not None and not admit(session):
+                return None
+            return self._subscribe(session, user_id, new)
+
         for attempt in range(3):
             try:
-                return run_transaction(self.engine, lambda s: self._subscribe(s, user_id, new))
+                return run_transaction(self.engine, work)
             except IntegrityError:
                 if attempt == 2:
                     raise
         raise AssertionError("unreachable")
 
     def _subscribe(self, session: Session, user_id: str, new: NewSubscription) -> SubscribeResult:
+        # Core statements, not the ORM's unit of work: this runs on every app start, and the
+        # ORM's bookkeeping cost more CPU than the statements themselves.
+        table = Subscription.__table__
         now = self.clock()
+        digest = new.token_sha256
         # Lock the caller's rows first: concurrent subscribes of one user then take turns, so
         # the cap holds under races (MariaDB also locks the gap, SQLite has one writer anyway).
-        held = list(
-            session.scalars(
-                select(Subscription)
-                .where(Subscription.user_id == user_id)
-                .order_by(Subscription.updated_at, Subscription.id)
-                .with_for_update()
-            )
-        )
-        row = session.scalars(
-            select(Subscription).where(Subscription.token_sha256 == new.token_sha256).with_for_update()
+        held = session.scalars(
+            select(table.c.id)
+            .where(table.c.user_id == user_id)
+            .order_by(table.c.updated_at, table.c.id)
+            .with_for_update()
+        ).all()
+        row = session.execute(
+            select(table.c.id, table.c.user_id, table.c.created_at)
+            .where(table.c.token_sha256 == digest)
+            .with_for_update()
         ).one_or_none()
         if row is not None and row.user_id != user_id:
             # The device changed hands. The new owner gets a new row, so nothing about it (its
             # id, its times) tells them the device was subscribed before.
-            session.delete(row)
-            session.flush()
+            session.execute(delete(table).where(table.c.id == row.id))
             row = None
-        created = row is None
+        values = {
+            "user_id": user_id, "provider": new.provider, "token": new.token, "topic": new.topic,
+            "environment": new.environment, "app": new.app, "updated_at": now,
+        }
         if row is None:
-            row = Subscription(user_id=user_id, created_at=now, token_sha256=new.token_sha256)
-            session.add(row)
-        row.user_id = user_id
-        row.provider = new.provider
-        row.token = new.token
-        row.topic = new.topic
-        row.environment = new.environment
-        row.app = new.app
-        row.updated_at = now
-        session.flush()
+            created_at = now
+            inserted = session.execute(
+                insert(table).values(token_sha256=digest, created_at=created_at, **values)
+            )
+            sub_id = inserted.inserted_primary_key[0]
+        else:
+            created_at, sub_id = row.created_at, row.id
+            session.execute(update(table).where(table.c.id == sub_id).values(**values))
 
-        others = [held_row for held_row in held if held_row.id != row.id]
+        others = [held_id for held_id in held if held_id != sub_id]
         excess = len(others) + 1 - self.cap
         evicted = others[:excess] if excess > 0 else []
         if evicted:
-            session.execute(delete(Subscription).where(Subscription.id.in_([r.id for r in evicted])))
-        return SubscribeResult(row, created, len(evicted))
+            session.execute(delete(table).where(table.c.id.in_(evicted)))
+        subscription = Subscription(id=sub_id, token_sha256=digest, created_at=created_at, **values)
+        return SubscribeResult(subscription, row is None, len(evicted))
 
     def list_for_user(self, user_id: str) -> list[Subscription]:
         """The user's subscriptions, oldest first."""
@@ -154,26 +172,40 @@ class SubscriptionStore:
             lambda s: s.execute(delete(Subscription).where(Subscription.user_id == user_id)).rowcount,
         )
 
-    def for_users(self, user_ids: Iterable[str], provider: str) -> list[Subscription]:
+    def for_users(self, user_ids: Iterable[str], provider: str) -> list[Device]:
         """The subscriptions of these users with this provider: what a dispatcher sends to."""
-        ids = list(dict.fromkeys(user_ids))
-        if not ids:
-            return []
         with unavailable_as_503(), read_session(self.engine) as session:
-            return list(
-                session.scalars(
-                    select(Subscription)
-                    .where(Subscription.user_id.in_(ids), Subscription.provider == provider)
-                    .order_by(Subscription.id)
-                )
-            )
+            return self.for_users_in(session, user_ids, provider)
 
-    def by_ids(self, ids: Iterable[int]) -> dict[int, Subscription]:
+    @staticmethod
+    def for_users_in(session: Session, user_ids: Iterable[str], provider: str) -> list[Device]:
+        """:meth:`for_users` in the caller's session (and transaction)."""
+        by_user = SubscriptionStore.devices_by_user_in(session, user_ids, provider)
+        return sorted((d for devices in by_user.values() for d in devices), key=lambda d: d.id)
+
+    @staticmethod
+    def devices_by_user_in(session: Session, user_ids: Iterable[str], provider: str) -> dict[str, list[Device]]:
+        """These users' devices with this provider, by user: one query serves several events."""
+        ids = list(dict.fromkeys(user_ids))
+        by_user: dict[str, list[Device]] = {}
+        table = Subscription.__table__
+        for start in range(0, len(ids), _USERS_PER_QUERY):
+            rows = session.execute(
+                _select_devices()
+                .add_columns(table.c.user_id)
+                .where(table.c.user_id.in_(ids[start : start + _USERS_PER_QUERY]), table.c.provider == provider)
+            )
+            for *device, user_id in rows:
+                by_user.setdefault(user_id, []).append(Device(*device))
+        return by_user
+
+    def by_ids(self, ids: Iterable[int]) -> dict[int, Device]:
         wanted = list(dict.fromkeys(ids))
         if not wanted:
             return {}
         with unavailable_as_503(), read_session(self.engine) as session:
-            return {row.id: row for row in session.scalars(select(Subscription).where(Subscription.id.in_(wanted)))}
+            rows = session.execute(_select_devices().where(Subscription.__table__.c.id.in_(wanted)))
+            return {row.id: Device(*row) for row in rows}
 
     def count_by_provider(self) -> dict[str, int]:
         with unavailable_as_503(), read_session(self.engine) as session:
@@ -182,18 +214,17 @@ class SubscriptionStore:
             )
             return {provider: count for provider, count in rows}
 
-    def by_token_hashes(self, digests: Iterable[str], provider: str) -> dict[str, Subscription]:
+    def by_token_hashes(self, digests: Iterable[str], provider: str) -> dict[str, Device]:
         """Subscriptions by token hash, for requests that name devices by token (Echo's)."""
         wanted = list(dict.fromkeys(digests))
         if not wanted:
             return {}
+        table = Subscription.__table__
         with unavailable_as_503(), read_session(self.engine) as session:
-            rows = session.scalars(
-                select(Subscription).where(
-                    Subscription.token_sha256.in_(wanted), Subscription.provider == provider
-                )
+            rows = session.execute(
+                _select_devices().where(table.c.token_sha256.in_(wanted), table.c.provider == provider)
             )
-            return {row.token_sha256: row for row in rows}
+            return {row.token_sha256: Device(*row) for row in rows}
 
     def delete_invalid(self, items: Iterable[tuple[int, str, datetime]]) -> int:
         """Delete subscriptions a provider called dead, given as (id, token hash, observed at).
@@ -237,3 +268,10 @@ class SubscriptionStore:
             total += deleted
             if deleted < batch:
                 return total
+
+
+def _select_devices() -> Select:
+    """The columns of a :class:`Device`, in its field order. Dispatchers read these on every
+    notification: plain rows cost a third of what loading ORM objects does."""
+    c = Subscription.__table__.c
+    return select(c.id, c.token, c.topic, c.environment, c.app, c.token_sha256)

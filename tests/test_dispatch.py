@@ -4,6 +4,7 @@ both databases."""
 from __future__ import annotations
 
 import asyncio
+import json
 from datetime import timedelta
 
 import pytest
@@ -269,3 +270,24 @@ def _identity(row: Subscription) -> str:
     import json
 
     return json.loads(row.token)["endpoint"] if row.provider == "webpush" else row.token
+
+
+async def test_device_its_provider_cannot_send_to_is_refused_and_the_event_completes(
+    webpush_rig, function_client, engine
+):
+    # Stored before the endpoint host was validated at subscribe: aiohttp refuses the URL.
+    broken = json.loads(webpush_rig.new_subscription().token)
+    broken["endpoint"] = "https://a_b..c/push/1"
+    store = SubscriptionStore(engine)
+    store.subscribe("alice", NewSubscription("webpush", json.dumps(broken), broken["endpoint"]))
+    fine = webpush_rig.add(engine, "alice")
+    dispatch = function_client("dispatch-webpush")
+    posted = events.notification(["alice"], id_="unsendable-1")
+    assert (await dispatch.post("/", **posted)).status_code == 202
+    assert webpush_rig.wakeups(fine) == ["checkEchoV1"]
+    with Session(engine) as session:
+        states = sorted(session.scalars(select(Delivery.reason).where(Delivery.state == "rejected")))
+    assert states == ["provider_error"]
+    # Nothing is left to redeliver: the redelivery sends nothing more.
+    assert (await dispatch.post("/", **posted)).status_code == 202
+    assert webpush_rig.wakeups(fine) == ["checkEchoV1"]

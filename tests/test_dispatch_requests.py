@@ -29,6 +29,8 @@ MALFORMED_DATA = {
     "ttl_not_integer": (notification_data(ttl_seconds=1.5), "ttl_seconds"),
     "ttl_too_long": (notification_data(ttl_seconds=10**9), "ttl_seconds"),
     "event_type_not_string": (notification_data(event_type=5), "event_type"),
+    "user_id_lone_surrogate": (notification_data(users=["\ud800"]), "users"),
+    "event_type_lone_surrogate": (notification_data(event_type="edit-\udc00"), "event_type"),
     "unknown_field": (notification_data(text="hello"), "text"),
 }
 
@@ -76,6 +78,42 @@ async def test_event_data_that_is_not_json_answers_400(dispatch):
     posted["content"] = b"{not json"
     response = await dispatch.post("/", **posted)
     assert response.status_code == 400
+
+
+def structured_body(**attributes: str) -> str:
+    """A structured-mode event as JSON text, every non-ASCII character escaped (so it can hold
+    a lone surrogate, which UTF-8 cannot encode), ``data`` given as JSON text."""
+    data = attributes.pop("data", json.dumps(notification_data()))
+    envelope = {"specversion": "1.0", "type": "org.wikimedia.push.notification.requested.v1",
+                "source": "/test", "id": "e1", "datacontenttype": "application/json", **attributes}
+    return json.dumps(envelope)[:-1] + f', "data": {data}}}'
+
+
+STRUCTURED = {"Content-Type": "application/cloudevents+json"}
+
+
+async def test_structured_event_nested_past_the_parsers_limit_answers_400(dispatch):
+    """Python's JSON parser recurses once per level, and raises RecursionError past its limit."""
+    response = await dispatch.post("/", content=structured_body(data="[" * 100_000 + "]" * 100_000), headers=STRUCTURED)
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "not_a_cloudevent"
+
+
+@pytest.mark.parametrize("attribute", ["source", "id", "type"])
+async def test_structured_event_attribute_with_a_lone_surrogate_answers_400_naming_it(dispatch, attribute):
+    """The event key hashes source and id as UTF-8, and the logs carry the id."""
+    response = await dispatch.post("/", content=structured_body(**{attribute: "/\ud800"}), headers=STRUCTURED)
+    assert response.status_code == 400
+    assert response.json()["error"]["field"] == attribute
+
+
+async def test_connector_message_nested_past_the_parsers_limit_answers_400(function_client, webpush_rig, monkeypatch):
+    """An OpenFaaS connector's body is parsed to tell a structured CloudEvent from plain data."""
+    monkeypatch.setenv("PUSH_CONNECTOR_EVENT_TYPE", "org.wikimedia.push.notification.requested.v1")
+    dispatch = function_client("dispatch-webpush")
+    response = await dispatch.post("/", content='{"a":' * 30_000 + "0" + "}" * 30_000, headers={"X-Topic": "push"})
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "not_a_cloudevent"
 
 
 async def test_event_data_that_is_not_an_object_answers_422(dispatch):
@@ -192,13 +230,19 @@ async def test_echo_request_with_transient_failure_answers_503(echo_rig, functio
 
 
 @pytest.mark.parametrize("echo_rig", ["apns"], indirect=True)
-async def test_echo_apns_request_without_topic_answers_400(echo_rig, function_client):
+async def test_echo_apns_request_without_topic_sends_with_each_devices_own_topic(
+    echo_rig, function_client, engine
+):
+    # Echo leaves the topic out for devices it stored without one.
     dispatch = function_client("dispatch-apns")
+    known = echo_rig.add(engine, "alice")
     response = await dispatch.post(
-        "/v1/message/apns", json={"deviceTokens": ["ab" * 32], "messageType": "checkEchoV1"}
+        "/v1/message/apns", json={"deviceTokens": [known.token, "ab" * 32], "messageType": "checkEchoV1"}
     )
-    assert response.status_code == 400
-    assert response.json()["error"]["field"] == "topic"
+    assert response.status_code == 200
+    assert response.json() == {"delivered": 1, "invalid": 0, "rejected": 1}  # the unknown one: no topic
+    assert echo_rig.wakeups(known) == ["checkEchoV1"]
+    assert [r.headers["apns-topic"] for r in echo_rig.fake.requests] == [known.topic]
 
 
 ECHO_MALFORMED = {
@@ -206,6 +250,8 @@ ECHO_MALFORMED = {
     "tokens_not_strings": ({"deviceTokens": [1], "messageType": "checkEchoV1"}, "deviceTokens"),
     "unknown_message_type": ({"deviceTokens": ["t"], "messageType": "other"}, "messageType"),
     "dry_run_not_boolean": ({"deviceTokens": ["t"], "messageType": "checkEchoV1", "dryRun": 1}, "dryRun"),
+    "token_lone_surrogate": ({"deviceTokens": ["\ud800"], "messageType": "checkEchoV1"}, "deviceTokens"),
+    "topic_lone_surrogate": ({"deviceTokens": ["t"], "messageType": "checkEchoV1", "topic": "org.\udfff"}, "topic"),
 }
 
 
@@ -216,3 +262,14 @@ async def test_malformed_echo_request_answers_400_naming_the_field(echo_rig, fun
     response = await dispatch.post("/v1/message/fcm", content=json.dumps(body), headers={"Content-Type": "application/json"})
     assert response.status_code == 400
     assert response.json()["error"]["field"] == field
+
+
+@pytest.mark.parametrize("echo_rig", ["fcm"], indirect=True)
+async def test_echo_request_nested_past_the_parsers_limit_answers_400(echo_rig, function_client):
+    """Python's JSON parser recurses once per level, and raises RecursionError past its limit."""
+    dispatch = function_client("dispatch-fcm")
+    response = await dispatch.post(
+        "/v1/message/fcm", content="[" * 30_000 + "]" * 30_000, headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "invalid_json"

@@ -84,7 +84,10 @@ from aioapns.exceptions import ConnectionError as ApnsConnectionError
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from h2.config import H2Configuration
+from h2.connection import H2Connection
 from h2.exceptions import H2Error
+from hpack import Encoder, NeverIndexedHeaderTuple
 
 from shared.apns_tokens import ApnsTokenStore, IssuedToken, sign_provider_token
 from shared.config import (
@@ -176,6 +179,30 @@ class _SharedToken(AuthorizationHeaderProvider):
         self._header = f"bearer {token.token}"
 
 
+class _PlainEncoder(Encoder):
+    """HPACK as APNs requests need it cheaply: no Huffman coding, and the per-request values
+    (the device token's path, the request id, the expiry) kept out of the dynamic table.
+
+    h2 Huffman-codes every literal, and marks ``authorization`` never-indexed, so the provider
+    token (a few hundred bytes) was Huffman-coded in pure Python on every request: the largest
+    single cost of a send. Plain literals cost a few more bytes on the wire and almost no CPU;
+    values sent once would only push the reusable ones (topic, priority, push type) out of the
+    table."""
+
+    _NOT_INDEXED = frozenset({b":path", b"apns-id", b"apns-expiration", b"authorization"})
+    """Values sent once, and the provider token, which h2 would keep out of the table too."""
+
+    def encode(self, headers: Any, huffman: bool = True) -> bytes:
+        not_indexed = self._NOT_INDEXED
+        return super().encode(
+            [
+                NeverIndexedHeaderTuple(*header) if header[0] in not_indexed else header
+                for header in headers
+            ],
+            huffman=False,
+        )
+
+
 class _EndpointProtocol(APNsTLSClientProtocol):
     """aioapns's connection protocol with the endpoint as class attributes (set per endpoint by
     :func:`_endpoint_protocol`) and with its per-request bookkeeping kept tidy (module
@@ -185,11 +212,40 @@ class _EndpointProtocol(APNsTLSClientProtocol):
     shared_token: _SharedToken | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._flush_scheduled = False
         super().__init__(*args, **kwargs)
+        # h2's header validation and normalisation check what aioapns builds (lower-case names,
+        # the device token and topic validated when the device subscribed) and what Apple
+        # answers, through a chain of generators per header that cost a third of a send.
+        # _PlainEncoder keeps the provider token out of the table, as normalisation would.
+        self.conn = H2Connection(
+            H2Configuration(
+                client_side=True,
+                validate_outbound_headers=False,
+                normalize_outbound_headers=False,
+                validate_inbound_headers=False,
+                normalize_inbound_headers=False,
+            )
+        )
+        self.conn.encoder = _PlainEncoder()
         if self.shared_token is not None:
             self.auth_provider = self.shared_token
         self.lost: asyncio.Future[None] = self.loop.create_future()
         """Done once the connection is closed, for :meth:`ApnsProvider.aclose` to wait on."""
+
+    def flush(self) -> None:
+        """Write what h2 has queued once per turn of the event loop, not once per request:
+        aioapns flushes after every request and every frame it receives, and each flush is a
+        TLS record, a write system call and a new inactivity timer. Requests started in the
+        same turn (an event's sends) leave in one write."""
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush_now)
+
+    def _flush_now(self) -> None:
+        self._flush_scheduled = False
+        if self.transport is not None and not self.transport.is_closing():
+            super().flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
         try:
@@ -359,7 +415,8 @@ class ApnsProvider:
         if self._shared_token is not None:
             await self._shared_token.ensure_fresh()
         try:
-            result = await asyncio.wait_for(client.send_notification(request), self._timeout)
+            async with asyncio.timeout(self._timeout):
+                result = await client.send_notification(request)
         except TimeoutError:
             return SendResult(Outcome.TRANSIENT, "timeout")
         except (MaxAttemptsExceeded, ConnectionClosed, ApnsConnectionError, OSError, H2Error):

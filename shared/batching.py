@@ -1,0 +1,56 @@
+"""Group commit: the database work of concurrent requests, done in one transaction.
+
+A dispatcher handles many events at once, and each needs the same two short transactions (claim
+its devices, record the outcomes). Run one by one, their fixed cost (a thread hop, a session, a
+commit round trip, statement set-up) outweighs the rows they write: that made the database most of
+a dispatcher's CPU per event. A :class:`Batcher` runs one batch at a time in a worker thread;
+requests arriving meanwhile queue up and go together in the next batch. Under light load a batch
+holds one request and costs what it did alone; under load, batches grow and the cost per request
+falls, with no timer and no added latency.
+"""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from typing import Generic, TypeVar
+
+from starlette.concurrency import run_in_threadpool
+
+Request = TypeVar("Request")
+Result = TypeVar("Result")
+
+
+class Batcher(Generic[Request, Result]):
+    """Calls ``run(requests)`` (in a thread) with every request queued since the last call began,
+    and hands each caller its own result (``run`` returns them in order). When ``run`` raises,
+    every caller of that batch gets the exception: a batch is one transaction, done whole or not
+    at all."""
+
+    def __init__(self, run: Callable[[Sequence[Request]], Sequence[Result]], max_batch: int = 200) -> None:
+        self._run = run
+        self._max_batch = max_batch
+        self._queue: list[tuple[Request, asyncio.Future[Result]]] = []
+        self._drainer: asyncio.Task[None] | None = None
+
+    async def submit(self, request: Request) -> Result:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Result] = loop.create_future()
+        self._queue.append((request, future))
+        drainer = self._drainer
+        if drainer is None or drainer.done() or drainer.get_loop() is not loop:
+            self._drainer = loop.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        while self._queue:
+            batch, self._queue = self._queue[: self._max_batch], self._queue[self._max_batch :]
+            try:
+                results = await run_in_threadpool(self._run, [request for request, _ in batch])
+            except Exception as exc:  # noqa: BLE001 - handed to every caller of the batch
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+            else:
+                for (_, future), result in zip(batch, results, strict=True):
+                    if not future.done():
+                        future.set_result(result)
