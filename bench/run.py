@@ -1,0 +1,763 @@
+"""push-functions benchmarks: `python bench/run.py [--quick] [--only NAME[,NAME]]`.
+
+Starts the provider fakes (tests/fakes, standalone), MariaDB's `push_bench` database seeded with
+subscriptions, each function exactly as deployed (the Dockerfile's command), and a load generator
+in another process (bench/loadgen.py); prints one JSON line per figure on stdout:
+
+    {"name": ..., "value": ..., "unit": ..., "provider": ..., "parameters": {...}}
+
+Progress goes to stderr. Nothing here asserts a time: the figures are compared with the targets
+in bench/README.md by people. See bench/README.md for what each figure means.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+BIN = Path(sys.executable).parent
+PYTHON = sys.executable
+
+DB_NAME = "push_bench"
+DB_SERVER = os.environ.get("PUSH_BENCH_MARIADB", "mysql+pymysql://root@127.0.0.1:3306")
+DATABASE_URL = f"{DB_SERVER}/{DB_NAME}?charset=utf8mb4"
+TOPIC = "org.wikimedia.wikipedia"
+PROVIDERS = ("apns", "fcm", "webpush")
+FUNCTIONS = ("subscribe", "unsubscribe", "dispatch-fcm", "dispatch-apns", "dispatch-webpush",
+             "cleanup-invalid-tokens")
+SECTIONS = ("fakes", "clients", "dispatch", "latency", "coldstart", "subscribe", "scale")
+HOT_USERS = 1000
+"""Users the load targets; each has 3 devices of every provider (9,000 rows). Filler rows of
+other users bring the table to the size a figure names (10k or 1M)."""
+DEVICES_PER_USER = 3
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PROFILE_DIR: Path | None = None
+"""With --profile DIR: py-spy records the function's worker over every measured window (raw
+collapsed stacks, one file per run; bench/profile_summary.py summarises them)."""
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+CONCURRENCY = {1: 16, 100: 4}
+"""Events in flight at once (closed loop) for 1-user and 100-user events; --concurrency changes it."""
+EXTRA_ENV: dict[str, str] = {}
+"""Settings given with --env, reported with every figure."""
+
+
+def emit(name: str, value: float | None, unit: str, provider: str | None = None, **parameters) -> None:
+    if EXTRA_ENV:
+        parameters["env"] = EXTRA_ENV
+    line = {"name": name, "value": value, "unit": unit, "provider": provider, "parameters": parameters}
+    print(json.dumps(line), flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- processes -------------------------------------------------------------------------------------
+
+class Procs:
+    """Every process the benchmark started, stopped (by pid) at the end."""
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.started: list[subprocess.Popen] = []
+
+    def spawn(self, args: list[str], name: str, env: dict | None = None, **kwargs) -> subprocess.Popen:
+        stderr = open(self.work / f"{name}.stderr", "ab")
+        proc = subprocess.Popen(args, cwd=REPO, env=env, stderr=stderr, start_new_session=True, **kwargs)
+        self.started.append(proc)
+        return proc
+
+    def stop(self, proc: subprocess.Popen) -> None:
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)  # its own session: the process and its workers
+            except ProcessLookupError:
+                pass
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        if proc in self.started:
+            self.started.remove(proc)
+
+    def stop_all(self) -> None:
+        for proc in list(reversed(self.started)):
+            self.stop(proc)
+
+
+def children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+
+
+def tree(pid: int) -> list[int]:
+    out = [pid]
+    for child in children(pid):
+        out.extend(tree(child))
+    return out
+
+
+def cpu_times(pids: list[int]) -> tuple[float, float]:
+    """User and system CPU seconds of these processes (all their threads)."""
+    user = system = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            user += int(fields[11])
+            system += int(fields[12])
+        except OSError:
+            pass
+    return user / CLK_TCK, system / CLK_TCK
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    return sum(cpu_times(pids))
+
+
+def memory_mb(pid: int) -> dict[str, float]:
+    out = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    out["rss"] = int(line.split()[1]) / 1024
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    out["pss"] = int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return out
+
+
+def read_json_line(proc: subprocess.Popen) -> dict:
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line:
+        raise RuntimeError(f"{proc.args} exited before announcing itself")
+    return json.loads(line)
+
+
+# -- fakes -------------------------------------------------------------------------------------------
+
+class Fakes:
+    def __init__(self, procs: Procs, work: Path) -> None:
+        self.procs, self.work = procs, work
+
+    def start(self) -> None:
+        w = self.work
+        log("starting the provider fakes (tests/fakes, standalone)")
+        self.apns_proc = self.procs.spawn(
+            [PYTHON, "-m", "tests.fakes.apns", "--ca-out", str(w / "apns-ca.pem"),
+             "--key-out", str(w / "apns.p8"), "--key-id", f"BENCH{secrets.token_hex(3).upper()}"],
+            "fake-apns", stdout=subprocess.PIPE, text=True)
+        self.fcm_proc = self.procs.spawn(
+            [PYTHON, "-m", "tests.fakes.fcm", "--ca-out", str(w / "fcm-ca.pem"),
+             "--credentials-out", str(w / "fcm-sa.json")], "fake-fcm", stdout=subprocess.PIPE, text=True)
+        self.webpush_proc = self.procs.spawn(
+            [PYTHON, "-m", "tests.fakes.webpush", "--ca-file", str(w / "webpush-ca.pem"),
+             "--subscriptions", str(HOT_USERS * DEVICES_PER_USER), "--max-records", "1"],
+            "fake-webpush", stdout=subprocess.PIPE, text=True)
+        self.apns = read_json_line(self.apns_proc)
+        self.fcm = read_json_line(self.fcm_proc)
+        self.webpush = read_json_line(self.webpush_proc)
+        self.webpush_subscriptions = [read_json_line(self.webpush_proc)
+                                      for _ in range(HOT_USERS * DEVICES_PER_USER)]
+
+    def pid(self, provider: str) -> int:
+        return {"apns": self.apns_proc, "fcm": self.fcm_proc, "webpush": self.webpush_proc}[provider].pid
+
+
+# -- environment -----------------------------------------------------------------------------------
+
+def make_environment(work: Path, fakes: Fakes) -> dict[str, str]:
+    """The functions' settings as a deployment gives them: variables and secret files."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from shared.providers.webpush import generate_vapid_keys
+
+    auth_key = ec.generate_private_key(ec.SECP256R1())
+    (work / "auth-private.pem").write_bytes(auth_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    (work / "auth-public.pem").write_bytes(auth_key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    (work / "vapid-private-key").write_text(generate_vapid_keys().private_key)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PUSH_")}
+    env.update({
+        "PUSH_DATABASE_URL": DATABASE_URL,
+        "PUSH_AUTH_PUBLIC_KEY": str(work / "auth-public.pem"),
+        "PUSH_APNS_KEY": fakes.apns["key_path"],
+        "PUSH_APNS_KEY_ID": fakes.apns["key_id"],
+        "PUSH_APNS_TEAM_ID": fakes.apns["team_id"],
+        "PUSH_APNS_PRODUCTION_URL": fakes.apns["base_url"],
+        "PUSH_APNS_SANDBOX_URL": fakes.apns["base_url"],
+        "PUSH_APNS_CA_FILE": fakes.apns["ca_path"],
+        "PUSH_FCM_CREDENTIALS": fakes.fcm["credentials_path"],
+        "PUSH_FCM_ENDPOINT": fakes.fcm["endpoint"],
+        "PUSH_FCM_CA_FILE": fakes.fcm["ca_path"],
+        "PUSH_VAPID_PRIVATE_KEY": str(work / "vapid-private-key"),
+        "PUSH_VAPID_SUBJECT": "mailto:bench@example.org",
+        "PUSH_WEBPUSH_CA_FILE": fakes.webpush["ca_file"],
+        "PUSH_LOG_LEVEL": "info",
+    })
+    return env
+
+
+# -- database ----------------------------------------------------------------------------------------
+
+def db_connect():
+    import pymysql
+    from sqlalchemy.engine import make_url
+
+    url = make_url(DB_SERVER)
+    return pymysql.connect(host=url.host, port=url.port or 3306, user=url.username,
+                           password=url.password or "", autocommit=True)
+
+
+def prepare_database(env: dict[str, str]) -> None:
+    with db_connect() as conn, conn.cursor() as cur:
+        cur.execute(f"CREATE DATABASE IF NOT EXISTS {DB_NAME}")
+    subprocess.run([str(BIN / "pushctl"), "migrate"], env=env, check=True, cwd=REPO,
+                   stdout=subprocess.DEVNULL)
+
+
+def clear_tables(*tables: str) -> None:
+    with db_connect() as conn, conn.cursor() as cur:
+        cur.execute(f"USE {DB_NAME}")
+        for table in tables:
+            cur.execute(f"TRUNCATE TABLE {table}")
+
+
+def delivery_states() -> dict[str, int]:
+    """Outcomes the dispatcher recorded (deliveries table): proof the pushes were accepted by
+    the fake, since the dispatcher answers 202 for rejected pushes too."""
+    with db_connect() as conn, conn.cursor() as cur:
+        cur.execute(f"SELECT state, reason, COUNT(*) FROM {DB_NAME}.deliveries GROUP BY state, reason")
+        return {f"{state}{':' + reason if reason else ''}": n for state, reason, n in cur.fetchall()}
+
+
+def count_subscriptions() -> int:
+    with db_connect() as conn, conn.cursor() as cur:
+        cur.execute(f"SELECT COUNT(*) FROM {DB_NAME}.subscriptions")
+        return cur.fetchone()[0]
+
+
+INSERT = (f"INSERT INTO {DB_NAME}.subscriptions (user_id, provider, token, token_sha256, topic, "
+          "environment, app, created_at, updated_at) VALUES (%s, %s, %s, %s, %s, %s, NULL, %s, %s)")
+
+
+def _insert(rows: list[tuple], batch: int = 5000) -> None:
+    with db_connect() as conn, conn.cursor() as cur:
+        for start in range(0, len(rows), batch):
+            cur.executemany(INSERT, rows[start:start + batch])
+
+
+def seed_hot(fakes: Fakes) -> list[str]:
+    """HOT_USERS users with 3 devices of each provider; their ids (written for the loadgen)."""
+    # provider_tokens: a token of an earlier run was signed by that run's fake key.
+    clear_tables("subscriptions", "deliveries", "rate_counters", "pending_pushes", "provider_tokens")
+    now = datetime.now(timezone.utc).replace(tzinfo=None)
+    rows, users = [], []
+    webpush = iter(fakes.webpush_subscriptions)
+    for i in range(HOT_USERS):
+        user = f"hot{i}"
+        users.append(user)
+        for _ in range(DEVICES_PER_USER):
+            apns = secrets.token_hex(32)
+            rows.append((user, "apns", apns, hashlib.sha256(apns.encode()).hexdigest(), TOPIC,
+                         "production", now, now))
+            fcm = secrets.token_urlsafe(120)
+            rows.append((user, "fcm", fcm, hashlib.sha256(fcm.encode()).hexdigest(), None, None, now, now))
+            sub = next(webpush)
+            rows.append((user, "webpush", json.dumps(sub), hashlib.sha256(sub["endpoint"].encode()).hexdigest(),
+                         None, None, now, now))
+    _insert(rows)
+    return users
+
+
+def fill_to(total: int) -> float:
+    """Add filler subscriptions (users the load never names) until the table holds ``total``;
+    the seconds it took."""
+    have = count_subscriptions()
+    missing = total - have
+    if missing <= 0:
+        return 0.0
+    log(f"bulk-inserting {missing} filler subscriptions (to {total})")
+    started = time.monotonic()
+    now = datetime.now(timezone.utc).replace(tzinfo=None)
+    batch = 10000
+    with db_connect() as conn, conn.cursor() as cur:
+        done = 0
+        while done < missing:
+            rows = []
+            for j in range(done, min(missing, done + batch)):
+                provider = PROVIDERS[j % 3]
+                token = secrets.token_hex(32) if provider != "webpush" else json.dumps(
+                    {"endpoint": f"https://push.example.org/push/f{have + j}", "keys": {"p256dh": "x", "auth": "y"}})
+                identity = token if provider != "webpush" else f"https://push.example.org/push/f{have + j}"
+                rows.append((f"fill{(have + j) // 9}", provider, token,
+                             hashlib.sha256(identity.encode()).hexdigest(),
+                             TOPIC if provider == "apns" else None,
+                             "production" if provider == "apns" else None, now, now))
+            cur.executemany(INSERT, rows)
+            done += len(rows)
+        cur.execute(f"ANALYZE TABLE {DB_NAME}.subscriptions")
+        cur.fetchall()
+    return time.monotonic() - started
+
+
+# -- functions ---------------------------------------------------------------------------------------
+
+class Function:
+    """One function as deployed: the Dockerfile's command (gunicorn with one uvicorn worker
+    serving functions-framework's ASGI app)."""
+
+    def __init__(self, procs: Procs, env: dict[str, str], name: str) -> None:
+        self.procs, self.name = procs, name
+        self.port = free_port()
+        self.env = dict(env, PUSH_METRICS_PORT=str(free_port()))
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> float:
+        """Start it; seconds from the spawn to the first 2xx on /readyz."""
+        # The Dockerfile's command: gunicorn with one uvicorn worker serving functions-framework's
+        # ASGI app, loaded in the master before the fork (as `functions-framework --asgi` does).
+        target = self.name.replace("-", "_")
+        app = f"functions_framework.aio:create_asgi_app(target='{target}', source='functions/{self.name}/main.py')"
+        args = [str(BIN / "gunicorn"), "--worker-class", "uvicorn_worker.UvicornWorker", "--preload",
+                "--workers", "1", "--timeout", "0", "--log-level", "error", "--limit-request-line", "0",
+                "--bind", f"127.0.0.1:{self.port}", app]
+        started = time.perf_counter()
+        self.proc = self.procs.spawn(args, self.name, env=self.env, stdout=subprocess.DEVNULL)
+        import http.client
+
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited: see {self.procs.work / (self.name + '.stderr')}")
+            try:
+                c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
+                c.request("GET", "/readyz")
+                status = c.getresponse().status
+                c.close()
+                if 200 <= status < 300:
+                    return time.perf_counter() - started
+            except OSError:
+                pass
+            if time.perf_counter() - started > 60:
+                raise RuntimeError(f"{self.name} not ready after 60 s")
+            time.sleep(0.005)
+
+    @property
+    def pids(self) -> list[int]:
+        assert self.proc is not None
+        return tree(self.proc.pid)
+
+    @property
+    def worker_pid(self) -> int:
+        pids = self.pids
+        return pids[-1]
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.procs.stop(self.proc)
+            self.proc = None
+
+
+def run_load(fn: Function, work: Path, *, mode: str = "closed", kind: str = "event",
+             concurrency: int = 16, rate: float = 200, duration: float = 10, warmup: float = 2,
+             users_per_event: int = 1, sample_pids: list[int] | None = None) -> dict:
+    """Run bench/loadgen.py against ``fn``; its result plus the function's CPU seconds and peak
+    worker RSS over the measured window."""
+    args = [PYTHON, str(REPO / "bench" / "loadgen.py"), "--port", str(fn.port), "--mode", mode,
+            "--kind", kind, "--concurrency", str(concurrency), "--rate", str(rate),
+            "--duration", str(duration), "--warmup", str(warmup),
+            "--users-per-event", str(users_per_event),
+            "--users-file", str(work / "users.txt"), "--tokens-file", str(work / "jwts.txt")]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True, cwd=REPO)
+    pids = fn.pids
+    extra = sample_pids or []
+    peak = {"rss": 0.0}
+    stop_sampling = threading.Event()
+
+    def sample() -> None:
+        while not stop_sampling.wait(0.25):
+            m = memory_mb(fn.worker_pid)
+            peak["rss"] = max(peak["rss"], m.get("rss", 0))
+
+    def snapshot() -> tuple[float, float, float, float]:
+        """The function's user and system CPU seconds, the others' CPU seconds, the time."""
+        return (*cpu_times(pids), cpu_seconds(extra), time.monotonic())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    profiler = None
+    result: dict = {}
+    cpu: dict[str, tuple[float, float, float, float]] = {}
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        message = json.loads(line)
+        if message["phase"] == "start":
+            cpu["start"] = snapshot()
+            sampler.start()
+            if PROFILE_DIR is not None:
+                PROFILE_DIR.mkdir(parents=True, exist_ok=True)
+                label = f"{fn.name}-{kind}-{mode}-u{users_per_event}-c{concurrency}-{int(time.time())}"
+                profiler = subprocess.Popen(
+                    [str(BIN / "py-spy"), "record", "--pid", str(fn.worker_pid), "--format", "raw", "--gil",
+                     "--rate", "200", "--duration", str(int(duration)), "--nonblocking",
+                     "--output", str(PROFILE_DIR / f"{label}.txt")],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        elif message["phase"] == "end":
+            cpu["end"] = snapshot()
+            stop_sampling.set()
+        else:
+            result = message
+    proc.wait()
+    stop_sampling.set()
+    if profiler is not None:
+        profiler.wait()
+    (user, system, other, wall) = (round(end - start, 3) for start, end in zip(cpu["start"], cpu["end"]))
+    result["function_cpu_seconds"] = round(user + system, 3)
+    result["function_system_cpu_seconds"] = system
+    result["other_cpu_seconds"] = other
+    result["wall_seconds"] = wall
+    result["peak_rss_mb"] = round(peak["rss"], 1)
+    return result
+
+
+# -- sections ----------------------------------------------------------------------------------------
+
+H2LOAD_RPS = re.compile(r"finished in [\d.]+m?s, ([\d.]+) req/s")
+
+
+def h2load(args: list[str]) -> tuple[float | None, str]:
+    out = subprocess.run(["h2load", *args], capture_output=True, text=True, timeout=300).stdout
+    match = H2LOAD_RPS.search(out)
+    status = re.search(r"status codes: (.*)", out)
+    return (float(match.group(1)) if match else None), (status.group(1).strip() if status else out[-300:])
+
+
+def section_fakes(work: Path, fakes: Fakes, quick: bool) -> None:
+    """The fakes' ceilings, measured with h2load (C, so the client is not the limit)."""
+    if shutil.which("h2load") is None:
+        log("h2load not found (apt-get install nghttp2-client): fake ceilings skipped")
+        return
+    import jwt
+
+    duration = "5" if quick else "10"
+    # APNs: a provider token signed as aioapns does, a valid device path and body.
+    token = jwt.encode({"iss": fakes.apns["team_id"], "iat": int(time.time())},
+                       Path(fakes.apns["key_path"]).read_text(), algorithm="ES256",
+                       headers={"kid": fakes.apns["key_id"]})
+    body = work / "apns-body.json"
+    body.write_text(json.dumps({"aps": {"alert": "checkEchoV1", "mutable-content": 1,
+                                        "thread-id": "checkEchoV1"}, "data": {"type": "checkEchoV1"}}))
+    for connections, streams in ((4, 100), (1, 100)):
+        rps, statuses = h2load([
+            "-D", duration, "--warm-up-time", "1", "-c", str(connections), "-m", str(streams), "-t", "1",
+            "-d", str(body), "-H", f"authorization: bearer {token}", "-H", f"apns-topic: {TOPIC}",
+            "-H", "apns-push-type: alert", "-H", "apns-priority: 10", "-H", "apns-expiration: 0",
+            "-H", "content-type: application/json",
+            f"{fakes.apns['base_url']}/3/device/{secrets.token_hex(32)}"])
+        emit("fake_ceiling", rps, "requests/s", "apns", tool="h2load", connections=connections,
+             streams_per_connection=streams, seconds=int(duration), statuses=statuses)
+    # FCM: an access token from the fake's own token endpoint, then messages:send.
+    access = fcm_access_token(fakes)
+    from shared.providers.base import Device, WakeUp
+    from shared.providers.fcm import _message
+
+    body = work / "fcm-body.json"
+    body.write_bytes(_message(Device(1, secrets.token_urlsafe(120)), WakeUp("checkEchoV1", 86400)))
+    for connections, streams in ((8, 100), (1, 100)):
+        rps, statuses = h2load([
+            "-D", duration, "--warm-up-time", "1", "-c", str(connections), "-m", str(streams), "-t", "1",
+            "-d", str(body), "-H", f"authorization: Bearer {access}", "-H", "content-type: application/json",
+            f"{fakes.fcm['endpoint']}/v1/projects/{fakes.fcm['project_id']}/messages:send"])
+        emit("fake_ceiling", rps, "requests/s", "fcm", tool="h2load", connections=connections,
+             streams_per_connection=streams, seconds=int(duration), statuses=statuses)
+    # Web Push (HTTP/1.1): one subscription, a body encrypted for it and a VAPID header, reused.
+    from pywebpush import WebPusher
+
+    from shared.providers.webpush import WebPushProvider
+
+    subscription = fakes.webpush_subscriptions[0]
+    provider = WebPushProvider(vapid_private_key=(work / "vapid-private-key").read_text(),
+                               vapid_subject="mailto:bench@example.org")
+    encoded = WebPusher(subscription).encode(b'{"type":"checkEchoV1"}', content_encoding="aes128gcm")
+    body = work / "webpush-body.bin"
+    body.write_bytes(encoded["body"])
+    vapid = provider._vapid_header(fakes.webpush["origin"])
+    for connections in (16,):
+        rps, statuses = h2load([
+            "--h1", "-D", duration, "--warm-up-time", "1", "-c", str(connections), "-t", "1",
+            "-d", str(body), "-H", f"authorization: {vapid}", "-H", "ttl: 86400", "-H", "urgency: normal",
+            "-H", "topic: checkEchoV1", "-H", "content-encoding: aes128gcm",
+            subscription["endpoint"]])
+        emit("fake_ceiling", rps, "requests/s", "webpush", tool="h2load --h1", connections=connections,
+             seconds=int(duration), statuses=statuses)
+
+
+def section_clients(env: dict, work: Path, fakes: Fakes, providers: list[str], quick: bool) -> None:
+    """Each provider module alone against its fake (bench/clients.py): the CPU a send costs
+    with no server, database or dispatcher around it."""
+    subscriptions = work / "webpush-subscriptions.txt"
+    subscriptions.write_text("\n".join(json.dumps(s) for s in fakes.webpush_subscriptions) + "\n")
+    for provider in providers:
+        args = [PYTHON, str(REPO / "bench" / "clients.py"), provider, "--sends", "3000" if quick else "9000",
+                "--concurrency", "100", "--subscriptions", str(subscriptions)]
+        out = subprocess.run(args, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+        if out.returncode != 0:
+            log(f"clients {provider} failed: {out.stderr[-500:]}")
+            continue
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        emit("client_cpu_per_send", r["cpu_us_per_send"], "us CPU/send", provider, concurrency=100,
+             sends=r["sends"], sends_per_second=r["sends_per_second"], outcomes=r["outcomes"],
+             measured="the provider module alone against its fake, in one process (bench/clients.py)")
+
+
+def fcm_access_token(fakes: Fakes) -> str:
+    import httpx
+    import jwt
+
+    info = json.loads(Path(fakes.fcm["credentials_path"]).read_text())
+    now = int(time.time())
+    assertion = jwt.encode(
+        {"iss": info["client_email"], "aud": info["token_uri"], "iat": now, "exp": now + 3600,
+         "scope": "https://www.googleapis.com/auth/firebase.messaging"},
+        info["private_key"], algorithm="RS256", headers={"kid": info["private_key_id"]})
+    response = httpx.post(info["token_uri"], verify=fakes.fcm["ca_path"], data={
+        "grant_type": "urn:ietf:params:oauth:grant-type:jwt-bearer", "assertion": assertion})
+    response.raise_for_status()
+    return response.json()["access_token"]
+
+
+def dispatch_figures(fn: Function, provider: str, work: Path, fakes: Fakes, quick: bool,
+                     stored: int, suffix: str = "") -> dict[str, float]:
+    """Sustained pushes/s and CPU per push for 1x3 and 100x3 events. Returns pushes/s by shape."""
+    duration = 8 if quick else 20
+    out = {}
+    for users, concurrency in ((1, CONCURRENCY[1]), (100, CONCURRENCY[100])):
+        clear_tables("deliveries")
+        r = run_load(fn, work, concurrency=concurrency, duration=duration, warmup=2,
+                     users_per_event=users, sample_pids=[fakes.pid(provider)])
+        pushes = r["ok"] * users * DEVICES_PER_USER
+        per_s = pushes / r["wall_seconds"]
+        out[f"{users}x3"] = per_s
+        common = dict(users_per_event=users, devices_per_user=DEVICES_PER_USER, concurrency=concurrency,
+                      seconds=duration, subscriptions_stored=stored, events_per_second=round(r["ok"] / r["wall_seconds"], 1),
+                      statuses=r["statuses"], event_latency_ms=r["latency_ms"],
+                      fake_cpu_seconds=r["other_cpu_seconds"], recorded_outcomes=delivery_states())
+        emit(f"dispatch_pushes_per_second{suffix}", round(per_s, 1), "pushes/s", provider, **common)
+        emit(f"dispatch_cpu_per_push{suffix}", round(r["function_cpu_seconds"] / pushes * 1000, 4) if pushes else None,
+             "ms CPU/push", provider, function_cpu_seconds=r["function_cpu_seconds"],
+             of_which_system=r["function_system_cpu_seconds"], pushes=pushes,
+             users_per_event=users, subscriptions_stored=stored,
+             function_cpu_utilisation=round(r["function_cpu_seconds"] / r["wall_seconds"], 3))
+        if not suffix:
+            emit("rss_under_load", r["peak_rss_mb"], "MB", provider, users_per_event=users,
+                 process="uvicorn worker (peak VmRSS)")
+    return out
+
+
+def section_dispatch(procs: Procs, env: dict, work: Path, fakes: Fakes, quick: bool, only: set[str],
+                     providers: list[str], stored: int) -> dict:
+    results = {}
+    for provider in providers:
+        fn = Function(procs, env, f"dispatch-{provider}")
+        log(f"dispatch-{provider}: starting")
+        fn.start()
+        time.sleep(1.0)
+        m = memory_mb(fn.worker_pid)
+        master = memory_mb(fn.proc.pid)
+        emit("rss_idle", round(m.get("rss", 0), 1), "MB", provider, process="uvicorn worker, after /readyz",
+             worker_pss_mb=round(m.get("pss", 0), 1), master_rss_mb=round(master.get("rss", 0), 1),
+             master_pss_mb=round(master.get("pss", 0), 1))
+        # One event so connections, tokens and the VAPID header exist before measuring.
+        run_load(fn, work, concurrency=1, duration=1, warmup=0.5, users_per_event=1)
+        m = memory_mb(fn.worker_pid)
+        emit("rss_idle_warm", round(m.get("rss", 0), 1), "MB", provider,
+             process="uvicorn worker, after 1.5 s of light traffic")
+        if "dispatch" in only:
+            log(f"dispatch-{provider}: throughput")
+            results[provider] = dispatch_figures(fn, provider, work, fakes, quick, stored)
+        if "latency" in only:
+            log(f"dispatch-{provider}: latency at 200 events/s")
+            clear_tables("deliveries")
+            r = run_load(fn, work, mode="open", rate=200, duration=8 if quick else 20, warmup=2,
+                         users_per_event=1)
+            lat = r["latency_ms"]
+            params = dict(offered_events_per_second=200, users_per_event=1, devices_per_user=3,
+                          measured="end-to-end: event posted -> dispatcher's 2xx (sent after the fake answered "
+                                   "every push; an upper bound of event-to-provider)",
+                          events=r["ok"], statuses=r["statuses"], max_ms=lat.get("max"))
+            emit("event_latency_p50", lat.get("p50"), "ms", provider, **params)
+            emit("event_latency_p99", lat.get("p99"), "ms", provider, **params)
+        fn.stop()
+    return results
+
+
+def section_coldstart(procs: Procs, env: dict, quick: bool) -> None:
+    runs = 2 if quick else 3
+    for name in FUNCTIONS:
+        times = []
+        for _ in range(runs):
+            fn = Function(procs, env, name)
+            times.append(fn.start())
+            fn.stop()
+        times.sort()
+        emit("cold_start", round(times[len(times) // 2] * 1000, 1), "ms", name.replace("dispatch-", "") if
+             name.startswith("dispatch-") else None, function=name,
+             measured="spawn of the deployed command -> first 2xx on /readyz (schema checked); median",
+             runs_ms=[round(t * 1000, 1) for t in times])
+
+
+def section_subscribe(procs: Procs, env: dict, work: Path, quick: bool) -> None:
+    fn = Function(procs, env, "subscribe")
+    fn.start()
+    for concurrency in (16,):
+        r = run_load(fn, work, kind="subscribe", concurrency=concurrency, duration=8 if quick else 20, warmup=2)
+        emit("subscribe_requests_per_second", round(r["ok"] / r["wall_seconds"], 1), "requests/s", None,
+             concurrency=concurrency, database="MariaDB", statuses=r["statuses"],
+             latency_ms=r["latency_ms"], function_cpu_utilisation=round(r["function_cpu_seconds"] / r["wall_seconds"], 3),
+             body="new FCM token, one of 2,000 users (201; over the cap of 10 the oldest is evicted)")
+        emit("subscribe_latency_p99", r["latency_ms"].get("p99"), "ms", None, concurrency=concurrency,
+             p50_ms=r["latency_ms"].get("p50"))
+    fn.stop()
+
+
+def write_jwts(work: Path, users: int = 2000) -> None:
+    import jwt
+
+    key = (work / "auth-private.pem").read_text()
+    now = int(time.time())
+    with open(work / "jwts.txt", "w") as f:
+        for i in range(users):
+            f.write(jwt.encode({"sub": f"sub{i}", "iat": now, "exp": now + 7200}, key, algorithm="ES256") + "\n")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="push-functions benchmarks (one JSON line per figure)")
+    parser.add_argument("--quick", action="store_true", help="shorter runs; skips the 1M-subscription scale run")
+    parser.add_argument("--only", help=f"comma-separated sections: {', '.join(SECTIONS)}")
+    parser.add_argument("--providers", default=",".join(PROVIDERS), help="dispatchers to measure")
+    parser.add_argument("--scale-rows", type=int, default=1_000_000, help="subscriptions for the scale run")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                        help="extra setting for every function (an experiment; shown in the figures)")
+    parser.add_argument("--concurrency", metavar="C1,C100", help="events in flight for 1-user and "
+                        "100-user events (default 16,4)")
+    parser.add_argument("--profile", metavar="DIR", help="py-spy the function during each measured window")
+    args = parser.parse_args()
+    only = set(args.only.split(",")) if args.only else set(SECTIONS)
+    if args.quick and not args.only:
+        only.discard("scale")
+    unknown = only - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown section(s): {', '.join(sorted(unknown))}")
+    providers = [p for p in args.providers.split(",") if p]
+    global PROFILE_DIR
+    if args.concurrency:
+        CONCURRENCY[1], CONCURRENCY[100] = (int(c) for c in args.concurrency.split(","))
+    PROFILE_DIR = Path(args.profile).resolve() if args.profile else None
+
+    # Two runs at once would truncate each other's tables and share the CPU: one at a time.
+    lock = db_connect()
+    with lock.cursor() as cur:
+        cur.execute(f"SELECT GET_LOCK('{DB_NAME}', 0)")
+        if cur.fetchone()[0] != 1:
+            log(f"another benchmark run holds the {DB_NAME} lock: wait for it to finish")
+            return 2
+    work = Path(tempfile.mkdtemp(prefix="push-bench-"))
+    procs = Procs(work)
+    try:
+        fakes = Fakes(procs, work)
+        fakes.start()
+        env = make_environment(work, fakes)
+        for item in args.env:
+            name, _, value = item.partition("=")
+            env[name] = value
+            EXTRA_ENV[name] = value
+        log(f"work directory {work}; database {DATABASE_URL}")
+        prepare_database(env)
+        users = seed_hot(fakes)
+        (work / "users.txt").write_text("\n".join(users) + "\n")
+        write_jwts(work)
+        fill_to(10_000)
+        if "fakes" in only:
+            section_fakes(work, fakes, args.quick)
+        if "clients" in only:
+            log("provider clients alone")
+            section_clients(env, work, fakes, providers, args.quick)
+        base = {}
+        if only & {"dispatch", "latency"}:
+            base = section_dispatch(procs, env, work, fakes, args.quick, only, providers, 10_000)
+        if "coldstart" in only:
+            log("cold starts")
+            section_coldstart(procs, env, args.quick)
+        if "subscribe" in only:
+            log("subscribe")
+            section_subscribe(procs, env, work, args.quick)
+            # Subscribe added rows: back to the dispatch data set.
+            users = seed_hot(fakes)
+            fill_to(10_000)
+        if "scale" in only:
+            for provider in [p for p in providers if p == "apns"] or providers[:1]:
+                fn = Function(procs, env, f"dispatch-{provider}")
+                fn.start()
+                run_load(fn, work, concurrency=1, duration=1, warmup=0.5)
+                small = base.get(provider) or dispatch_figures(fn, provider, work, fakes, args.quick, 10_000,
+                                                             suffix="_at_10k")
+                fn.stop()
+                seconds = fill_to(args.scale_rows)
+                emit("bulk_insert_seconds", round(seconds, 1), "s", None, rows=args.scale_rows - 10_000,
+                     method="pymysql executemany, batches of 10,000")
+                fn = Function(procs, env, f"dispatch-{provider}")
+                fn.start()
+                run_load(fn, work, concurrency=1, duration=1, warmup=0.5)
+                big = dispatch_figures(fn, provider, work, fakes, args.quick, args.scale_rows,
+                                       suffix="_at_1m" if args.scale_rows == 1_000_000 else f"_at_{args.scale_rows}")
+                fn.stop()
+                for shape in big:
+                    emit("scale_ratio", round(big[shape] / small[shape], 3), "ratio (large/10k pushes/s)",
+                         provider, shape=shape, rows_large=args.scale_rows, rows_small=10_000)
+            seed_hot(fakes)
+            fill_to(10_000)
+    finally:
+        procs.stop_all()
+        lock.close()
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            log(f"kept {work}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
