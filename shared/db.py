@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 DEFAULT_DATABASE_URL = "sqlite:///push.sqlite3"
 
 #: The newest migration this code needs. ``pushctl migrate`` brings a database to it, and a
-#: function refuses to serve a database that is behind (a test keeps this equal to Alembic's head).
+#: function refuses to serve a database that is behind (a test keeps this equal to Alembic's head,
+#: and the revisions numbered 0001, 0002, ... so that "newer" can be told without Alembic).
 SCHEMA_REVISION = "0004"
 
 T = TypeVar("T")
@@ -172,13 +173,23 @@ def schema_revision(engine: Engine) -> str | None:
 
 
 def check_schema(engine: Engine) -> None:
-    """Raise :class:`SchemaBehind` unless the database is at :data:`SCHEMA_REVISION`."""
+    """Raise :class:`SchemaBehind` unless the database is at :data:`SCHEMA_REVISION` or newer.
+
+    A newer schema is served: a rollout runs ``pushctl migrate`` first, and replicas of the
+    previous release keep cold-starting until the new one has replaced them. Each migration must
+    leave the previous release working (add tables and columns; drop them a release later)."""
     found = schema_revision(engine)
-    if found != SCHEMA_REVISION:
-        raise SchemaBehind(
-            f"database schema is at revision {found or 'none'}, this code needs "
-            f"{SCHEMA_REVISION}: run `pushctl migrate` against PUSH_DATABASE_URL first"
+    if found == SCHEMA_REVISION:
+        return
+    if found is not None and found.isdigit() and int(found) > int(SCHEMA_REVISION):
+        log.warning(
+            "database schema is at revision %s, newer than this code's %s: serving it", found, SCHEMA_REVISION
         )
+        return
+    raise SchemaBehind(
+        f"database schema is at revision {found or 'none'}, this code needs "
+        f"{SCHEMA_REVISION}: run `pushctl migrate` against PUSH_DATABASE_URL first"
+    )
 
 
 class SchemaGate:

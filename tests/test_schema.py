@@ -8,6 +8,7 @@ from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from functions_framework.aio import create_asgi_app
+from sqlalchemy import text
 
 from shared.db import SCHEMA_REVISION, SchemaBehind, get_engine
 from shared.models import Base
@@ -18,6 +19,39 @@ def test_schema_revision_is_the_newest_migration():
     config = Config()
     config.set_main_option("script_location", str(REPO / "shared" / "migrations"))
     assert ScriptDirectory.from_config(config).get_current_head() == SCHEMA_REVISION
+
+
+def test_migration_revisions_are_numbered_in_order():
+    # check_schema tells a newer schema from an older one by these numbers.
+    config = Config()
+    config.set_main_option("script_location", str(REPO / "shared" / "migrations"))
+    revisions = [script.revision for script in ScriptDirectory.from_config(config).walk_revisions()]
+    assert list(reversed(revisions)) == [f"{n:04d}" for n in range(1, len(revisions) + 1)]
+
+
+@pytest.fixture
+def recorded_revision(database_url):
+    """Sets the revision the database says it is at; puts the real one back afterwards (the
+    MariaDB database is migrated once for the whole session)."""
+
+    def set_revision(revision: str) -> None:
+        with get_engine(database_url).begin() as connection:
+            connection.execute(text("UPDATE alembic_version SET version_num = :r"), {"r": revision})
+
+    yield set_revision
+    set_revision(SCHEMA_REVISION)
+
+
+def test_function_serves_a_database_migrated_for_the_next_release(recorded_revision, auth_env):
+    # A rollout migrates first; the previous release's replicas keep starting meanwhile.
+    recorded_revision(f"{int(SCHEMA_REVISION) + 1:04d}")
+    create_asgi_app(target="subscribe", source=str(REPO / "functions" / "subscribe" / "main.py"))
+
+
+def test_function_refuses_to_start_on_a_database_one_migration_behind(recorded_revision, auth_env):
+    recorded_revision(f"{int(SCHEMA_REVISION) - 1:04d}")
+    with pytest.raises(SchemaBehind, match="pushctl migrate"):
+        create_asgi_app(target="subscribe", source=str(REPO / "functions" / "subscribe" / "main.py"))
 
 
 def test_migrations_create_exactly_the_models(engine):
