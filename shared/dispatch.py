@@ -53,7 +53,7 @@ from shared.logs import configure_logging
 from shared.policy import DeliveryPolicy, Due, PendingStore
 from shared.providers.base import Device, Outcome, Provider, SendResult, WakeUp
 from shared.ratelimits import RateLimiter
-from shared.subscriptions import Clock, SubscriptionStore, token_sha256, utcnow
+from shared.subscriptions import Clock, SubscriptionStore, devices_of, token_sha256, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -277,10 +277,7 @@ class Dispatcher:
         def work(session: Session) -> list[tuple[list[Device], Claims]]:
             everyone = {user for users, _ in requests for user in users}
             by_user = self.store.devices_by_user_in(session, everyone, self.provider.name)
-            targets = []
-            for users, _ in requests:
-                devices = {d.id: d for user in users for d in by_user.get(user, ())}
-                targets.append(sorted(devices.values(), key=lambda d: d.id))
+            targets = [devices_of(by_user, users) for users, _ in requests]
             claims = self.ledger.claim_many_in(
                 session, [(key, [d.id for d in devices]) for devices, (_, key) in zip(targets, requests)]
             )

@@ -174,14 +174,9 @@ class SubscriptionStore:
 
     def for_users(self, user_ids: Iterable[str], provider: str) -> list[Device]:
         """The subscriptions of these users with this provider: what a dispatcher sends to."""
+        users = list(user_ids)
         with unavailable_as_503(), read_session(self.engine) as session:
-            return self.for_users_in(session, user_ids, provider)
-
-    @staticmethod
-    def for_users_in(session: Session, user_ids: Iterable[str], provider: str) -> list[Device]:
-        """:meth:`for_users` in the caller's session (and transaction)."""
-        by_user = SubscriptionStore.devices_by_user_in(session, user_ids, provider)
-        return sorted((d for devices in by_user.values() for d in devices), key=lambda d: d.id)
+            return devices_of(self.devices_by_user_in(session, users, provider), users)
 
     @staticmethod
     def devices_by_user_in(session: Session, user_ids: Iterable[str], provider: str) -> dict[str, list[Device]]:
@@ -268,6 +263,13 @@ class SubscriptionStore:
             total += deleted
             if deleted < batch:
                 return total
+
+
+def devices_of(by_user: dict[str, list[Device]], users: Iterable[str]) -> list[Device]:
+    """The devices of these users, from :meth:`SubscriptionStore.devices_by_user_in`'s answer,
+    each once, in id order."""
+    devices = {device.id: device for user in users for device in by_user.get(user, ())}
+    return sorted(devices.values(), key=lambda device: device.id)
 
 
 def _select_devices() -> Select:
