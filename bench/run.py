@@ -33,7 +33,9 @@ sys.path.insert(0, str(REPO))
 BIN = Path(sys.executable).parent
 PYTHON = sys.executable
 
-DB_NAME = "push_bench"
+DB_NAME = os.environ.get("PUSH_BENCH_DATABASE", "push_bench")
+"""The database the run creates and truncates; another name lets a second run go on beside
+this one (sharing the CPU, so for CPU-per-operation figures only)."""
 DB_SERVER = os.environ.get("PUSH_BENCH_MARIADB", "mysql+pymysql://root@127.0.0.1:3306")
 DATABASE_URL = f"{DB_SERVER}/{DB_NAME}?charset=utf8mb4"
 TOPIC = "org.wikimedia.wikipedia"
