@@ -36,6 +36,10 @@ from collections import Counter
 NOTIFICATION_REQUESTED = "org.wikimedia.push.notification.requested.v1"
 
 
+STALE = -1
+"""The connection closed before a byte of the answer came."""
+
+
 class Connection:
     """One HTTP/1.1 keep-alive connection; requests in sequence."""
 
@@ -45,6 +49,16 @@ class Connection:
         self.writer: asyncio.StreamWriter | None = None
 
     async def request(self, path: str, headers: bytes, body: bytes) -> int:
+        """The answer's status; 599 when the connection broke. A kept-alive connection the
+        server closed while it sat idle (uvicorn closes them after 5 s) is reopened and the
+        request sent again, as HTTP clients do: that is not the server failing a request."""
+        reused = self.writer is not None
+        status = await self._request(path, headers, body)
+        if status == STALE and reused:
+            status = await self._request(path, headers, body)
+        return 599 if status == STALE else status
+
+    async def _request(self, path: str, headers: bytes, body: bytes) -> int:
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
         assert self.reader is not None
@@ -53,7 +67,13 @@ class Connection:
             % (path.encode(), self.host.encode(), self.port, len(body), headers, body)
         )
         try:
-            head = await self.reader.readuntil(b"\r\n\r\n")
+            try:
+                head = await self.reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, ConnectionError) as exc:
+                if isinstance(exc, asyncio.IncompleteReadError) and exc.partial:
+                    raise
+                self.close()
+                return STALE  # closed before a byte of the answer
             status = int(head[9:12])
             length, chunked, close = 0, False, False
             for line in head.split(b"\r\n")[1:]:
