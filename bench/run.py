@@ -307,7 +307,12 @@ def seed_hot(fakes: Fakes) -> list[str]:
 
 def fill_to(total: int) -> float:
     """Add filler subscriptions (users the load never names) until the table holds ``total``;
-    the seconds it took."""
+    the seconds it took.
+
+    The rows go in in the order of both secondary indexes (token hash, then user): random
+    inserts into a million-row unique index outgrow InnoDB's default 128 MB buffer pool and
+    took ~9 minutes here, in order they take a fraction of that. The indexes end up the same,
+    only more tightly packed."""
     have = count_subscriptions()
     missing = total - have
     if missing <= 0:
@@ -315,22 +320,24 @@ def fill_to(total: int) -> float:
     log(f"bulk-inserting {missing} filler subscriptions (to {total})")
     started = time.monotonic()
     now = datetime.now(timezone.utc).replace(tzinfo=None)
+    tokens = []
+    for j in range(missing):
+        provider = PROVIDERS[j % 3]
+        if provider == "webpush":
+            identity = f"https://push.example.org/push/f{have + j}"
+            token = json.dumps({"endpoint": identity, "keys": {"p256dh": "x", "auth": "y"}})
+        else:
+            identity = token = secrets.token_hex(32)
+        tokens.append((hashlib.sha256(identity.encode()).hexdigest(), provider, token))
+    tokens.sort()
     batch = 10000
     with db_connect() as conn, conn.cursor() as cur:
-        done = 0
-        while done < missing:
-            rows = []
-            for j in range(done, min(missing, done + batch)):
-                provider = PROVIDERS[j % 3]
-                token = secrets.token_hex(32) if provider != "webpush" else json.dumps(
-                    {"endpoint": f"https://push.example.org/push/f{have + j}", "keys": {"p256dh": "x", "auth": "y"}})
-                identity = token if provider != "webpush" else f"https://push.example.org/push/f{have + j}"
-                rows.append((f"fill{(have + j) // 9}", provider, token,
-                             hashlib.sha256(identity.encode()).hexdigest(),
-                             TOPIC if provider == "apns" else None,
-                             "production" if provider == "apns" else None, now, now))
+        for first in range(0, missing, batch):
+            rows = [(f"fill{(have + k) // 9:08d}", provider, token, digest,
+                     TOPIC if provider == "apns" else None,
+                     "production" if provider == "apns" else None, now, now)
+                    for k, (digest, provider, token) in enumerate(tokens[first:first + batch], first)]
             cur.executemany(INSERT, rows)
-            done += len(rows)
         cur.execute(f"ANALYZE TABLE {DB_NAME}.subscriptions")
         cur.fetchall()
     return time.monotonic() - started
