@@ -42,6 +42,10 @@ RUN groupadd --system --gid 10001 push \
        --shell /usr/sbin/nologin push
 COPY --from=build /opt/venv /opt/venv
 COPY functions/${FUNCTION}/ /app/functions/${FUNCTION}/
+# pip compiled the virtualenv's modules as it installed them; the function's own folder is compiled
+# here, since the image never writes bytecode (PYTHONDONTWRITEBYTECODE, and a read-only user):
+# otherwise every cold start would compile main.py again.
+RUN python -m compileall -q /app/functions
 WORKDIR /app
 # Numeric, so Kubernetes' runAsNonRoot can check it.
 USER 10001:10001
@@ -55,6 +59,11 @@ HEALTHCHECK --interval=30s --timeout=3s --start-period=10s \
 # default 30 s. On SIGTERM gunicorn stops accepting requests and lets those in flight finish for
 # --graceful-timeout seconds before killing its worker; the dispatchers' manifests set
 # GUNICORN_CMD_ARGS="--graceful-timeout 75" to cover PUSH_DISPATCH_DEADLINE_SECONDS (60).
+# For a fast cold start (shared/gunicorn_config.py): the master imports the function with Python's
+# garbage collector off and freezes what it built before the fork; uvicorn's worker without
+# WebSocket support (none is served; it would import wsproto in the worker); no control socket
+# (gunicornc's runtime management, unused in a container: a thread and a socket per start).
 # Shell form, so $PORT (set by Knative and OpenFaaS, default 8080) and the target (the folder name
 # with underscores) are filled in at start; exec makes gunicorn PID 1, so it gets SIGTERM directly.
-CMD exec gunicorn --worker-class uvicorn_worker.UvicornWorker --preload --workers "${WORKERS:-1}" --timeout 0 --log-level "${GUNICORN_LOG_LEVEL:-error}" --limit-request-line 0 --bind "0.0.0.0:${PORT:-8080}" "functions_framework.aio:create_asgi_app(target='$(echo "${FUNCTION}" | tr - _)', source='/app/functions/${FUNCTION}/main.py')"
+# bench/run.py runs this very line.
+CMD exec gunicorn --config python:shared.gunicorn_config --worker-class shared.gunicorn_config.UvicornWorker --preload --no-control-socket --workers "${WORKERS:-1}" --timeout 0 --log-level "${GUNICORN_LOG_LEVEL:-error}" --limit-request-line 0 --bind "0.0.0.0:${PORT:-8080}" "functions_framework.aio:create_asgi_app(target='$(echo "${FUNCTION}" | tr - _)', source='/app/functions/${FUNCTION}/main.py')"

@@ -10,6 +10,7 @@ imports, plus what functions-framework's ASGI server and `pushctl migrate` load.
 from __future__ import annotations
 
 import ast
+import json
 import os
 import re
 import signal
@@ -21,6 +22,8 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path, PurePath
 
@@ -51,12 +54,12 @@ NOT_IN_IMAGE = {
     "dispatch-webpush": PROVIDER_LIBRARIES["fcm"] | PROVIDER_LIBRARIES["apns"],
 }
 #: Imported at run time though not by main.py's imports: the server the image's command starts
-#: (gunicorn's command line, uvicorn's worker, functions-framework's ASGI app), the MySQL driver
-#: SQLAlchemy loads on the first connection, and `pushctl migrate`.
+#: (gunicorn's command line, its settings module and uvicorn's worker, functions-framework's ASGI
+#: app), the MySQL driver SQLAlchemy loads on the first connection, and `pushctl migrate`.
 RUNTIME_MODULES = [
     "gunicorn.app.wsgiapp",
     "functions_framework.aio",
-    "uvicorn_worker",
+    "shared.gunicorn_config",
     "pymysql",
     "shared.cli",
     "alembic.command",
@@ -145,7 +148,8 @@ def image_command(instructions: list[tuple[str, str]]) -> str:
 def test_the_command_serves_the_functions_asgi_app_with_gunicorn_as_functions_framework_does(instructions):
     command = image_command(instructions)
     assert command.startswith("exec gunicorn "), "exec: gunicorn is PID 1 and gets SIGTERM itself"
-    assert "--worker-class uvicorn_worker.UvicornWorker" in command
+    assert "--config python:shared.gunicorn_config" in command, "the settings module with the fork hooks"
+    assert "--worker-class shared.gunicorn_config.UvicornWorker" in command, "uvicorn's worker"
     assert "--preload" in command, "the app is loaded before the fork, as functions-framework does"
     assert '--bind "0.0.0.0:${PORT:-8080}"' in command
     assert (
@@ -337,20 +341,23 @@ def test_the_import_check_fails_without_a_needed_package(tmp_path):
     assert "aioapns" in result.stderr
 
 
-# --- the image's command drains requests in flight on SIGTERM -----------------------------------
+# --- the image's command, run --------------------------------------------------------------------
 
 
-SLOW_FUNCTION = """
+PROBE_FUNCTION = """
 import asyncio
+import gc
 
 import functions_framework.aio
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 
 
 @functions_framework.aio.http
-async def slow(request):
-    await asyncio.sleep(float(request.query_params["seconds"]))
-    return Response(status_code=202)
+async def probe(request):
+    if "seconds" in request.query_params:
+        await asyncio.sleep(float(request.query_params["seconds"]))
+        return Response(status_code=202)
+    return JSONResponse({"collecting": gc.isenabled(), "frozen": gc.get_freeze_count()})
 """
 
 
@@ -360,16 +367,16 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def stopped_mid_request(instructions, tmp_path: Path, gunicorn_cmd_args: str, seconds: float) -> int | None:
-    """Run the image's command (as the image's shell would, on a function under ``tmp_path``
-    that answers 202 after ``seconds``), send it SIGTERM half a second into a request, and
-    return that request's status, or None when the server cut it off."""
-    (tmp_path / "functions" / "slow").mkdir(parents=True)
-    (tmp_path / "functions" / "slow" / "main.py").write_text(SLOW_FUNCTION)
+@contextmanager
+def image_serving(instructions, tmp_path: Path, gunicorn_cmd_args: str = "") -> Iterator[tuple[subprocess.Popen, int]]:
+    """The image's command, run as the image's shell would, on a function under ``tmp_path``
+    (PROBE_FUNCTION); its process and port once it accepts connections."""
+    (tmp_path / "functions" / "probe").mkdir(parents=True)
+    (tmp_path / "functions" / "probe" / "main.py").write_text(PROBE_FUNCTION)
     command = image_command(instructions).replace("/app/functions/", f"{tmp_path}/functions/")
     port = free_port()
     environment = {
-        **os.environ, "FUNCTION": "slow", "PORT": str(port), "GUNICORN_CMD_ARGS": gunicorn_cmd_args,
+        **os.environ, "FUNCTION": "probe", "PORT": str(port), "GUNICORN_CMD_ARGS": gunicorn_cmd_args,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
     environment.pop("WORKERS", None)
@@ -384,6 +391,22 @@ def stopped_mid_request(instructions, tmp_path: Path, gunicorn_cmd_args: str, se
             except OSError:
                 assert server.poll() is None and time.monotonic() < deadline, "the server did not start"
                 time.sleep(0.1)
+        yield server, port
+    finally:
+        if server.poll() is None:
+            server.terminate()  # gunicorn stops its worker too (SIGKILL would leave it behind)
+            try:
+                server.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
+
+
+def stopped_mid_request(instructions, tmp_path: Path, gunicorn_cmd_args: str, seconds: float) -> int | None:
+    """Run the image's command on a function that answers 202 after ``seconds``, send it SIGTERM
+    half a second into a request, and return that request's status, or None when the server cut
+    it off."""
+    with image_serving(instructions, tmp_path, gunicorn_cmd_args) as (server, port):
         result: dict[str, int | None] = {}
 
         def request() -> None:
@@ -400,10 +423,6 @@ def stopped_mid_request(instructions, tmp_path: Path, gunicorn_cmd_args: str, se
         client.join(timeout=40)
         server.wait(timeout=40)
         return result["status"]
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
 
 
 def test_on_sigterm_the_image_finishes_requests_for_the_graceful_timeout(instructions, tmp_path):
@@ -413,3 +432,25 @@ def test_on_sigterm_the_image_finishes_requests_for_the_graceful_timeout(instruc
 def test_on_sigterm_the_image_cuts_off_requests_past_the_graceful_timeout(instructions, tmp_path):
     """The check above can fail: with a 1 s drain, a 3 s request is cut off."""
     assert stopped_mid_request(instructions, tmp_path, "--graceful-timeout 1", seconds=3) is None
+
+
+def test_the_worker_collects_garbage_but_not_among_what_the_master_imported(instructions, tmp_path):
+    """The master imports the function with the collector off and freezes what it built before
+    the fork (shared/gunicorn_config.py): the worker collects its own garbage, never the
+    thousands of objects it shares with the master."""
+    with image_serving(instructions, tmp_path) as (_server, port):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as answer:
+            state = json.load(answer)
+    assert state["collecting"] is True
+    assert state["frozen"] > 10_000
+
+
+def test_a_websocket_upgrade_request_is_answered_as_plain_http(instructions, tmp_path):
+    """The worker has no WebSocket support (no function serves WebSockets)."""
+    upgrade = {"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
+               "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
+    with image_serving(instructions, tmp_path) as (_server, port):
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/", headers=upgrade)
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            assert answer.status == 200
+            assert "collecting" in json.load(answer)
