@@ -1,6 +1,5 @@
-"""The provider clients alone: CPU per request of each provider module (aioapns, FCM HTTP v1 over
-httpx, pywebpush over aiohttp) against the standalone fakes, with no HTTP server, database or
-dispatcher around them. Run by bench/run.py in its own process (one provider per run), with the
+"""The provider clients alone: CPU per request of each provider module (shared/providers/*)
+against the standalone fakes, with no HTTP server, database or dispatcher around them. Run by bench/run.py in its own process (one provider per run), with the
 functions' environment; prints one JSON line.
 
     python bench/clients.py PROVIDER --sends N --concurrency C [--subscriptions FILE]

@@ -524,16 +524,13 @@ def section_fakes(work: Path, fakes: Fakes, quick: bool) -> None:
         emit("fake_ceiling", rps, "requests/s", "fcm", tool="h2load", connections=connections,
              streams_per_connection=streams, seconds=int(duration), statuses=statuses)
     # Web Push (HTTP/1.1): one subscription, a body encrypted for it and a VAPID header, reused.
-    from pywebpush import WebPusher
-
-    from shared.providers.webpush import WebPushProvider
+    from shared.providers.webpush import WebPushProvider, _encrypt, _parse_subscription
 
     subscription = fakes.webpush_subscriptions[0]
     provider = WebPushProvider(vapid_private_key=(work / "vapid-private-key").read_text(),
                                vapid_subject="mailto:bench@example.org")
-    encoded = WebPusher(subscription).encode(b'{"type":"checkEchoV1"}', content_encoding="aes128gcm")
     body = work / "webpush-body.bin"
-    body.write_bytes(encoded["body"])
+    body.write_bytes(_encrypt(b'{"type":"checkEchoV1"}', _parse_subscription(json.dumps(subscription))))
     vapid = provider._vapid_header(fakes.webpush["origin"])
     for connections in (16,):
         rps, statuses = h2load([

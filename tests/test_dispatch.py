@@ -275,7 +275,7 @@ def _identity(row: Subscription) -> str:
 async def test_device_its_provider_cannot_send_to_is_refused_and_the_event_completes(
     webpush_rig, function_client, engine
 ):
-    # Stored before the endpoint host was validated at subscribe: aiohttp refuses the URL.
+    # Stored before the endpoint host was validated at subscribe: no request can reach it.
     broken = json.loads(webpush_rig.new_subscription().token)
     broken["endpoint"] = "https://a_b..c/push/1"
     store = SubscriptionStore(engine)

@@ -1,8 +1,8 @@
 """Web Push provider: what it puts on the wire and how it reads every answer.
 
-These drive the real WebPushProvider (real pywebpush, real aiohttp, real TLS) against the fake
-push service of tests/fakes/webpush.py, which verifies VAPID and decrypts each push the way a
-push service and a browser would.
+These drive the real WebPushProvider (its own RFC 8291 encryption and HTTP/1.1 over real TLS)
+against the fake push service of tests/fakes/webpush.py, which verifies VAPID and decrypts each
+push the way a push service and a browser would, with an independent implementation (http_ece).
 """
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import json
 import logging
 import os
 import socket
+import ssl
+import struct
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
@@ -82,6 +84,42 @@ async def test_the_decrypted_payload_is_exactly_the_message_type(provider, webpu
     assert result == SendResult(Outcome.DELIVERED)
     [push] = webpush_server.pushes_to(subscription)
     assert push.message() == {"type": "talk-page-edit"}
+
+
+async def test_the_body_is_one_aes128gcm_record_announcing_4096_octet_records(
+    provider, webpush_server
+):
+    subscription = webpush_server.subscribe()
+
+    await provider.send(device(subscription), wakeup("notification"))
+
+    [push] = webpush_server.pushes
+    assert push.body is not None
+    # RFC 8188 header: salt (16), record size (4), key id length (1), key id (the sender's key).
+    record_size, key_id_length = struct.unpack("!IB", push.body[16:21])
+    assert (record_size, key_id_length, push.body[21]) == (4096, 65, 4)
+    # One record: the payload, its last-record delimiter, the 16-octet tag.
+    assert len(push.body) == 21 + 65 + len(b'{"type":"notification"}') + 1 + 16
+
+
+async def two_bodies(provider, webpush_server) -> tuple[bytes, bytes]:
+    """The encrypted bodies of two pushes of the same wake-up to the same browser."""
+    subscription = webpush_server.subscribe()
+    for _ in range(2):
+        await provider.send(device(subscription), wakeup())
+    first, second = (push.body for push in webpush_server.pushes)
+    assert first is not None and second is not None
+    return first, second
+
+
+async def test_each_push_is_encrypted_with_a_fresh_salt(provider, webpush_server):
+    first, second = await two_bodies(provider, webpush_server)
+    assert first[:16] != second[:16]
+
+
+async def test_each_push_is_encrypted_with_a_fresh_ephemeral_key(provider, webpush_server):
+    first, second = await two_bodies(provider, webpush_server)
+    assert first[21:86] != second[21:86]
 
 
 async def test_vapid_header_carries_the_configured_key_and_subject_for_the_endpoint_origin(
@@ -193,6 +231,20 @@ async def test_aclose_closes_the_connections_and_a_later_send_opens_new_ones(
     assert first.client_port != second.client_port
 
 
+async def test_a_connection_the_push_service_closed_is_replaced_by_a_new_one(
+    provider, webpush_server
+):
+    subscription = webpush_server.subscribe()
+    await provider.send(device(subscription), wakeup())
+
+    webpush_server.drop_connections()
+    result = await provider.send(device(subscription), wakeup())
+
+    assert result == SendResult(Outcome.DELIVERED)
+    first, second = webpush_server.pushes
+    assert first.client_port != second.client_port
+
+
 # --- classifying answers ---------------------------------------------------------------------
 
 
@@ -287,6 +339,7 @@ UNUSABLE_SUBSCRIPTIONS = [
     pytest.param(_replace_keys(auth=b64url(bytes(8))), id="auth-wrong-length"),
     pytest.param(_replace_endpoint("http://localhost/push/x"), id="endpoint-not-https"),
     pytest.param(_replace_endpoint("https:///push/x"), id="endpoint-without-host"),
+    pytest.param(_replace_endpoint("https://push.exa mple.org/x"), id="endpoint-bad-host"),
     pytest.param(_replace_endpoint("https://localhost:99999/push/x"), id="endpoint-bad-port"),
 ]
 
@@ -339,6 +392,29 @@ async def test_a_push_service_with_an_untrusted_certificate_is_transient(webpush
 
     assert result == SendResult(Outcome.TRANSIENT, "tls_error")
     assert webpush_server.pushes == []
+
+
+async def test_an_answer_that_is_not_http_is_transient(provider, webpush_server):
+    """A push service (or something in between) answering garbage: nothing to classify."""
+    server_ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    webpush_server.ca.issue_cert("localhost").configure_cert(server_ssl)
+
+    async def answer_garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"NOT HTTP AT ALL\r\n\r\n")
+        await writer.drain()
+
+    server = await asyncio.start_server(answer_garbage, "127.0.0.1", 0, ssl=server_ssl)
+    port = server.sockets[0].getsockname()[1]
+    subscription = webpush_server.subscribe()
+    subscription["endpoint"] = f"https://localhost:{port}/push/x"
+    try:
+        result = await provider.send(device(subscription), wakeup())
+    finally:
+        server.close()
+        await server.wait_closed()
+
+    assert result == SendResult(Outcome.TRANSIENT, "unreadable_response")
 
 
 # --- dry run ---------------------------------------------------------------------------------

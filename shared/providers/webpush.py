@@ -1,10 +1,21 @@
 """Web Push provider: RFC 8030 delivery, RFC 8291 payload encryption, RFC 8292 (VAPID) signing.
 
 A browser subscription is the token (its JSON text). Each wake-up is encrypted for that browser
-alone, so encryption happens per push; everything else is reused across pushes and invocations:
-one pooled HTTPS session per provider, and one signed VAPID header per push-service origin, kept
-until shortly before it expires, because an ECDSA signature per push is measurable waste when a
-burst fans out to thousands of subscriptions of the same few push services.
+alone, so encryption happens per push (a fresh ephemeral ECDH key and salt each, as RFC 8291
+requires); everything else is reused across pushes and invocations: kept-alive HTTPS connections
+per push service, and one signed VAPID header per push-service origin, kept until shortly before
+it expires, because an ECDSA signature per push is measurable waste when a burst fans out to
+thousands of subscriptions of the same few push services.
+
+Encryption is http_ece's (RFC 8188 and the RFC 8291 key derivation), called directly rather than
+through pywebpush, and HTTP is done here rather than through aiohttp, because per push their
+wrappers cost more than the cryptography itself: pywebpush copies the subscription, re-decodes its
+keys and builds its header dictionaries (and imports ``requests``); aiohttp spends about as much
+again per request on its client machinery, and its import (with yarl, multidict and TLS contexts)
+was a tenth of a cold start. A push is one small POST whose answer only matters by its status and
+``Retry-After``: an asyncio protocol writing the request in one piece and reading the answer with
+httptools (already loaded by uvicorn) does it. The tests decrypt every push on the receiving side
+and verify its VAPID signature.
 
 Push services answer with plain HTTP statuses; :meth:`WebPushProvider.send` turns every answer
 and every network failure into a :class:`~shared.providers.base.SendResult`. Endpoints and keys
@@ -17,19 +28,20 @@ import base64
 import hashlib
 import json
 import logging
+import os
 import re
 import ssl
 import time
 from dataclasses import dataclass
-from typing import Any, NamedTuple
-from urllib.parse import urlsplit
+from typing import NamedTuple, cast
+from urllib.parse import quote, urlsplit
 
-import aiohttp
+import http_ece
+import httptools
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from py_vapid.jwt import sign as sign_jwt
-from pywebpush import WebPusher
 
 from shared.config import ConfigError, env, env_float, env_int, require_secret
 from shared.providers.base import (
@@ -52,6 +64,16 @@ room for a push service whose clock runs ahead of ours."""
 VAPID_RENEWAL_MARGIN_SECONDS = 3600
 """A cached header is re-signed this long before its ``exp``, so a header never expires between
 leaving us and reaching the push service, even with clock skew."""
+
+RECORD_SIZE = 4096
+"""The RFC 8188 record size announced in each body, as browsers' and libraries' default."""
+
+_HOST = re.compile(r"[A-Za-z0-9._~%!$&'()*+,;=:-]+")
+"""RFC 3986 host characters (a name, an IPv4 address, an IPv6 address without its brackets):
+nothing that could end the Host header it goes into."""
+
+_URL_SAFE = "/%:@!$&'()*+,;=-._~"
+"""RFC 3986 path and query characters that go into a request line as they are."""
 
 _TOPIC = re.compile(r"[A-Za-z0-9_-]{1,32}")
 """RFC 8030 section 5.4: a Topic is at most 32 characters of the base64url alphabet."""
@@ -81,10 +103,18 @@ def generate_vapid_keys() -> VapidKeys:
 
 @dataclass(frozen=True)
 class _Subscription:
-    """A subscription that passed validation: what pywebpush needs, plus the VAPID audience."""
+    """A subscription that passed validation, in the forms a push to it needs."""
 
-    info: dict[str, Any]
+    host: str
+    """The host to connect to (an IPv6 address without brackets)."""
+    port: int
     origin: str
+    """The push service's origin: the VAPID audience."""
+    target: bytes
+    """The request line's target and the Host header: ``/path?query HTTP/1.1\\r\\nHost: ...``."""
+    receiver_point: bytes
+    """The browser's uncompressed P-256 point (``p256dh``), as RFC 8291 hashes it."""
+    auth_secret: bytes
 
 
 class WebPushProvider:
@@ -106,6 +136,7 @@ class WebPushProvider:
 
         ``vapid_private_key`` is the raw base64url private key or a PEM (SEC1 or PKCS#8).
         ``ca_file`` is a PEM bundle trusted in addition to the system's CAs.
+        ``max_connections`` bounds the requests in flight (over all push services).
         Errors name the environment variable the value comes from in :meth:`from_env`.
         """
         self._private_key = _load_private_key(vapid_private_key)
@@ -115,11 +146,13 @@ class WebPushProvider:
             choices = ", ".join(URGENCIES)
             raise ConfigError(f"{_URGENCY_VAR} must be one of {choices}, not {urgency!r}")
         self._urgency = urgency
-        self._ssl: ssl.SSLContext | bool = _ssl_context(ca_file) if ca_file else True
-        self._timeout = aiohttp.ClientTimeout(total=timeout_seconds)
+        self._ca_pem = _read_ca_bundle(ca_file) if ca_file else None
+        # Built on the first connection: loading the system's trust store takes about 20 ms, a
+        # cold start's cost otherwise, and with the CA bundle checked above it cannot fail.
+        self._ssl: ssl.SSLContext | None = None
+        self._timeout = timeout_seconds
         self._max_connections = max_connections
-        self._session: aiohttp.ClientSession | None = None
-        self._session_loop: asyncio.AbstractEventLoop | None = None
+        self._pool: _ConnectionPool | None = None
         self._vapid_headers: dict[str, tuple[str, int]] = {}
 
     @classmethod
@@ -156,58 +189,57 @@ class WebPushProvider:
             return SendResult(Outcome.DEAD, "invalid_subscription")
         if wakeup.dry_run:
             return SendResult(Outcome.DELIVERED, "dry_run")
-        headers = {
-            "Authorization": self._vapid_header(subscription.origin),
-            "Urgency": self._urgency,
-            "Topic": _topic(wakeup.message_type),
-        }
-        payload = json.dumps({"type": wakeup.message_type}, separators=(",", ":"))
-        pusher = WebPusher(subscription.info, aiohttp_session=self._client())
+        payload = json.dumps({"type": wakeup.message_type}, separators=(",", ":")).encode()
+        body = _encrypt(payload, subscription)
+        head = (
+            f"Authorization: {self._vapid_header(subscription.origin)}\r\n"
+            f"TTL: {wakeup.ttl_seconds}\r\n"
+            f"Urgency: {self._urgency}\r\n"
+            f"Topic: {_topic(wakeup.message_type)}\r\n"
+            "Content-Encoding: aes128gcm\r\n"
+            "Content-Type: application/octet-stream\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        )
+        request = b"POST " + subscription.target + head.encode() + body
         try:
-            # The timeout bounds the whole exchange: connecting, TLS, sending, reading the answer.
-            response = await pusher.send_async(
-                payload,
-                headers,
-                ttl=wakeup.ttl_seconds,
-                content_encoding="aes128gcm",
-                timeout=self._timeout,
-            )
+            # The timeout bounds the whole exchange: waiting for a connection slot, connecting,
+            # TLS, sending, reading the answer.
+            async with asyncio.timeout(self._timeout):
+                status, retry_after = await self._connections().request(subscription, request)
         except TimeoutError:
             result = SendResult(Outcome.TRANSIENT, "timeout")
-        except UnicodeDecodeError:
-            # pywebpush decodes the answer's body as text; a body that is not text hides the
-            # status, and retrying a content-free wake-up is harmless.
+        except httptools.HttpParserError:
             result = SendResult(Outcome.TRANSIENT, "unreadable_response")
-        except aiohttp.ClientSSLError:
+        except ssl.SSLError:
             result = SendResult(Outcome.TRANSIENT, "tls_error")
-        except aiohttp.ClientError as exc:
+        except OSError as exc:
             # The exception's text names the endpoint's host: log its type only.
             log.debug("webpush device %s: %s", device.id, type(exc).__name__)
             result = SendResult(Outcome.TRANSIENT, "connection_error")
         else:
-            result = _classify(response.status, response.headers.get("Retry-After"))
+            result = _classify(status, retry_after)
         if result.outcome is not Outcome.DELIVERED:
             log.info("webpush device %s: %s %s", device.id, result.outcome.value, result.reason)
         return result
 
     async def aclose(self) -> None:
-        """Close the pooled connections; a later send opens a new session."""
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        """Close the pooled connections; a later send opens new ones."""
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
 
-    def _client(self) -> aiohttp.ClientSession:
-        """The pooled session, created inside the running loop as aiohttp requires.
+    def _connections(self) -> _ConnectionPool:
+        """The connection pool of the running loop.
 
-        A session belongs to the loop that created it; if the process runs each invocation in a
-        new loop (``asyncio.run`` per call), the old session is unusable and is replaced.
+        Connections belong to the loop that opened them; if the process runs each invocation in
+        a new loop (``asyncio.run`` per call), the old pool is unusable and is replaced.
         """
         loop = asyncio.get_running_loop()
-        if self._session is None or self._session.closed or self._session_loop is not loop:
-            connector = aiohttp.TCPConnector(limit=self._max_connections, ssl=self._ssl)
-            self._session = aiohttp.ClientSession(connector=connector)
-            self._session_loop = loop
-        return self._session
+        if self._pool is None or self._pool.loop is not loop:
+            if self._ssl is None:
+                self._ssl = _ssl_context(self._ca_pem)
+            self._pool = _ConnectionPool(loop, self._ssl, self._max_connections)
+        return self._pool
 
     def _vapid_header(self, origin: str) -> str:
         """The ``Authorization`` header for ``origin``, re-signed only when near expiry."""
@@ -220,6 +252,163 @@ class WebPushProvider:
         header = f"vapid t={token}, k={self._public_key}"
         self._vapid_headers[origin] = (header, expires)
         return header
+
+
+def _encrypt(payload: bytes, subscription: _Subscription) -> bytes:
+    """``payload`` encrypted for the subscription's browser: an RFC 8291 ``aes128gcm`` body, by
+    http_ece (the RFC 8188 library pywebpush itself encrypts with), with a fresh ephemeral ECDH
+    key pair and a fresh salt each time, as RFC 8291 requires."""
+    return http_ece.encrypt(
+        payload,
+        salt=os.urandom(16),
+        private_key=ec.generate_private_key(ec.SECP256R1()),
+        dh=subscription.receiver_point,
+        auth_secret=subscription.auth_secret,
+        rs=RECORD_SIZE,
+        version="aes128gcm",
+    )
+
+
+class _Connection(asyncio.Protocol):
+    """One kept-alive HTTP/1.1 connection to a push service, one request at a time.
+
+    Only the status and ``Retry-After`` of an answer are kept; its body is parsed past and
+    dropped, so the connection can carry the next request.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._parser = httptools.HttpResponseParser(self)
+        self._transport: asyncio.Transport | None = None
+        self._answer: asyncio.Future[tuple[int, str | None]] | None = None
+        self._status = 0
+        self._retry_after: str | None = None
+        self.open = True
+        """False once the connection is closed or cannot carry another request."""
+        self.answered = False
+        """Whether any byte of an answer to the current request arrived."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's TLS transport has the methods of asyncio.Transport, not the class.
+        self._transport = cast(asyncio.Transport, transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.open = False
+        if self._answer is not None and not self._answer.done():
+            if self._status:  # an answer without a length ends with the connection
+                self._answer.set_result((self._status, self._retry_after))
+            else:
+                self._answer.set_exception(
+                    exc if isinstance(exc, OSError) else ConnectionResetError()
+                )
+
+    def data_received(self, data: bytes) -> None:
+        self.answered = True
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self.close()
+            if self._answer is not None and not self._answer.done():
+                self._answer.set_exception(exc)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        """httptools' callback, once per header of the answer."""
+        if name.lower() == b"retry-after":
+            self._retry_after = value.decode("latin-1")
+
+    def on_headers_complete(self) -> None:
+        """httptools' callback: the status is known."""
+        self._status = self._parser.get_status_code()
+
+    def on_message_complete(self) -> None:
+        """httptools' callback: the answer is complete, the connection free again."""
+        if not self._parser.should_keep_alive():
+            self.close()
+        if self._answer is not None and not self._answer.done():
+            self._answer.set_result((self._status, self._retry_after))
+
+    async def request(self, request: bytes) -> tuple[int, str | None]:
+        """Write ``request`` and wait for the answer's status and ``Retry-After``."""
+        assert self._transport is not None
+        self._status, self._retry_after, self.answered = 0, None, False
+        self._answer = self._loop.create_future()
+        self._transport.write(request)
+        try:
+            return await self._answer
+        finally:
+            self._answer = None
+
+    def close(self) -> None:
+        """Drop the connection at once: no push service waits for a TLS close_notify."""
+        self.open = False
+        if self._transport is not None:
+            self._transport.abort()
+
+
+class _ConnectionPool:
+    """Kept-alive connections per push service, and a bound on the requests in flight."""
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, context: ssl.SSLContext, max_connections: int
+    ) -> None:
+        self.loop = loop
+        self._ssl = context
+        self._slots = asyncio.Semaphore(max_connections)
+        self._idle: dict[tuple[str, int], list[_Connection]] = {}
+        self._closed = False
+
+    async def request(
+        self, subscription: _Subscription, request: bytes
+    ) -> tuple[int, str | None]:
+        """Send ``request`` on an idle connection to the subscription's push service, or a
+        new one; the answer's status and ``Retry-After``.
+
+        A kept-alive connection the service closed just before it got the request fails with no
+        answer: the request is sent again once on a new connection (a wake-up twice is harmless).
+        """
+        address = (subscription.host, subscription.port)
+        async with self._slots:
+            idle = self._idle.setdefault(address, [])
+            while idle:
+                connection = idle.pop()
+                if connection.open:
+                    try:
+                        return await self._exchange(idle, connection, request)
+                    except OSError:
+                        if connection.answered:
+                            raise
+                    break
+            return await self._exchange(idle, await self._connect(address), request)
+
+    async def _connect(self, address: tuple[str, int]) -> _Connection:
+        host, port = address
+        _, connection = await self.loop.create_connection(
+            lambda: _Connection(self.loop), host, port, ssl=self._ssl, server_hostname=host
+        )
+        return connection
+
+    async def _exchange(
+        self, idle: list[_Connection], connection: _Connection, request: bytes
+    ) -> tuple[int, str | None]:
+        """One request on ``connection``, which goes back to ``idle`` if it can carry more."""
+        try:
+            answer = await connection.request(request)
+        except BaseException:  # a cancelled request leaves the answer unread: drop it
+            connection.close()
+            raise
+        if self._closed:
+            connection.close()
+        elif connection.open:
+            idle.append(connection)
+        return answer
+
+    def close(self) -> None:
+        """Close every idle connection; those in use close when their request ends."""
+        self._closed = True
+        for connections in self._idle.values():
+            for connection in connections:
+                connection.close()
+        self._idle.clear()
 
 
 def _classify(status: int, retry_after: str | None) -> SendResult:
@@ -237,8 +426,7 @@ def _classify(status: int, retry_after: str | None) -> SendResult:
 def _parse_subscription(token: str) -> _Subscription | None:
     """The subscription in ``token``, or ``None`` when no push to it can ever work.
 
-    Checked here rather than left to pywebpush, which accepts malformed keys and then fails
-    with assorted exceptions halfway through encryption.
+    Checked in full here, so that a malformed key cannot fail halfway through encryption.
     """
     try:
         data = json.loads(token)
@@ -257,6 +445,9 @@ def _parse_subscription(token: str) -> _Subscription | None:
         # .port raises ValueError for a port no request could ever use.
         if url.scheme != "https" or not url.hostname or url.port == 0:
             return None
+        hostname = url.hostname if url.hostname.isascii() else url.hostname.encode("idna").decode()
+        if not _HOST.fullmatch(hostname):
+            return None
         point, secret = _b64url_decode(p256dh), _b64url_decode(auth)
         # Browsers send the uncompressed point; the RFC 8291 key derivation hashes it as sent.
         if len(point) != 65 or point[0] != 4 or len(secret) != 16:
@@ -265,9 +456,22 @@ def _parse_subscription(token: str) -> _Subscription | None:
     except ValueError:
         return None
     # The audience is the origin as the push service sees it: host lower-cased, no user-info.
-    host = f"[{url.hostname}]" if ":" in url.hostname else url.hostname
+    host = f"[{hostname}]" if ":" in hostname else hostname
     origin = f"https://{host}" if url.port is None else f"https://{host}:{url.port}"
-    return _Subscription({"endpoint": endpoint, "keys": {"p256dh": p256dh, "auth": auth}}, origin)
+    # What yarl (under aiohttp, before) did too: characters a request line cannot carry are
+    # percent-encoded, escapes already there are kept.
+    target = quote(url.path or "/", safe=_URL_SAFE)
+    if url.query:
+        target += "?" + quote(url.query, safe=_URL_SAFE)
+    host_header = host if url.port is None else f"{host}:{url.port}"
+    return _Subscription(
+        host=hostname,
+        port=url.port or 443,
+        origin=origin,
+        target=f"{target} HTTP/1.1\r\nHost: {host_header}\r\n".encode(),
+        receiver_point=point,
+        auth_secret=secret,
+    )
 
 
 def _topic(message_type: str) -> str:
@@ -324,13 +528,23 @@ def _check_subject(subject: str) -> str:
     return subject.strip()
 
 
-def _ssl_context(ca_file: str) -> ssl.SSLContext:
-    """The system's trust store plus the extra CA bundle (a private or test push service)."""
-    context = ssl.create_default_context()
+def _read_ca_bundle(ca_file: str) -> str:
+    """The PEM text of the extra CA bundle (a private or test push service), trusted in addition
+    to the system's CAs; checked now, so that a bad bundle fails the start-up."""
     try:
-        context.load_verify_locations(cafile=ca_file)
-    except (OSError, ssl.SSLError) as exc:
+        with open(ca_file, encoding="ascii") as pem:
+            text = pem.read()
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=text)
+    except (OSError, ValueError, ssl.SSLError) as exc:
         raise ConfigError(f"{_CA_VAR}: cannot load CA bundle {ca_file}: {exc}") from None
+    return text
+
+
+def _ssl_context(ca_pem: str | None) -> ssl.SSLContext:
+    """The system's trust store, plus the extra CA bundle when there is one."""
+    context = ssl.create_default_context()
+    if ca_pem is not None:
+        context.load_verify_locations(cadata=ca_pem)
     return context
 
 

@@ -92,6 +92,9 @@ class ReceivedPush:
     """The status answered; ``None`` for a request held by a hang."""
     payload: bytes | None
     """The decrypted body; ``None`` when the request was refused before decryption."""
+    body: bytes | None
+    """The body as received (encrypted); ``None`` when the request was refused before reading
+    it."""
     ttl: str | None
     urgency: str | None
     topic: str | None
@@ -165,6 +168,7 @@ class FakeWebPushService:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._release: asyncio.Event | None = None
+        self._runner: web.AppRunner | None = None
         self._tmpdir: str | None = None
 
     @property
@@ -258,6 +262,20 @@ class FakeWebPushService:
                 None if then is None else _answer(then),
             )
 
+    def drop_connections(self) -> None:
+        """Close every client connection now, as a push service closes idle kept-alive ones.
+
+        Returns once they are closed; the clients see it when their loop next runs.
+        """
+        assert self._loop is not None, "start the service first"
+        asyncio.run_coroutine_threadsafe(self._drop_connections(), self._loop).result(timeout=10)
+
+    async def _drop_connections(self) -> None:
+        assert self._runner is not None and self._runner.server is not None
+        for handler in self._runner.server.connections:
+            if handler.transport is not None:
+                handler.transport.abort()
+
     @property
     def pushes(self) -> list[ReceivedPush]:
         """Every recorded request, oldest first."""
@@ -298,6 +316,7 @@ class FakeWebPushService:
         )
         await runner.setup()
         await web.TCPSite(runner, self.host, self.port, ssl_context=server_ssl).start()
+        self._runner = runner
         return runner
 
     async def _stop_site(self, runner: web.AppRunner) -> None:
@@ -307,10 +326,7 @@ class FakeWebPushService:
         client whose loop is not running (a test's, between two tests): the sockets would be
         left to the garbage collector.
         """
-        assert runner.server is not None
-        for handler in runner.server.connections:
-            if handler.transport is not None:
-                handler.transport.abort()
+        await self._drop_connections()
         await runner.cleanup()
 
     def _shut_down(self) -> None:
@@ -329,6 +345,7 @@ class FakeWebPushService:
         seen: dict[str, Any] = {
             "subscription_id": subscription_id,
             "payload": None,
+            "body": None,
             "ttl": request.headers.get("TTL"),
             "urgency": request.headers.get("Urgency"),
             "topic": request.headers.get("Topic"),
@@ -341,7 +358,7 @@ class FakeWebPushService:
         try:
             if subscription is None:
                 raise _Refusal(404, "no such subscription")
-            body = await request.read()
+            body = seen["body"] = await request.read()
             self._check(request, subscription, body, seen)
         except _Refusal as refusal:
             self._record(seen, refusal.status, refusal.message)
