@@ -84,7 +84,6 @@ from aioapns.exceptions import ConnectionError as ApnsConnectionError
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.exceptions import H2Error
 from hpack import Encoder, NeverIndexedHeaderTuple
@@ -99,6 +98,7 @@ from shared.config import (
     require_secret,
 )
 from shared.providers.base import Device, Outcome, SendResult, WakeUp
+from shared.providers.http2 import UNCHECKED_CLIENT_CONFIG
 
 DEFAULT_PRODUCTION_URL = "https://api.push.apple.com"
 DEFAULT_SANDBOX_URL = "https://api.sandbox.push.apple.com"
@@ -218,15 +218,7 @@ class _EndpointProtocol(APNsTLSClientProtocol):
         # the device token and topic validated when the device subscribed) and what Apple
         # answers, through a chain of generators per header that cost a third of a send.
         # _PlainEncoder keeps the provider token out of the table, as normalisation would.
-        self.conn = H2Connection(
-            H2Configuration(
-                client_side=True,
-                validate_outbound_headers=False,
-                normalize_outbound_headers=False,
-                validate_inbound_headers=False,
-                normalize_inbound_headers=False,
-            )
-        )
+        self.conn = H2Connection(UNCHECKED_CLIENT_CONFIG)
         self.conn.encoder = _PlainEncoder()
         if self.shared_token is not None:
             self.auth_provider = self.shared_token

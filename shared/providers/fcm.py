@@ -2,12 +2,16 @@
 
 We do not use firebase-admin: it hard-codes ``https://fcm.googleapis.com`` in private attributes
 and wraps every send in its own retry policy, so it can neither be pointed at a test or benchmark
-endpoint nor leave retrying to the dispatcher. One ``messages:send`` POST is simple enough to make
-with httpx, and google-auth's service-account credentials give the OAuth access token.
+endpoint nor leave retrying to the dispatcher. One ``messages:send`` POST is simple enough to
+make over our own small HTTP/2 client (:mod:`shared.providers.http2`: httpx cost five times the
+CPU per send), and google-auth's service-account credentials give the OAuth access token.
 
-What is reused across sends (and invocations, in a warm process): one HTTP/2 client per event
-loop, and the access token, refreshed a few minutes before it expires (google-auth's margin) by
-one coroutine while the others wait. Every answer, and every network failure, is classified into
+What is reused across sends (and invocations, in a warm process): one HTTP/2 connection pool per
+event loop (``HTTPS_PROXY``/``NO_PROXY`` apply, as they did with httpx), the request headers, and
+the access token, refreshed a few minutes before it expires (google-auth's margin) by one
+coroutine while the others wait. google-auth fetches tokens with requests, imported at the first
+refresh rather than with the module: a cold start's import time counts, its first token does not
+wait any longer for it. Every answer, and every network failure, is classified into
 a :class:`~shared.providers.base.SendResult` following FCM's documented error codes (see
 :func:`classify`). A registration token identifies a device, so it never appears in a log line or
 in a result's ``reason``.
@@ -22,14 +26,15 @@ import ssl
 import time
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import certifi
-import httpx
-import requests
 from google.auth import exceptions as auth_exceptions
 from google.auth.credentials import TokenState
-from google.auth.transport.requests import Request as AuthRequest
 from google.oauth2 import service_account
+from h2.exceptions import H2Error
+
+from shared.providers.http2 import Header, Http2Pool, Origin, Response, proxy_from_environment
 
 from shared.config import ConfigError, env, env_float, env_int, require_secret
 from shared.providers.base import (
@@ -54,7 +59,8 @@ _CREDENTIALS_VAR = "PUSH_FCM_CREDENTIALS"
 _PROJECT_VAR = "PUSH_FCM_PROJECT_ID"
 _ENDPOINT_VAR = "PUSH_FCM_ENDPOINT"
 _CA_VAR = "PUSH_FCM_CA_FILE"
-_STREAMS_PER_CONNECTION = 16
+_STREAMS_PER_CONNECTION = 100
+"""Requests in flight per connection at most (fewer if FCM's SETTINGS say so)."""
 
 
 @dataclass(frozen=True)
@@ -143,7 +149,8 @@ class FcmProvider:
         its ``project_id``. ``endpoint`` is the FCM base URL (a fake in tests). ``ca_file`` is a
         PEM bundle trusted for both the send endpoint (on top of certifi's CAs) and the token
         endpoint named by the JSON's ``token_uri`` (instead of them: requests takes a single
-        bundle). ``timeout_seconds`` bounds each network step of a send and the token request.
+        bundle). ``timeout_seconds`` bounds each request to FCM (waiting for a connection
+        included) and the token request. ``HTTPS_PROXY`` and ``NO_PROXY`` are read here.
         Errors name the environment variable the value comes from in :meth:`from_env`.
         """
         self._credentials, json_project = _load_credentials(credentials)
@@ -151,21 +158,19 @@ class FcmProvider:
         if not project:
             raise ConfigError(
                 f"{_PROJECT_VAR} is not set and the {_CREDENTIALS_VAR} JSON has no project_id")
-        endpoint = endpoint.rstrip("/")
-        if not endpoint.startswith(("https://", "http://")):
-            raise ConfigError(f"{_ENDPOINT_VAR} must be an http(s) URL, not {endpoint!r}")
         self.project_id = project
-        self._url = f"{endpoint}/v1/projects/{project}/messages:send"
-        self._ssl = _ssl_context(ca_file)
+        self._origin, path = _origin(endpoint)
+        self._path = f"{path}/v1/projects/{project}/messages:send".encode()
+        self._ssl = _ssl_context(ca_file) if self._origin.scheme == "https" else None
+        try:
+            self._proxy = proxy_from_environment(self._origin)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         self._timeout = timeout_seconds
-        self._limits = httpx.Limits(
-            max_connections=max_connections, max_keepalive_connections=max_connections)
-        # google-auth's refresh is synchronous: it runs in a worker thread through requests.
-        # verify= is given per request because a Session's own verify loses to the
-        # REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE environment variables many images set.
-        self._session = requests.Session()
-        self._token_request = functools.partial(
-            AuthRequest(self._session), timeout=timeout_seconds, verify=ca_file or True)
+        self._max_connections = max_connections
+        self._ca_file = ca_file
+        self._token_request: functools.partial[Any] | None = None
+        self._headers: tuple[str | None, list[Header]] = (None, [])
         self._loop_state: _LoopState | None = None
 
     @classmethod
@@ -186,50 +191,60 @@ class FcmProvider:
         try:
             access_token = await self._access_token()
             response = await self._post(body, access_token)
-            if (response.status_code == 401
-                    and FcmError.parse(response.content).error_code != "THIRD_PARTY_AUTH_ERROR"):
+            if (response.status == 401
+                    and FcmError.parse(response.body).error_code != "THIRD_PARTY_AUTH_ERROR"):
                 # FCM refused our access token (revoked, or expired early): refresh once.
                 log.info("FCM refused the access token; refreshing it and retrying once")
                 access_token = await self._access_token(refused=access_token)
                 response = await self._post(body, access_token)
-        except httpx.TimeoutException:
+        except TimeoutError:  # before OSError: it is one
             return SendResult(Outcome.TRANSIENT, "timeout")
-        except httpx.RequestError as exc:
+        except (OSError, H2Error) as exc:
             log.warning("FCM unreachable: %s", type(exc).__name__)
             return SendResult(Outcome.TRANSIENT, "connection_error")
         except auth_exceptions.GoogleAuthError as exc:
             return _token_failure(exc)
-        result = classify(response.status_code, response.content,
-                          response.headers.get("retry-after"))
+        if response.status == 200:
+            return _DELIVERED
+        retry_after = response.header(b"retry-after")
+        result = classify(response.status, response.body,
+                          None if retry_after is None else retry_after.decode("latin-1"))
         if result.outcome is Outcome.REJECTED:
             log.warning("FCM rejected a message for device %d: HTTP %d %s",
-                        device.id, response.status_code, result.reason)
+                        device.id, response.status, result.reason)
         return result
 
     async def aclose(self) -> None:
         state, self._loop_state = self._loop_state, None
         if state is not None and state.loop is asyncio.get_running_loop():
-            await state.client.aclose()
-        self._session.close()
+            await state.pool.aclose()
+        if self._token_request is not None:
+            self._token_request.func.session.close()
 
-    async def _post(self, body: bytes, access_token: str) -> httpx.Response:
-        state = self._bound()
-        async with state.streams:
-            return await state.client.post(
-                self._url, content=body,
-                headers={"authorization": f"Bearer {access_token}",
-                         "content-type": "application/json; charset=UTF-8"})
+    async def _post(self, body: bytes, access_token: str) -> Response:
+        token, headers = self._headers
+        if token != access_token:  # built once per access token, not per request
+            headers = [
+                (b":method", b"POST"),
+                (b":scheme", self._origin.scheme.encode()),
+                (b":authority", self._origin.authority),
+                (b":path", self._path),
+                (b"content-type", b"application/json; charset=UTF-8"),
+                (b"authorization", f"Bearer {access_token}".encode()),
+            ]
+            self._headers = (access_token, headers)
+        return await self._bound().pool.request(headers, body)
 
     def _bound(self) -> _LoopState:
-        """The HTTP/2 client and refresh lock of the running event loop. Connections and locks
-        belong to the loop that made them, so a process that runs each invocation in a new loop
-        (``asyncio.run``) gets new ones for each; within a loop they are made once."""
+        """The connection pool and refresh lock of the running event loop. Connections and
+        locks belong to the loop that made them, so a process that runs each invocation in a
+        new loop (``asyncio.run``) gets new ones for each; within a loop they are made once."""
         loop = asyncio.get_running_loop()
         if self._loop_state is None or self._loop_state.loop is not loop:
-            client = httpx.AsyncClient(
-                http2=True, verify=self._ssl, timeout=self._timeout, limits=self._limits)
-            streams = asyncio.Semaphore(self._limits.max_connections * _STREAMS_PER_CONNECTION)
-            self._loop_state = _LoopState(loop, client, asyncio.Lock(), streams)
+            pool = Http2Pool(self._origin, self._ssl, timeout=self._timeout,
+                             max_connections=self._max_connections,
+                             max_streams=_STREAMS_PER_CONNECTION, proxy=self._proxy)
+            self._loop_state = _LoopState(loop, pool, asyncio.Lock())
         return self._loop_state
 
     async def _access_token(self, refused: str | None = None) -> str:
@@ -243,20 +258,34 @@ class FcmProvider:
             if credentials.token != refused and credentials.token_state is TokenState.FRESH:
                 return credentials.token
             started = time.monotonic()
-            await asyncio.to_thread(credentials.refresh, self._token_request)
+            await asyncio.to_thread(credentials.refresh, self._token_transport())
             log.debug("FCM access token refreshed in %.3f s", time.monotonic() - started)
             return credentials.token
+
+
+    def _token_transport(self) -> functools.partial[Any]:
+        """google-auth's requests transport, made (and requests imported) at the first refresh.
+        The refresh is synchronous: it runs in a worker thread. verify= is given per request
+        because a Session's own verify loses to the REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE
+        environment variables many images set."""
+        if self._token_request is None:
+            import requests
+            from google.auth.transport.requests import Request as AuthRequest
+
+            self._token_request = functools.partial(
+                AuthRequest(requests.Session()), timeout=self._timeout,
+                verify=self._ca_file or True)
+        return self._token_request
+
+
+_DELIVERED = SendResult(Outcome.DELIVERED)
 
 
 @dataclass(frozen=True)
 class _LoopState:
     loop: asyncio.AbstractEventLoop
-    client: httpx.AsyncClient
+    pool: Http2Pool
     refresh_lock: asyncio.Lock
-    streams: asyncio.Semaphore
-    """Bounds the requests in flight: httpcore wakes every request waiting on an HTTP/2
-    connection for each frame that arrives, so hundreds of streams per connection cost far more
-    CPU per request than a few dozen, and send no faster."""
 
 
 def _message(device: Device, wakeup: WakeUp) -> bytes:
@@ -303,9 +332,22 @@ def _load_credentials(text: str) -> tuple[service_account.Credentials, str | Non
     return credentials, project if isinstance(project, str) and project else None
 
 
+def _origin(endpoint: str) -> tuple[Origin, str]:
+    """The endpoint URL's origin and path prefix (no trailing slash)."""
+    parts = urlsplit(endpoint.rstrip("/"))
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        port = 0
+    if parts.scheme not in ("https", "http") or not parts.hostname or not port:
+        raise ConfigError(f"{_ENDPOINT_VAR} must be an http(s) URL, not {endpoint!r}")
+    return Origin(parts.scheme, parts.hostname, port), parts.path
+
+
 def _ssl_context(ca_file: str | None) -> ssl.SSLContext:
-    """certifi's CAs (httpx's own default), plus the extra bundle when there is one."""
+    """certifi's CAs (httpx's default, kept), plus the extra bundle when there is one; ALPN h2."""
     context = ssl.create_default_context(cafile=certifi.where())
+    context.set_alpn_protocols(["h2"])
     if ca_file:
         try:
             context.load_verify_locations(cafile=ca_file)

@@ -1,7 +1,7 @@
 """A fake FCM HTTP v1 server with its OAuth 2 token endpoint: HTTPS, HTTP/2 and HTTP/1.1.
 
-It exists so the FCM provider can be tested, and benchmarked, over a real connection (httpx over
-HTTP/2, google-auth fetching its access token), never a mock. It behaves the way Google documents
+It exists so the FCM provider can be tested, and benchmarked, over a real connection (HTTP/2 for
+sends, google-auth fetching its access token over HTTP/1.1), never a mock. It behaves the way Google documents
 and the way FCM is seen to answer:
 
 - ``POST /token`` is Google's OAuth 2 token endpoint for service accounts: it takes the
@@ -16,9 +16,11 @@ and the way FCM is seen to answer:
   ``{"name": "projects/{project}/messages/<id>"}`` or a scripted error with FCM's real error body
   (a ``google.rpc.Status`` whose ``details`` carry the ``FcmError`` ``errorCode``).
 
-The server is Hypercorn running a bare ASGI app in its own thread with its own event loop:
-pytest-asyncio gives every test a fresh loop, and a server living on that loop would die with
-it, while a thread lets one server outlive any number of client loops.
+The server is asyncio's, in its own thread with its own event loop: pytest-asyncio gives every
+test a fresh loop, and a server living on that loop would die with it, while a thread lets one
+server outlive any number of client loops. One TLS port serves both protocols, chosen by ALPN:
+HTTP/2 framed by h2 (with its header checks off, so a send costs the fake less than it costs the
+client: the fake must not be what a benchmark measures), and HTTP/1.1 parsed by h11.
 
 In a test, use the function-scoped ``fcm_server`` fixture (a fresh server per test, so scripts,
 records, counters and issued access tokens never leak between tests)::
@@ -27,9 +29,12 @@ records, counters and issued access tokens never leak between tests)::
     fcm_server.script(token, fcm_error("QUOTA_EXCEEDED", retry_after=30))
     fcm_server.script(token, "HANG")                 # never answer
     fcm_server.revoke_access_tokens()                # the next send gets 401 UNAUTHENTICATED
+    fcm_server.goaway()                              # GOAWAY on every HTTP/2 connection
+    fcm_server.drop_connections()                    # cut every connection
     fcm_server.messages                              # accepted messages, in order
     fcm_server.requests                              # every send request, with its status
     fcm_server.token_requests                        # access tokens issued so far
+    fcm_server.connections_made, fcm_server.peak_streams
     fcm_server.service_account_json()                # credentials whose token_uri is the fake
 
 Standalone (for benchmarks), it accepts every valid message until stopped and records nothing
@@ -51,24 +56,36 @@ import json
 import re
 import secrets
 import socket
+import ssl
 import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
+import h11
 import pytest
 import trustme
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
-from hypercorn.asyncio import serve
-from hypercorn.config import Config
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.errors import ErrorCodes
+from h2.events import (
+    ConnectionTerminated,
+    DataReceived,
+    RequestReceived,
+    StreamEnded,
+    StreamReset,
+)
+from h2.exceptions import H2Error
+from h2.settings import SettingCodes, Settings
 
 from tests.fakes import announce_and_wait
 
@@ -275,7 +292,9 @@ def _b64url_decode(text: str) -> bytes:
 
 class FakeFcm:
     """A fake FCM endpoint and token endpoint on 127.0.0.1. Start it with :meth:`start` or
-    ``with FakeFcm() as fake:``. Scripting methods and records are safe from any thread."""
+    ``with FakeFcm() as fake:``. Scripting methods and records are safe from any thread.
+    ``max_concurrent_streams`` is the SETTINGS_MAX_CONCURRENT_STREAMS it announces (and holds
+    clients to) on HTTP/2 connections."""
 
     def __init__(
         self,
@@ -284,6 +303,7 @@ class FakeFcm:
         project_id: str = DEFAULT_PROJECT_ID,
         record: bool = True,
         latency: float = 0.0,
+        max_concurrent_streams: int = 100,
     ) -> None:
         self.host = "127.0.0.1"
         self.port = port
@@ -293,6 +313,7 @@ class FakeFcm:
         self.record = record
         self.latency = latency
         """Seconds every send waits before answering (benchmarks: FCM is not instantaneous)."""
+        self.max_concurrent_streams = max_concurrent_streams
         self.access_token_lifetime = 3600
         """``expires_in`` of the access tokens issued from now on, in seconds."""
         self._public_key = _service_account_key("trusted").public_key()
@@ -302,11 +323,14 @@ class FakeFcm:
         self._access_tokens: set[str] = set()
         self._token_requests = 0
         self._send_requests = 0
+        self._connections_made = 0
+        self._peak_streams = 0
         self._message_ids = itertools.count(1)
+        self._connections: set[_Http2 | _Http1] = set()
         self._workdir: tempfile.TemporaryDirectory[str] | None = None
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._stopping: asyncio.Event | None = None
+        self._server: asyncio.Server | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -329,46 +353,37 @@ class FakeFcm:
     def start(self) -> FakeFcm:
         """Bind, start serving in a background thread, and return once the server is up."""
         self._workdir = tempfile.TemporaryDirectory(prefix="fake-fcm-")
-        workdir = Path(self._workdir.name)
         ca = shared_ca()
-        ca.cert_pem.write_to_path(str(workdir / "ca.pem"))
-        server_pem = workdir / "server.pem"
-        ca.issue_cert("localhost", "127.0.0.1").private_key_and_cert_chain_pem.write_to_path(
-            str(server_pem))
-
+        ca.cert_pem.write_to_path(self.ca_path)
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ca.issue_cert("localhost", "127.0.0.1").configure_cert(context)
+        context.set_alpn_protocols(["h2", "http/1.1"])
         # Bind and listen here, so the port is known before the server runs and no early
-        # connection is refused; Hypercorn takes the socket over through its file descriptor.
+        # connection is refused.
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.host, self.port))
         sock.listen(1024)
         self.port = sock.getsockname()[1]
-        config = Config()
-        config.bind = [f"fd://{sock.detach()}"]
-        config.certfile = config.keyfile = str(server_pem)
-        config.alpn_protocols = ["h2", "http/1.1"]
-        config.graceful_timeout = 1.0
-        # Hypercorn closes a connection after 1,000 requests, dropping the streams in flight;
-        # FCM's front end keeps connections for far longer and ends them gracefully.
-        config.keep_alive_max_requests = 2**31
-        config.loglevel = "WARNING"
-
         ready = threading.Event()
         failure: list[BaseException] = []
         self._thread = threading.Thread(
-            target=self._serve, args=(config, ready, failure), name="fake-fcm", daemon=True)
+            target=self._serve, args=(sock, context, ready, failure),
+            name=f"fake-fcm-{self.port}", daemon=True)
         self._thread.start()
-        if not ready.wait(10) or failure:
+        ready.wait()
+        if failure:
+            self._thread = None
             self.stop()
-            raise RuntimeError("the fake FCM server did not start") from (
-                failure[0] if failure else None)
+            raise RuntimeError("the fake FCM server did not start") from failure[0]
         return self
 
     def stop(self) -> None:
-        """Stop serving (hanging requests are dropped) and remove the temporary files."""
-        if self._loop is not None and self._stopping is not None:
-            self._loop.call_soon_threadsafe(self._stopping.set)
-        if self._thread is not None:
+        """Stop serving (connections are dropped, hanging requests with them) and remove the
+        temporary files."""
+        if self._loop is not None and self._thread is not None:
+            asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(10)
+            self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)
             self._thread = None
         if self._workdir is not None:
@@ -381,37 +396,31 @@ class FakeFcm:
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
-    def _serve(self, config: Config, ready: threading.Event,
+    def _serve(self, sock: socket.socket, context: ssl.SSLContext, ready: threading.Event,
                failure: list[BaseException]) -> None:
-        async def run() -> None:
-            self._loop = asyncio.get_running_loop()
-            self._stopping = asyncio.Event()
-
-            async def app(scope: dict[str, Any], receive: _Receive, send: _Send) -> None:
-                if scope["type"] == "lifespan":
-                    await self._lifespan(receive, send, ready)
-                elif scope["type"] == "http":
-                    await self._http(scope, receive, send)
-
-            await serve(app, config, shutdown_trigger=self._stopping.wait)  # type: ignore[arg-type]
-
+        loop = asyncio.new_event_loop()
         try:
-            with asyncio.Runner(loop_factory=_ServerLoop) as runner:
-                runner.run(run())
-        except BaseException as exc:  # reported to start(), which raises it
+            self._server = loop.run_until_complete(loop.create_server(
+                lambda: _Negotiation(self), sock=sock, ssl=context))
+            self._loop = loop
+        except BaseException as exc:  # reported to start(), in the caller's thread
             failure.append(exc)
+            sock.close()
+            loop.close()
+            return
+        finally:
             ready.set()
+        try:
+            loop.run_forever()
+        finally:
+            loop.close()
 
-    @staticmethod
-    async def _lifespan(receive: _Receive, send: _Send, ready: threading.Event) -> None:
-        while True:
-            event = await receive()
-            if event["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-                ready.set()
-            elif event["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+    async def _shutdown(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for connection in list(self._connections):
+            connection.transport.abort()
+        await self._server.wait_closed()
 
     # -- scripting and records -----------------------------------------------------------------
 
@@ -431,6 +440,24 @@ class FakeFcm:
         send is refused with 401 UNAUTHENTICATED until the client fetches a new token."""
         with self._lock:
             self._access_tokens.clear()
+
+    def goaway(self, last_stream_id: int | None = None) -> None:
+        """Send GOAWAY (NO_ERROR) on every HTTP/2 connection, as Google's front end does before
+        it closes one: requests up to ``last_stream_id`` (default: all received so far) are
+        still answered, later ones were not processed, and no new stream is accepted."""
+        self._in_server(lambda c: c.goaway(last_stream_id))
+
+    def drop_connections(self) -> None:
+        """Cut every connection at once, without a word (a crashed front end, a lost route)."""
+        self._in_server(lambda c: c.transport.abort())
+
+    def _in_server(self, action: Callable[[_Http2 | _Http1], None]) -> None:
+        async def run() -> None:
+            for connection in list(self._connections):
+                action(connection)
+
+        assert self._loop is not None, "start the fake first"
+        asyncio.run_coroutine_threadsafe(run(), self._loop).result(10)
 
     @property
     def requests(self) -> list[ReceivedRequest]:
@@ -455,6 +482,20 @@ class FakeFcm:
         """How many requests reached the send endpoint, whatever the answer."""
         with self._lock:
             return self._send_requests
+
+    @property
+    def connections_made(self) -> int:
+        """How many HTTP/2 connections were accepted (the send endpoint's: google-auth
+        fetches tokens over HTTP/1.1)."""
+        with self._lock:
+            return self._connections_made
+
+    @property
+    def peak_streams(self) -> int:
+        """The most requests ever in flight (received, not yet answered) on one HTTP/2
+        connection."""
+        with self._lock:
+            return self._peak_streams
 
     # -- service account -----------------------------------------------------------------------
 
@@ -487,91 +528,76 @@ class FakeFcm:
         path.write_text(self.service_account_json(trusted=trusted))
         return path
 
-    # -- HTTP ----------------------------------------------------------------------------------
+    # -- requests (server thread) --------------------------------------------------------------
 
-    async def _http(self, scope: dict[str, Any], receive: _Receive, send: _Send) -> None:
-        chunks = []
-        while True:
-            event = await receive()
-            if event["type"] != "http.request":
-                return  # the client went away
-            chunks.append(event.get("body", b""))
-            if not event.get("more_body", False):
-                break
-        body = b"".join(chunks)
-        path = scope["path"]
-        answer: Answer | str
-        if scope["method"] != "POST":
-            answer = _json(405, {"error": {"code": 405, "message": "Method not allowed.",
-                                           "status": "METHOD_NOT_ALLOWED"}})
-        elif path == "/token":
-            answer = self._token(body)
-        elif (match := _SEND_PATH.fullmatch(path)) is not None:
-            answer = await self._send_message(match.group(1), scope, body)
-        else:
-            answer = _json(404, {"error": {"code": 404, "message": "Not Found",
-                                           "status": "NOT_FOUND"}})
-        if answer == HANG:
-            await self._hang(receive)
-            return
-        assert isinstance(answer, Answer)
-        await send({"type": "http.response.start", "status": answer.status,
-                    "headers": list(answer.headers)})
-        await send({"type": "http.response.body", "body": answer.body})
+    def _connection_made(self, connection: _Http2 | _Http1) -> None:
+        self._connections.add(connection)
+        if isinstance(connection, _Http2):
+            with self._lock:
+                self._connections_made += 1
 
-    async def _hang(self, receive: _Receive) -> None:
-        """Hold the request until the client goes away, the server stops, or the limit."""
-        assert self._stopping is not None
-        gone = asyncio.ensure_future(receive())
-        stopping = asyncio.ensure_future(self._stopping.wait())
-        await asyncio.wait({gone, stopping}, timeout=HANG_LIMIT_SECONDS,
-                           return_when=asyncio.FIRST_COMPLETED)
-        gone.cancel()
-        stopping.cancel()
+    def _streams_open(self, count: int) -> None:
+        if count > self._peak_streams:
+            with self._lock:
+                self._peak_streams = max(self._peak_streams, count)
 
-    async def _send_message(self, project: str, scope: dict[str, Any],
-                            body: bytes) -> Answer | str:
+    def _handle(self, method: bytes, path: bytes, authorization: bytes, body: bytes,
+                http_version: str) -> tuple[Answer | str, float]:
+        """The answer to one request, and how long to wait before giving it."""
+        if method != b"POST":
+            return _json(405, {"error": {"code": 405, "message": "Method not allowed.",
+                                         "status": "METHOD_NOT_ALLOWED"}}), 0.0
+        if path == b"/token":
+            return self._token(body), 0.0
+        match = _SEND_PATH.fullmatch(path.decode("latin-1"))
+        if match is None:
+            return _json(404, {"error": {"code": 404, "message": "Not Found",
+                                         "status": "NOT_FOUND"}}), 0.0
+        return self._send_message(match.group(1), authorization, body, http_version)
+
+    def _send_message(self, project: str, authorization: bytes, body: bytes,
+                      http_version: str) -> tuple[Answer | str, float]:
         with self._lock:
             self._send_requests += 1
         try:
             document = json.loads(body)
         except ValueError:
             document = None
-        answer = await self._answer_send(project, scope, document)
+        answer, delay = self._answer_send(project, authorization, document)
         if self.record:
             message = document.get("message") if isinstance(document, dict) else None
             token = message.get("token") if isinstance(message, dict) else None
             received = ReceivedRequest(
                 token if isinstance(token, str) else None, document,
                 isinstance(document, dict) and document.get("validate_only") is True,
-                scope["http_version"], answer.status if isinstance(answer, Answer) else None)
+                http_version, answer.status if isinstance(answer, Answer) else None)
             with self._lock:
                 self._requests.append(received)
-        return answer
+        return answer, delay
 
-    async def _answer_send(self, project: str, scope: dict[str, Any],
-                           document: Any) -> Answer | str:
-        """FCM's checks in FCM's order (credentials, project, request), then the script."""
-        refused = self._check_authorization(scope)
+    def _answer_send(self, project: str, authorization: bytes,
+                     document: Any) -> tuple[Answer | str, float]:
+        """FCM's checks in FCM's order (credentials, project, request), then the script; the
+        latency applies to requests that pass the checks."""
+        refused = self._check_authorization(authorization)
         if refused is not None:
-            return refused
+            return refused, 0.0
         if project != self.project_id:
-            return fcm_error("PERMISSION_DENIED")
+            return fcm_error("PERMISSION_DENIED"), 0.0
         if document is None:
             return _bad_request(
-                "Invalid JSON payload received. Unexpected token.", None, fcm=False)
+                "Invalid JSON payload received. Unexpected token.", None, fcm=False), 0.0
         invalid = _check_send_request(document)
         if invalid is not None:
-            return invalid
+            return invalid, 0.0
         answer = self._scripted(document["message"].get("token", ""))
-        if self.latency:
-            await asyncio.sleep(self.latency)
         if answer != OK:
-            return answer
+            return answer, self.latency
         # FCM names every dry-run message fake_message_id.
         validate_only = document.get("validate_only", False)
         message_id = "fake_message_id" if validate_only else str(next(self._message_ids))
-        return _json(200, {"name": f"projects/{project}/messages/{message_id}"})
+        body = f'{{"name": "projects/{project}/messages/{message_id}"}}'.encode()
+        return Answer(200, body, _JSON), self.latency
 
     def _scripted(self, token: str) -> Answer | str:
         if not self._scripts:
@@ -582,10 +608,8 @@ class FakeFcm:
                 return OK
             return answers.popleft() if len(answers) > 1 else answers[0]
 
-    def _check_authorization(self, scope: dict[str, Any]) -> Answer | None:
-        authorization = next(
-            (v for k, v in scope["headers"] if k == b"authorization"), b"").decode("latin-1")
-        scheme, _, credential = authorization.partition(" ")
+    def _check_authorization(self, authorization: bytes) -> Answer | None:
+        scheme, _, credential = authorization.decode("latin-1").partition(" ")
         if scheme.lower() == "bearer" and credential:
             with self._lock:
                 if credential in self._access_tokens:
@@ -645,31 +669,217 @@ class FakeFcm:
         return None
 
 
-class _ServerLoop(asyncio.SelectorEventLoop):
-    """An event loop whose TLS servers wait at most a moment for a client's TLS close_notify.
+class _Negotiation(asyncio.Protocol):
+    """A new TLS connection: hands it to HTTP/2 or HTTP/1.1 by what ALPN agreed."""
 
-    asyncio waits 30 s by default, and Hypercorn waits for that on every connection when it
-    stops: a client that vanished without closing (a provider left behind by an event loop
-    that ended) would hold the fake's shutdown for 30 s. Local clients answer in microseconds.
-    Hypercorn lets the resulting timeout escape, so the loop does not report it.
-    """
+    def __init__(self, fake: FakeFcm) -> None:
+        self.fake = fake
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.set_exception_handler(_ignore_tls_shutdown_timeouts)
-
-    async def create_server(self, *args: Any, **kwargs: Any) -> asyncio.Server:
-        if kwargs.get("ssl") is not None:
-            kwargs.setdefault("ssl_shutdown_timeout", 0.25)
-        return await super().create_server(*args, **kwargs)
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        ssl_object = transport.get_extra_info("ssl_object")
+        http2 = ssl_object is not None and ssl_object.selected_alpn_protocol() == "h2"
+        protocol: _Http2 | _Http1 = _Http2(self.fake) if http2 else _Http1(self.fake)
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
 
 
-def _ignore_tls_shutdown_timeouts(loop: asyncio.AbstractEventLoop,
-                                  context: dict[str, Any]) -> None:
-    exception = context.get("exception")
-    if isinstance(exception, TimeoutError) and "SSL shutdown" in str(exception):
-        return
-    loop.default_exception_handler(context)
+_H2_CONFIG = H2Configuration(
+    client_side=False,
+    validate_outbound_headers=False,
+    normalize_outbound_headers=False,
+    validate_inbound_headers=False,
+    normalize_inbound_headers=False,
+)
+_WINDOW = 16 * 1024 * 1024
+"""The flow-control window the fake gives clients: large, so it rarely sends WINDOW_UPDATE."""
+
+
+class _Http2(asyncio.Protocol):
+    """One HTTP/2 connection: framing with h2 (header checks off: the fake checks what it
+    needs), requests handed to :class:`FakeFcm`, what h2 queues written once per batch of
+    frames received."""
+
+    def __init__(self, fake: FakeFcm) -> None:
+        self.fake = fake
+        self.transport: asyncio.Transport
+        self.conn = H2Connection(_H2_CONFIG)
+        self.conn.local_settings = Settings(client=False, initial_values={
+            SettingCodes.MAX_CONCURRENT_STREAMS: fake.max_concurrent_streams,
+            SettingCodes.INITIAL_WINDOW_SIZE: _WINDOW,
+        })
+        self.requests: dict[int, tuple[list[tuple[bytes, bytes]], bytearray]] = {}
+        """Streams whose request is still arriving."""
+        self.unanswered: set[int] = set()
+        """Streams received and not yet answered (delayed or hanging)."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.fake._connection_made(self)
+        self.conn.initiate_connection()
+        self.conn.increment_flow_control_window(_WINDOW - 65_535)
+        transport.write(self.conn.data_to_send())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.fake._connections.discard(self)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            events = self.conn.receive_data(data)
+        except H2Error:
+            self.transport.write(self.conn.data_to_send())
+            self.transport.close()
+            return
+        for event in events:
+            kind = type(event)
+            if kind is RequestReceived:
+                self.requests[event.stream_id] = (event.headers, bytearray())  # type: ignore[attr-defined]
+                self.unanswered.add(event.stream_id)  # type: ignore[attr-defined]
+                self.fake._streams_open(len(self.unanswered))
+            elif kind is DataReceived:
+                request = self.requests.get(event.stream_id)  # type: ignore[attr-defined]
+                if request is not None:
+                    request[1].extend(event.data)  # type: ignore[attr-defined]
+                self.conn.acknowledge_received_data(
+                    event.flow_controlled_length, event.stream_id)  # type: ignore[attr-defined]
+            elif kind is StreamEnded:
+                self._request_complete(event.stream_id)  # type: ignore[attr-defined]
+            elif kind is StreamReset:
+                self.requests.pop(event.stream_id, None)  # type: ignore[attr-defined]
+                self.unanswered.discard(event.stream_id)  # type: ignore[attr-defined]
+            elif kind is ConnectionTerminated:
+                self.transport.close()
+        self.transport.write(self.conn.data_to_send())
+
+    def goaway(self, last_stream_id: int | None) -> None:
+        self.conn.close_connection(last_stream_id=last_stream_id)
+        self.transport.write(self.conn.data_to_send())
+
+    def _request_complete(self, stream_id: int) -> None:
+        request = self.requests.pop(stream_id, None)
+        if request is None:
+            return
+        headers, body = request
+        method = path = authorization = b""
+        for name, value in headers:
+            if name == b":method":
+                method = value
+            elif name == b":path":
+                path = value
+            elif name == b"authorization":
+                authorization = value
+        answer, delay = self.fake._handle(method, path, authorization, bytes(body), "2")
+        loop = asyncio.get_running_loop()
+        if not isinstance(answer, Answer):  # HANG
+            loop.call_later(HANG_LIMIT_SECONDS, self._give_up, stream_id)
+        elif delay:
+            loop.call_later(delay, self._answer_later, stream_id, answer)
+        else:
+            self._answer(stream_id, answer)
+
+    def _answer(self, stream_id: int, answer: Answer) -> None:
+        if stream_id not in self.unanswered:
+            return  # reset by the client meanwhile
+        self.unanswered.discard(stream_id)
+        status = str(answer.status).encode()
+        try:
+            self.conn.send_headers(stream_id, [(b":status", status), *answer.headers],
+                                   end_stream=not answer.body)
+            if answer.body:
+                self.conn.send_data(stream_id, answer.body, end_stream=True)
+        except H2Error:  # the client went away meanwhile
+            pass
+
+    def _answer_later(self, stream_id: int, answer: Answer) -> None:
+        if not self.transport.is_closing():
+            self._answer(stream_id, answer)
+            self.transport.write(self.conn.data_to_send())
+
+    def _give_up(self, stream_id: int) -> None:
+        """A hanging request reached :data:`HANG_LIMIT_SECONDS`: reset it."""
+        if stream_id in self.unanswered and not self.transport.is_closing():
+            self.unanswered.discard(stream_id)
+            try:
+                self.conn.reset_stream(stream_id, ErrorCodes.CANCEL)
+            except H2Error:
+                return
+            self.transport.write(self.conn.data_to_send())
+
+
+class _Http1(asyncio.Protocol):
+    """One HTTP/1.1 connection (google-auth's requests, for the token endpoint), parsed by h11;
+    requests are answered one at a time, in order."""
+
+    def __init__(self, fake: FakeFcm) -> None:
+        self.fake = fake
+        self.transport: asyncio.Transport
+        self.conn = h11.Connection(h11.SERVER)
+        self.request: h11.Request | None = None
+        self.body = bytearray()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.fake._connection_made(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.fake._connections.discard(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.conn.receive_data(data)
+        self._next()
+
+    def goaway(self, last_stream_id: int | None) -> None:
+        """HTTP/1.1 has no GOAWAY: nothing to do."""
+
+    def _next(self) -> None:
+        while True:
+            try:
+                event = self.conn.next_event()
+            except h11.RemoteProtocolError:
+                self.transport.close()
+                return
+            if event is h11.NEED_DATA or event is h11.PAUSED:
+                return
+            if isinstance(event, h11.Request):
+                self.request, self.body = event, bytearray()
+            elif isinstance(event, h11.Data):
+                self.body.extend(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                self._request_complete()
+                return
+            elif isinstance(event, h11.ConnectionClosed):
+                self.transport.close()
+                return
+
+    def _request_complete(self) -> None:
+        assert self.request is not None
+        request = self.request
+        authorization = next((v for k, v in request.headers if k == b"authorization"), b"")
+        path = request.target.partition(b"?")[0]
+        answer, delay = self.fake._handle(
+            request.method, path, authorization, bytes(self.body), "1.1")
+        loop = asyncio.get_running_loop()
+        if not isinstance(answer, Answer):  # HANG
+            loop.call_later(HANG_LIMIT_SECONDS, self.transport.close)
+        elif delay:
+            loop.call_later(delay, self._answer, answer)
+        else:
+            self._answer(answer)
+
+    def _answer(self, answer: Answer) -> None:
+        if self.transport.is_closing():
+            return
+        headers = [*answer.headers, (b"content-length", str(len(answer.body)).encode())]
+        data = self.conn.send(h11.Response(status_code=answer.status, headers=headers))
+        data += self.conn.send(h11.Data(data=answer.body)) + self.conn.send(h11.EndOfMessage())
+        self.transport.write(data)
+        if self.conn.our_state is h11.MUST_CLOSE:
+            self.transport.close()
+            return
+        self.conn.start_next_cycle()
+        self._next()  # a request the client sent meanwhile
 
 
 def _check_send_request(document: Any) -> Answer | None:
@@ -754,10 +964,6 @@ def _check_android(android: Any) -> Answer | None:
         return _bad_request("The TTL is out of range: it must be between 0 and 4 weeks.",
                             "message.android.ttl")
     return _check_data(android.get("data"), "message.android.data")
-
-
-_Receive = Callable[[], Awaitable[dict[str, Any]]]
-_Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
 @pytest.fixture
