@@ -86,7 +86,6 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from h2.connection import H2Connection
 from h2.exceptions import H2Error
-from hpack import Encoder, NeverIndexedHeaderTuple
 
 from shared.apns_tokens import ApnsTokenStore, IssuedToken, sign_provider_token
 from shared.config import (
@@ -98,7 +97,7 @@ from shared.config import (
     require_secret,
 )
 from shared.providers.base import Device, Outcome, SendResult, WakeUp
-from shared.providers.http2 import UNCHECKED_CLIENT_CONFIG
+from shared.providers.http2 import UNCHECKED_CLIENT_CONFIG, LiteralEncoder
 
 DEFAULT_PRODUCTION_URL = "https://api.push.apple.com"
 DEFAULT_SANDBOX_URL = "https://api.sandbox.push.apple.com"
@@ -179,28 +178,9 @@ class _SharedToken(AuthorizationHeaderProvider):
         self._header = f"bearer {token.token}"
 
 
-class _PlainEncoder(Encoder):
-    """HPACK as APNs requests need it cheaply: no Huffman coding, and the per-request values
-    (the device token's path, the request id, the expiry) kept out of the dynamic table.
-
-    h2 Huffman-codes every literal, and marks ``authorization`` never-indexed, so the provider
-    token (a few hundred bytes) was Huffman-coded in pure Python on every request: the largest
-    single cost of a send. Plain literals cost a few more bytes on the wire and almost no CPU;
-    values sent once would only push the reusable ones (topic, priority, push type) out of the
-    table."""
-
-    _NOT_INDEXED = frozenset({b":path", b"apns-id", b"apns-expiration", b"authorization"})
-    """Values sent once, and the provider token, which h2 would keep out of the table too."""
-
-    def encode(self, headers: Any, huffman: bool = True) -> bytes:
-        not_indexed = self._NOT_INDEXED
-        return super().encode(
-            [
-                NeverIndexedHeaderTuple(*header) if header[0] in not_indexed else header
-                for header in headers
-            ],
-            huffman=False,
-        )
+_PER_REQUEST_HEADERS = frozenset({b":path", b"apns-id", b"apns-expiration"})
+"""Request headers whose values change with each request (the device token is in the path):
+encoded each time, never cached."""
 
 
 class _EndpointProtocol(APNsTLSClientProtocol):
@@ -217,9 +197,11 @@ class _EndpointProtocol(APNsTLSClientProtocol):
         # h2's header validation and normalisation check what aioapns builds (lower-case names,
         # the device token and topic validated when the device subscribed) and what Apple
         # answers, through a chain of generators per header that cost a third of a send.
-        # _PlainEncoder keeps the provider token out of the table, as normalisation would.
+        # HPACK as cached plain literals (shared.providers.http2.LiteralEncoder): h2 Huffman-codes
+        # every literal in pure Python, the provider token's few hundred bytes included, which was
+        # the largest single cost of a send. The provider token is never-indexed, as h2 does.
         self.conn = H2Connection(UNCHECKED_CLIENT_CONFIG)
-        self.conn.encoder = _PlainEncoder()
+        self.conn.encoder = LiteralEncoder(per_request=_PER_REQUEST_HEADERS)
         if self.shared_token is not None:
             self.auth_provider = self.shared_token
         self.lost: asyncio.Future[None] = self.loop.create_future()

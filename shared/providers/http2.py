@@ -6,7 +6,7 @@ about 4,500 Python calls per request. This is the design aioapns gives the APNs 
 :class:`asyncio.Protocol` per connection, h2 for the framing), with what made APNs cheap:
 
 HPACK
-    h2 Huffman-codes every header in pure Python. :class:`_LiteralEncoder` keeps the encoded form
+    h2 Huffman-codes every header in pure Python. :class:`LiteralEncoder` keeps the encoded form
     of each header it has seen (a request's headers are the same from one request to the next,
     the bearer token changing hourly), as plain literals outside the dynamic table, so encoding a
     request is a join of cached bytes. ``authorization`` is marked never-indexed.
@@ -356,7 +356,7 @@ class _Connection(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.h2 = H2Connection(UNCHECKED_CLIENT_CONFIG)
-        self.h2.encoder = _LiteralEncoder()
+        self.h2.encoder = LiteralEncoder()
         self.streams: dict[int, _Stream] = {}
         self.capacity = pool._max_streams
         self.accepting = True
@@ -534,30 +534,35 @@ class _Connection(asyncio.Protocol):
             self.transport.write(data)
 
 
-class _LiteralEncoder(Encoder):
+class LiteralEncoder(Encoder):
     """HPACK encoding from a cache of each header's encoded form (module docstring, "HPACK").
 
     Every header is a static-table index when the static table has the pair, else a literal
     (with the static table's index for the name when it has one) that stays out of the dynamic
     table, never-indexed for ``authorization``. Nothing enters the dynamic table, so a cached
     form stays right for the connection's life; table size updates the server asks for are
-    still signalled, as HPACK requires."""
+    still signalled, as HPACK requires. Headers named in ``per_request`` (values that change
+    with every request, like APNs' device path) are encoded each time and never cached."""
 
-    def __init__(self) -> None:
+    def __init__(self, per_request: frozenset[bytes] = frozenset()) -> None:
         super().__init__()
         self._encoded: dict[Any, bytes] = {}
+        self._per_request = per_request
 
     def encode(self, headers: Any, huffman: bool = True) -> bytes:
-        encoded = self._encoded
-        try:
-            block = b"".join([encoded[header] for header in headers])
-        except KeyError:
-            if len(encoded) > _MAX_ENCODED_HEADERS:
-                encoded.clear()
-            for header in headers:
-                if header not in encoded:
-                    encoded[header] = _encode_header(header[0], header[1])
-            block = b"".join([encoded[header] for header in headers])
+        encoded, per_request = self._encoded, self._per_request
+        parts = []
+        for header in headers:
+            if header[0] in per_request:
+                parts.append(_encode_header(*header))
+                continue
+            form = encoded.get(header)
+            if form is None:
+                if len(encoded) >= _MAX_ENCODED_HEADERS:
+                    encoded.clear()
+                form = encoded[header] = _encode_header(*header)
+            parts.append(form)
+        block = b"".join(parts)
         if self.header_table.resized:
             block = self._encode_table_size_change() + block
             self.header_table.resized = False
