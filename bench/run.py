@@ -49,8 +49,9 @@ other users bring the table to the size a figure names (10k or 1M)."""
 DEVICES_PER_USER = 3
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PROFILE_DIR: Path | None = None
-"""With --profile DIR: py-spy records the function's worker over every measured window (raw
-collapsed stacks, one file per run; bench/profile_summary.py summarises them)."""
+"""With --profile DIR: py-spy records the function's worker over every measured window, and
+each provider client alone (raw collapsed stacks, one file per run; bench/profile_summary.py
+summarises them)."""
 
 
 def log(message: str) -> None:
@@ -550,11 +551,16 @@ def section_clients(env: dict, work: Path, fakes: Fakes, providers: list[str], q
     for provider in providers:
         args = [PYTHON, str(REPO / "bench" / "clients.py"), provider, "--sends", "3000" if quick else "9000",
                 "--concurrency", "100", "--subscriptions", str(subscriptions)]
+        if PROFILE_DIR is not None:
+            PROFILE_DIR.mkdir(parents=True, exist_ok=True)
+            args = [str(BIN / "py-spy"), "record", "--format", "raw", "--gil", "--rate", "250", "--nonblocking",
+                    "--output", str(PROFILE_DIR / f"client-{provider}.txt"), "--"] + args
         out = subprocess.run(args, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
         if out.returncode != 0:
             log(f"clients {provider} failed: {out.stderr[-500:]}")
             continue
-        r = json.loads(out.stdout.strip().splitlines()[-1])
+        # The last JSON line: py-spy, when profiling, prints its own lines after it.
+        r = json.loads(next(line for line in reversed(out.stdout.splitlines()) if line.startswith("{")))
         emit("client_cpu_per_send", r["cpu_us_per_send"], "us CPU/send", provider, concurrency=100,
              sends=r["sends"], sends_per_second=r["sends_per_second"], outcomes=r["outcomes"],
              measured="the provider module alone against its fake, in one process (bench/clients.py)")
@@ -695,7 +701,7 @@ def main() -> int:
                         help="extra setting for every function (an experiment; shown in the figures)")
     parser.add_argument("--concurrency", metavar="C1,C100", help="events in flight for 1-user and "
                         "100-user events (default 16,4)")
-    parser.add_argument("--profile", metavar="DIR", help="py-spy the function during each measured window")
+    parser.add_argument("--profile", metavar="DIR", help="py-spy the function during each measured window, and each provider client alone")
     args = parser.parse_args()
     only = set(args.only.split(",")) if args.only else set(SECTIONS)
     if args.quick and not args.only:
