@@ -6,9 +6,7 @@ real client library (aioapns), never a mock. It checks requests the way Apple do
 with an ``apns-id`` header and END_STREAM on the HEADERS frame, errors as a status with a JSON
 ``{"reason": ...}`` body (410 adds ``timestamp``).
 
-The server runs in its own thread with its own event loop: pytest-asyncio gives every test a
-fresh loop, and a server living on that loop would die with it, while a thread lets one server
-outlive any number of client loops (and lets synchronous tests drive ``asyncio.run``).
+The server runs in its own thread with its own event loop (``tests.fakes.LoopThread`` says why).
 
 In a test, use the function-scoped ``apns_server`` fixture (a fresh server per test, so scripted
 answers and records never leak between tests)::
@@ -62,7 +60,7 @@ from h2.events import (
 )
 from h2.exceptions import H2Error
 
-from tests.fakes import announce_and_wait
+from tests.fakes import LoopThread, announce_and_wait, close_server
 
 DEFAULT_KEY_ID = "FAKEKEY123"
 DEFAULT_TEAM_ID = "FAKETEAM45"
@@ -169,9 +167,8 @@ class FakeApns:
         self._verified_tokens: dict[str, int] = {}
         self._distinct_tokens: dict[str, None] = {}
         self._protocols: set[_Http2Server] = set()
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.Server | None = None
-        self._thread: threading.Thread | None = None
+        self._server_thread = LoopThread()
 
     # -- life cycle ------------------------------------------------------------------------------
 
@@ -182,24 +179,12 @@ class FakeApns:
 
     def start(self) -> FakeApns:
         """Start serving in a background thread; returns once the port is listening."""
-        ready = threading.Event()
-        failure: list[BaseException] = []
-        self._thread = threading.Thread(
-            target=self._serve, args=(ready, failure), name=f"fake-apns-{self.port}", daemon=True
-        )
-        self._thread.start()
-        ready.wait()
-        if failure:
-            raise failure[0]
+        self.port = self._server_thread.start(f"fake-apns-{self.port}", self._open)
         return self
 
     def stop(self) -> None:
         """Close every connection, stop the thread and remove the CA file."""
-        if self._loop is not None and self._thread is not None:
-            asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result()
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join()
-            self._thread = None
+        self._server_thread.stop(self._shutdown)
         self._tmpdir.cleanup()
 
     def __enter__(self) -> FakeApns:
@@ -208,35 +193,20 @@ class FakeApns:
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
-    def _serve(self, ready: threading.Event, failure: list[BaseException]) -> None:
-        loop = asyncio.new_event_loop()
-        try:
-            server_cert = self._ca.issue_cert("localhost", "127.0.0.1")
-            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            server_cert.configure_cert(context)
-            context.set_alpn_protocols(["h2"])
-            self._server = loop.run_until_complete(
-                loop.create_server(lambda: _Http2Server(self), self.host, self.port, ssl=context)
-            )
-            self.port = self._server.sockets[0].getsockname()[1]
-            self._loop = loop
-        except BaseException as exc:  # reported to start(), in the caller's thread
-            failure.append(exc)
-            loop.close()
-            return
-        finally:
-            ready.set()
-        try:
-            loop.run_forever()
-        finally:
-            loop.close()
+    async def _open(self) -> int:
+        """Listen (in the server thread): HTTP/2 over TLS, the port bound."""
+        server_cert = self._ca.issue_cert("localhost", "127.0.0.1")
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        server_cert.configure_cert(context)
+        context.set_alpn_protocols(["h2"])
+        self._server = await asyncio.get_running_loop().create_server(
+            lambda: _Http2Server(self), self.host, self.port, ssl=context
+        )
+        return int(self._server.sockets[0].getsockname()[1])
 
     async def _shutdown(self) -> None:
         assert self._server is not None
-        self._server.close()
-        for protocol in list(self._protocols):
-            protocol.transport.abort()
-        await self._server.wait_closed()
+        await close_server(self._server, [protocol.transport for protocol in self._protocols])
 
     # -- scripting -------------------------------------------------------------------------------
 

@@ -16,11 +16,10 @@ and the way FCM is seen to answer:
   ``{"name": "projects/{project}/messages/<id>"}`` or a scripted error with FCM's real error body
   (a ``google.rpc.Status`` whose ``details`` carry the ``FcmError`` ``errorCode``).
 
-The server is asyncio's, in its own thread with its own event loop: pytest-asyncio gives every
-test a fresh loop, and a server living on that loop would die with it, while a thread lets one
-server outlive any number of client loops. One TLS port serves both protocols, chosen by ALPN:
-HTTP/2 framed by h2 (with its header checks off, so a send costs the fake less than it costs the
-client: the fake must not be what a benchmark measures), and HTTP/1.1 parsed by h11.
+The server is asyncio's, in its own thread with its own event loop (``tests.fakes.LoopThread``
+says why). One TLS port serves both protocols, chosen by ALPN: HTTP/2 framed by h2 (with its
+header checks off, so a send costs the fake less than it costs the client: the fake must not be
+what a benchmark measures), and HTTP/1.1 parsed by h11.
 
 In a test, use the function-scoped ``fcm_server`` fixture (a fresh server per test, so scripts,
 records, counters and issued access tokens never leak between tests)::
@@ -87,7 +86,7 @@ from h2.events import (
 from h2.exceptions import H2Error
 from h2.settings import SettingCodes, Settings
 
-from tests.fakes import announce_and_wait
+from tests.fakes import LoopThread, announce_and_wait, close_server
 
 DEFAULT_PROJECT_ID = "fake-project"
 CLIENT_EMAIL_DOMAIN = "iam.gserviceaccount.com"
@@ -256,7 +255,7 @@ def fcm_error(name: str, *, retry_after: int | None = None) -> Answer:
     """FCM's error answer ``name`` (a key of :data:`FCM_ERRORS`), with a ``Retry-After`` header
     when ``retry_after`` is given (FCM sends one with some 429 and 503 answers)."""
     status, body = FCM_ERRORS[name]
-    headers = _JSON
+    headers: tuple[tuple[bytes, bytes], ...] = _JSON
     if status == 401:
         headers += (_BEARER_CHALLENGE,)
     if retry_after is not None:
@@ -328,9 +327,8 @@ class FakeFcm:
         self._message_ids = itertools.count(1)
         self._connections: set[_Http2 | _Http1] = set()
         self._workdir: tempfile.TemporaryDirectory[str] | None = None
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.Server | None = None
+        self._server_thread = LoopThread()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -365,27 +363,19 @@ class FakeFcm:
         sock.bind((self.host, self.port))
         sock.listen(1024)
         self.port = sock.getsockname()[1]
-        ready = threading.Event()
-        failure: list[BaseException] = []
-        self._thread = threading.Thread(
-            target=self._serve, args=(sock, context, ready, failure),
-            name=f"fake-fcm-{self.port}", daemon=True)
-        self._thread.start()
-        ready.wait()
-        if failure:
-            self._thread = None
+        try:
+            self._server_thread.start(
+                f"fake-fcm-{self.port}", lambda: self._open(sock, context))
+        except BaseException as exc:
+            sock.close()
             self.stop()
-            raise RuntimeError("the fake FCM server did not start") from failure[0]
+            raise RuntimeError("the fake FCM server did not start") from exc
         return self
 
     def stop(self) -> None:
         """Stop serving (connections are dropped, hanging requests with them) and remove the
         temporary files."""
-        if self._loop is not None and self._thread is not None:
-            asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(10)
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(10)
-            self._thread = None
+        self._server_thread.stop(self._shutdown)
         if self._workdir is not None:
             self._workdir.cleanup()
             self._workdir = None
@@ -396,31 +386,15 @@ class FakeFcm:
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
-    def _serve(self, sock: socket.socket, context: ssl.SSLContext, ready: threading.Event,
-               failure: list[BaseException]) -> None:
-        loop = asyncio.new_event_loop()
-        try:
-            self._server = loop.run_until_complete(loop.create_server(
-                lambda: _Negotiation(self), sock=sock, ssl=context))
-            self._loop = loop
-        except BaseException as exc:  # reported to start(), in the caller's thread
-            failure.append(exc)
-            sock.close()
-            loop.close()
-            return
-        finally:
-            ready.set()
-        try:
-            loop.run_forever()
-        finally:
-            loop.close()
+    async def _open(self, sock: socket.socket, context: ssl.SSLContext) -> None:
+        """Serve on the bound socket (in the server thread)."""
+        self._server = await asyncio.get_running_loop().create_server(
+            lambda: _Negotiation(self), sock=sock, ssl=context)
 
     async def _shutdown(self) -> None:
         assert self._server is not None
-        self._server.close()
-        for connection in list(self._connections):
-            connection.transport.abort()
-        await self._server.wait_closed()
+        await close_server(
+            self._server, [connection.transport for connection in self._connections])
 
     # -- scripting and records -----------------------------------------------------------------
 
@@ -456,8 +430,7 @@ class FakeFcm:
             for connection in list(self._connections):
                 action(connection)
 
-        assert self._loop is not None, "start the fake first"
-        asyncio.run_coroutine_threadsafe(run(), self._loop).result(10)
+        self._server_thread.call(run)
 
     @property
     def requests(self) -> list[ReceivedRequest]:

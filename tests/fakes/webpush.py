@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import base64
 import collections
-import concurrent.futures
 import contextlib
 import copy
 import json
@@ -50,6 +49,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+from tests.fakes import LoopThread
 
 MAX_BODY_BYTES = 4096
 """Real push services refuse larger encrypted bodies with 413 (RFC 8030 only guarantees 4096)."""
@@ -165,8 +166,7 @@ class FakeWebPushService:
         self._scripts: dict[str, tuple[collections.deque[Answer], Answer | None]] = {}
         self._lock = threading.Lock()
         self._verified: dict[tuple[str, str], dict[str, Any]] = {}
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._server_thread = LoopThread()
         self._release: asyncio.Event | None = None
         self._runner: web.AppRunner | None = None
         self._tmpdir: str | None = None
@@ -185,23 +185,16 @@ class FakeWebPushService:
         self.ca.cert_pem.write_to_path(self.ca_file)
         server_ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         self.ca.issue_cert("localhost", "127.0.0.1").configure_cert(server_ssl)
-        self._loop = asyncio.new_event_loop()
-        started: concurrent.futures.Future[int] = concurrent.futures.Future()
-        self._thread = threading.Thread(
-            target=self._serve, args=(server_ssl, started), name="fake-webpush", daemon=True
-        )
-        self._thread.start()
-        self.port = started.result(timeout=10)
+        self.port = self._server_thread.start(
+            "fake-webpush", lambda: self._start_site(server_ssl))
         return self
 
     def stop(self) -> None:
         """Release hung requests, stop serving, and remove the CA file."""
-        if self._loop is not None and self._thread is not None:
-            self._loop.call_soon_threadsafe(self._shut_down)
-            self._thread.join(timeout=10)
+        self._server_thread.stop(self._stop_site)
         if self._tmpdir is not None:
             shutil.rmtree(self._tmpdir, ignore_errors=True)
-        self._loop = self._thread = self._tmpdir = None
+        self._tmpdir = None
 
     def __enter__(self) -> FakeWebPushService:
         return self.start()
@@ -267,8 +260,7 @@ class FakeWebPushService:
 
         Returns once they are closed; the clients see it when their loop next runs.
         """
-        assert self._loop is not None, "start the service first"
-        asyncio.run_coroutine_threadsafe(self._drop_connections(), self._loop).result(timeout=10)
+        self._server_thread.call(self._drop_connections)
 
     async def _drop_connections(self) -> None:
         assert self._runner is not None and self._runner.server is not None
@@ -289,22 +281,8 @@ class FakeWebPushService:
 
     # --- serving ---------------------------------------------------------------------------
 
-    def _serve(self, server_ssl: ssl.SSLContext, started: concurrent.futures.Future[int]) -> None:
-        assert self._loop is not None
-        loop = self._loop
-        asyncio.set_event_loop(loop)
-        try:
-            runner = loop.run_until_complete(self._start_site(server_ssl))
-        except BaseException as exc:  # reported to start()'s caller
-            started.set_exception(exc)
-            loop.close()
-            return
-        started.set_result(runner.addresses[0][1])
-        loop.run_forever()
-        loop.run_until_complete(self._stop_site(runner))
-        loop.close()
-
-    async def _start_site(self, server_ssl: ssl.SSLContext) -> web.AppRunner:
+    async def _start_site(self, server_ssl: ssl.SSLContext) -> int:
+        """Serve (in the server thread); returns the port."""
         self._release = asyncio.Event()
         app = web.Application(client_max_size=64 * 1024)
         app.router.add_post("/push/{id}", self._push)
@@ -317,22 +295,19 @@ class FakeWebPushService:
         await runner.setup()
         await web.TCPSite(runner, self.host, self.port, ssl_context=server_ssl).start()
         self._runner = runner
-        return runner
+        return int(runner.addresses[0][1])
 
-    async def _stop_site(self, runner: web.AppRunner) -> None:
-        """Drop every connection, then stop serving.
+    async def _stop_site(self) -> None:
+        """Release hung requests, drop every connection, then stop serving.
 
         Closing TLS politely waits for the client's close_notify, which never comes from a
         client whose loop is not running (a test's, between two tests): the sockets would be
         left to the garbage collector.
         """
-        await self._drop_connections()
-        await runner.cleanup()
-
-    def _shut_down(self) -> None:
-        assert self._release is not None and self._loop is not None
+        assert self._release is not None and self._runner is not None
         self._release.set()
-        self._loop.stop()
+        await self._drop_connections()
+        await self._runner.cleanup()
 
     async def _create_subscription(self, request: web.Request) -> web.Response:
         body = await request.json() if request.can_read_body else {}
