@@ -36,8 +36,7 @@ from datetime import datetime, timedelta, timezone
 from functools import partial
 
 import jwt
-from sqlalchemy import Engine, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, Engine, select, update
 
 from shared.config import ConfigError, env_int
 from shared.db import (
@@ -167,7 +166,7 @@ class ApnsTokenStore:
 
     @staticmethod
     def _replace(
-        session: Session,
+        session: Connection,
         team_id: str,
         key_id: str,
         found: IssuedToken | None,

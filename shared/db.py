@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
 
-from sqlalchemy import Engine, create_engine, event, inspect, text
+from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
 from sqlalchemy.dialects import mysql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
@@ -91,9 +91,11 @@ def make_engine(url: str) -> Engine:
             pool_size=env_int("PUSH_DATABASE_POOL_SIZE", 10, minimum=1),
             max_overflow=env_int("PUSH_DATABASE_MAX_OVERFLOW", 0),
             pool_timeout=10,
+            pool_reset_on_return=None,  # see _roll_back_only_open_transactions
             connect_args={"connect_timeout": env_int("PUSH_DATABASE_CONNECT_TIMEOUT", 5, 1)},
         )
         _ping_after_idle(engine)
+        _roll_back_only_open_transactions(engine)
         return engine
     return create_engine(url, pool_pre_ping=True, hide_parameters=True)
 
@@ -117,6 +119,29 @@ def _ping_after_idle(engine: Engine) -> None:
                 dbapi_connection.ping(False)
             except Exception as exc:  # noqa: BLE001 - whatever the driver raises: reconnect
                 raise DisconnectionError("pooled connection is gone") from exc
+
+
+def _roll_back_only_open_transactions(engine: Engine) -> None:
+    """Roll back a connection returned to the pool only when its last transaction did not end.
+    The pool's default rolls back every connection it gets back, even one whose transaction just
+    committed: a round trip more for every transaction. A connection used outside SQLAlchemy's
+    transactions (``engine.raw_connection()``) is still rolled back."""
+
+    @event.listens_for(engine, "begin")
+    def _began(connection) -> None:
+        connection.connection.info["transaction_ended"] = False
+
+    @event.listens_for(engine, "commit")
+    @event.listens_for(engine, "rollback")
+    def _ended(connection) -> None:
+        if not connection.invalidated:  # an invalidated connection leaves the pool anyway
+            connection.connection.info["transaction_ended"] = True
+
+    @event.listens_for(engine, "reset")
+    def _reset(dbapi_connection, record, state) -> None:
+        ended = record.info.pop("transaction_ended", False) if record is not None else False
+        if not ended and not state.transaction_was_reset:
+            dbapi_connection.rollback()
 
 
 def _sqlite_engine(url: str) -> Engine:
@@ -215,17 +240,18 @@ class SchemaGate:
             self._checked = True
 
 
-def run_transaction(engine: Engine, work: Callable[[Session], T], attempts: int = 4) -> T:
+def run_transaction(engine: Engine, work: Callable[[Connection], T], attempts: int = 4) -> T:
     """Run ``work`` in one transaction, again from the start when the engine reports a deadlock.
 
-    ``work`` must be safe to repeat: it sees a fresh session each time, and nothing it did in a
-    failed attempt is kept. A database that cannot be reached raises :class:`DatabaseUnavailable`.
+    ``work`` gets a Core connection, not an ORM session: every transaction runs Core statements,
+    and a session's set-up and bookkeeping cost about 0.2 ms of CPU per transaction for nothing.
+    ``work`` must be safe to repeat: nothing it did in a failed attempt is kept. A database that
+    cannot be reached raises :class:`DatabaseUnavailable`.
     """
     for attempt in range(1, attempts + 1):
         try:
-            with unavailable_as_503(), Session(engine, expire_on_commit=False) as session:
-                with session.begin():
-                    return work(session)
+            with unavailable_as_503(), engine.begin() as connection:
+                return work(connection)
         except OperationalError as exc:
             if not _is_retryable(exc):
                 raise
@@ -237,10 +263,10 @@ def run_transaction(engine: Engine, work: Callable[[Session], T], attempts: int 
     raise AssertionError("unreachable")
 
 
-def insert_ignore(session: Session, model: type):
+def insert_ignore(connection: Connection, model: type):
     """An INSERT for ``model`` that leaves rows whose key already exists alone, in the dialect of
-    the session's engine (SQLite's ON CONFLICT DO NOTHING, MySQL's INSERT IGNORE)."""
-    if session.get_bind().dialect.name == "sqlite":
+    the connection (SQLite's ON CONFLICT DO NOTHING, MySQL's INSERT IGNORE)."""
+    if connection.dialect.name == "sqlite":
         return sqlite.insert(model).on_conflict_do_nothing()
     return mysql.insert(model).prefix_with("IGNORE")
 

@@ -14,8 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TypeVar
 
-from sqlalchemy import Engine, delete, select, tuple_, update
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, Engine, delete, select, tuple_, update
 
 from shared.db import insert_ignore, run_transaction
 from shared.models import Delivery
@@ -67,7 +66,7 @@ class DeliveryLedger:
             self.engine, lambda s: self.claim_many_in(s, [(event_key, subscription_ids)])[0]
         )
 
-    def claim_many_in(self, session: Session, requests: Sequence[tuple[str, Sequence[int]]]) -> list[Claims]:
+    def claim_many_in(self, session: Connection, requests: Sequence[tuple[str, Sequence[int]]]) -> list[Claims]:
         """:meth:`claim` for several events at once, inside the caller's transaction (the
         dispatcher reads the subscriptions and claims them in one, for every event of a batch)."""
         claims = [Claims(secrets.token_hex(16)) for _ in requests]
@@ -97,7 +96,7 @@ class DeliveryLedger:
         return claims
 
     def _settle(
-        self, session: Session, key: str, ids: list[int], claims: Claims, now: datetime, lease_until: datetime
+        self, session: Connection, key: str, ids: list[int], claims: Claims, now: datetime, lease_until: datetime
     ) -> None:
         """Sort an event's rows that were there before this claim: take over the claims of a
         dispatcher that stopped before recording anything, and see what the others hold."""
@@ -136,7 +135,7 @@ class DeliveryLedger:
         run_transaction(self.engine, lambda s: self._record_many(s, items))
         return [None] * len(items)
 
-    def _record_many(self, session: Session, items: Sequence[tuple[str, Claims, Outcomes]]) -> None:
+    def _record_many(self, session: Connection, items: Sequence[tuple[str, Claims, Outcomes]]) -> None:
         retry: list[tuple[str, int]] = []
         final: dict[tuple[str, str], tuple[list[tuple[str, int]], datetime]] = {}
         for key, _, outcomes in items:
@@ -172,7 +171,7 @@ class DeliveryLedger:
         single statement holds locks for long; how many rows went."""
         now = self.clock()
 
-        def one_batch(session: Session) -> tuple[int, int]:
+        def one_batch(session: Connection) -> tuple[int, int]:
             keys = list(
                 session.scalars(
                     select(Delivery.event_key)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 import httpx
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -274,7 +274,7 @@ class Dispatcher:
         event. One transaction for the whole batch, so an event costs the database a share of
         two (this and the outcomes') in the common case."""
 
-        def work(session: Session) -> list[tuple[list[Device], Claims]]:
+        def work(session: Connection) -> list[tuple[list[Device], Claims]]:
             everyone = {user for users, _ in requests for user in users}
             by_user = self.store.devices_by_user_in(session, everyone, self.provider.name)
             targets = [devices_of(by_user, users) for users, _ in requests]

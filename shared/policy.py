@@ -26,8 +26,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import partial
 
-from sqlalchemy import Engine, and_, delete, func, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, Engine, and_, delete, func, select, update
 
 from shared.config import ConfigError, env, env_float, secret
 from shared.db import insert_ignore, read_session, run_transaction, unavailable_as_503
@@ -129,7 +128,7 @@ class PendingStore:
         ids = list(subscription_ids)
         table = PendingPush.__table__
 
-        def work(session: Session) -> None:
+        def work(session: Connection) -> None:
             now = self.clock()
             fresh = []
             for sub_id in ids:
@@ -154,7 +153,7 @@ class PendingStore:
         token = secrets.token_hex(16)
         table = PendingPush.__table__
 
-        def claim_batch(session: Session, size: int) -> int:
+        def claim_batch(session: Connection, size: int) -> int:
             """How many due rows the SELECT found (some may have gone to a racing flush)."""
             now = self.clock()
             free = (table.c.claim.is_(None)) | (table.c.claimed_until < now)
@@ -195,7 +194,7 @@ class PendingStore:
         table = PendingPush.__table__
         sent, retry = list(sent), list(retry)
 
-        def work(session: Session) -> None:
+        def work(session: Connection) -> None:
             now = self.clock()
             for due in sent:
                 key = and_(table.c.subscription_id == due.subscription_id,

@@ -1,25 +1,29 @@
 """Fixed-window rate limits kept in the database, so every replica sees the same counts.
 
 A limit is "at most ``count`` per ``window`` seconds" for a key (a device and event type, a
-user). Each hit increments the window's counter row only while it is under the limit, and the row
-count of that UPDATE says whether the hit was allowed; only when it changed nothing is the row
-created if missing and the UPDATE tried again. Concurrent hits on one key therefore never let
-more than ``count`` through. Updating first matters on MariaDB: an INSERT IGNORE finding the row
-takes a shared lock, and two hits each holding one deadlock when both then need the exclusive.
+user). A hit is one upsert of the window's counter row: created at 1, or incremented while under
+the limit, and one past the limit once a hit is refused; a count at most the limit says the hit
+went through. The upsert locks the row as it finds it, so concurrent hits on one key never let
+more than ``count`` through, and never deadlock on it (an INSERT IGNORE finding the row would take
+a shared lock, and two hits each holding one deadlock when both then need the exclusive); keys
+are locked in one order. Many keys cost the one statement (a dispatcher counts every device of an
+event, subscribe every request of a batch); engines that cannot return the counts from the
+upsert (MySQL) read them back.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
-from sqlalchemy import Engine, delete, update
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, Engine, Insert, case, delete, select, update
+from sqlalchemy.dialects import mysql, sqlite
 
 from shared.config import ConfigError
-from shared.db import insert_ignore, run_transaction
+from shared.db import run_transaction
 from shared.models import RateCounter
 from shared.subscriptions import Clock, utcnow
 
@@ -54,7 +58,7 @@ class RateLimiter:
         was within the limit. Keep ``at`` to :meth:`refund` the hit later."""
         return run_transaction(self.engine, lambda s: self.hit_in(s, keys, limit, at))
 
-    def hit_in(self, session: Session, keys: Sequence[str], limit: Limit, at: datetime | None = None) -> list[bool]:
+    def hit_in(self, session: Connection, keys: Sequence[str], limit: Limit, at: datetime | None = None) -> list[bool]:
         """:meth:`hit` inside the caller's transaction (subscribe counts its request in the
         transaction that writes the subscription)."""
         window = _epoch(at or self.clock()) // limit.window_seconds
@@ -62,23 +66,18 @@ class RateLimiter:
             tzinfo=None
         ) + timedelta(seconds=60)
         rows = [_row_key(key, limit.window_seconds, window) for key in keys]
-        table = RateCounter.__table__
-
-        def take(session: Session, row: str) -> bool:
-            return session.execute(
-                update(table).where(table.c.key == row, table.c.count < limit.count)
-                .values(count=table.c.count + 1)
-            ).rowcount == 1
-
-        allowed = []
-        for row in rows:
-            ok = take(session, row)
-            if not ok:  # at the limit, or the window's counter does not exist yet
-                session.execute(
-                    insert_ignore(session, RateCounter), {"key": row, "count": 0, "expires_at": expires_at}
-                )
-                ok = take(session, row)
-            allowed.append(ok)
+        # One upsert counts each key once: a key hit n times goes to n of them, in order.
+        rounds: list[dict[str, int]] = []  # row key -> its position in ``rows``
+        for position, row in enumerate(rows):
+            free = next((round_ for round_ in rounds if row not in round_), None)
+            if free is None:
+                rounds.append(free := {})
+            free[row] = position
+        allowed = [False] * len(rows)
+        for round_ in rounds:
+            counts = _count_hits(session, sorted(round_), limit, expires_at)
+            for row, position in round_.items():
+                allowed[position] = counts[row] <= limit.count
         return allowed
 
     def refund(self, keys: Sequence[str], limit: Limit, counted_at: datetime | None = None) -> None:
@@ -93,7 +92,8 @@ class RateLimiter:
                 self.engine,
                 lambda s: s.execute(
                     update(table).where(table.c.key.in_(rows), table.c.count > 0)
-                    .values(count=table.c.count - 1)
+                    # past the limit: hits were refused, and this frees one slot all the same
+                    .values(count=case((table.c.count > limit.count, limit.count - 1), else_=table.c.count - 1))
                 ),
             )
 
@@ -102,6 +102,35 @@ class RateLimiter:
         return run_transaction(
             self.engine, lambda s: s.execute(delete(RateCounter).where(RateCounter.expires_at < now)).rowcount
         )
+
+
+def _count_hits(session: Connection, rows: list[str], limit: Limit, expires_at: datetime) -> dict[str, int]:
+    """Count a hit on each of these distinct counter rows, in the dialect's upsert; each row's
+    count after it."""
+    dialect = session.dialect
+    statement = _upsert(dialect.name, dialect.insert_returning, limit.count)
+    params = [{"key": row, "count": 1, "expires_at": expires_at} for row in rows]
+    if dialect.insert_returning:
+        counted_rows = session.execute(statement, params)
+    else:
+        table = RateCounter.__table__
+        session.execute(statement, params)
+        counted_rows = session.execute(select(table.c.key, table.c.count).where(table.c.key.in_(rows)))
+    return {key: count for key, count in counted_rows}
+
+
+@functools.cache
+def _upsert(dialect: str, returning: bool, limit: int) -> Insert:
+    """The upsert of :func:`_count_hits`, built once per dialect and limit: building it and its
+    cache key on every hit cost more CPU than running it."""
+    table = RateCounter.__table__
+    counted = case((table.c.count < limit, table.c.count + 1), else_=limit + 1)
+    statement: Insert
+    if dialect == "sqlite":
+        statement = sqlite.insert(table).on_conflict_do_update(index_elements=[table.c.key], set_={"count": counted})
+    else:
+        statement = mysql.insert(table).on_duplicate_key_update(count=counted)
+    return statement.returning(table.c.key, table.c.count) if returning else statement
 
 
 def _row_key(key: str, window_seconds: int, window: int) -> str:

@@ -1,14 +1,16 @@
 """The public subscription API behind the ``subscribe`` and ``unsubscribe`` functions.
 
 Each function builds one :class:`SubscriptionApi` at start-up (configuration errors stop it there)
-and hands it every request. Database work runs in worker threads, off the event loop.
+and hands it every request. Database work runs in worker threads, off the event loop; the
+subscribe requests that arrive while one batch is written go together in the next (group commit,
+:class:`shared.batching.Batcher`): under load, their statements and commit are shared.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Sequence
 from datetime import datetime, timezone
 
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -16,13 +18,14 @@ from starlette.responses import JSONResponse, Response
 from shared import metrics
 from shared.apps import load_apps
 from shared.auth import Authenticator
+from shared.batching import Batcher
 from shared.config import env, env_int, env_list
 from shared.db import SchemaGate, get_engine, run_transaction
 from shared.http import ApiError, read_json, require_method, serve
 from shared.logs import configure_logging
 from shared.models import Subscription
 from shared.ratelimits import Limit, RateLimiter
-from shared.subscriptions import SubscriptionStore
+from shared.subscriptions import SubscribeRequest, SubscribeResult, SubscriptionStore
 from shared.validation import SubscribePolicy, parse_subscribe, parse_unsubscribe
 
 MAX_BODY = 16 * 1024
@@ -42,6 +45,7 @@ class SubscriptionApi:
         self.policy = policy
         self.subscribe_limit = subscribe_limit
         self.limiter = RateLimiter(store.engine, store.clock)
+        self._subscribes: Batcher[SubscribeRequest, SubscribeResult | None] = Batcher(self._subscribe_many)
         self.schema = SchemaGate(store.engine)
 
     @classmethod
@@ -117,7 +121,7 @@ class SubscriptionApi:
             raise
         request.state.provider = new.provider
         # The request is counted in the transaction that writes the subscription: one commit.
-        result = await run_in_threadpool(self.store.subscribe, user_id, new, self._admit(user_id))
+        result = await self._subscribes.submit(SubscribeRequest(user_id, new))
         if result is None:
             raise self._rate_limited()
         request.state.result = "created" if result.created else "refreshed"
@@ -125,19 +129,23 @@ class SubscriptionApi:
             subscription_view(result.subscription), status_code=201 if result.created else 200
         )
 
-    def _admit(self, user_id: str) -> Callable[[Session], bool] | None:
-        """Counts a subscribe request against ``PUSH_SUBSCRIBE_RATE_LIMIT`` inside a
-        transaction; whether it is within the limit."""
-        limit = self.subscribe_limit
-        if limit is None:
-            return None
-        return lambda session: self.limiter.hit_in(session, [f"subscribe\n{user_id}"], limit)[0]
+    def _subscribe_many(self, requests: Sequence[SubscribeRequest]) -> list[SubscribeResult | None]:
+        """One batch of subscribe requests; each is counted against the rate limit in the
+        transaction that writes it (``None``: over the limit, nothing written)."""
+        return self.store.subscribe_many(requests, self._admit if self.subscribe_limit else None)
+
+    def _admit(self, session: Connection, user_ids: Sequence[str]) -> list[bool]:
+        """Counts a subscribe request of each user against ``PUSH_SUBSCRIBE_RATE_LIMIT`` inside
+        a transaction; for each, whether it is within the limit."""
+        assert self.subscribe_limit is not None
+        return self.limiter.hit_in(session, [f"subscribe\n{user_id}" for user_id in user_ids], self.subscribe_limit)
 
     async def _check_rate(self, user_id: str) -> None:
         """Count a request that writes nothing (an invalid one) against the limit: 429 with
         Retry-After once the caller is over it."""
-        admit = self._admit(user_id)
-        if admit is not None and not await run_in_threadpool(run_transaction, self.store.engine, admit):
+        if self.subscribe_limit is None:
+            return
+        if not await run_in_threadpool(run_transaction, self.store.engine, lambda s: self._admit(s, [user_id])[0]):
             raise self._rate_limited()
 
     def _rate_limited(self) -> ApiError:

@@ -6,11 +6,12 @@ that either happens whole or not at all, and is run again on a deadlock.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import partial
 
-from sqlalchemy import Engine, Select, bindparam, delete, func, insert, select, update
+from sqlalchemy import Connection, Engine, Select, bindparam, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -20,6 +21,33 @@ from shared.providers.base import Device
 
 PROVIDERS = ("fcm", "apns", "webpush")
 _USERS_PER_QUERY = 1000  # user ids per IN (...) list
+
+# Subscribe's statements, built once: building a statement and its cache key on every
+# request cost about as much CPU as running it.
+_c = Subscription.__table__.c
+#: The subscriptions of these users, locked, least recently updated first.
+_LOCK_USERS = (
+    select(_c.id, _c.user_id, _c.token_sha256)
+    .where(_c.user_id.in_(bindparam("user_ids", expanding=True)))
+    .order_by(_c.updated_at, _c.id)
+    .with_for_update()
+)
+#: The subscriptions of these devices (token hashes), locked.
+_LOCK_DEVICES = (
+    select(_c.id, _c.user_id, _c.token_sha256, _c.created_at)
+    .where(_c.token_sha256.in_(bindparam("digests", expanding=True)))
+    .with_for_update()
+)
+_DELETE = delete(Subscription.__table__).where(_c.id.in_(bindparam("ids", expanding=True)))
+_INSERT = insert(Subscription.__table__)
+_INSERT_RETURNING_IDS = _INSERT.returning(_c.id, sort_by_parameter_order=True)
+_REFRESHED_COLUMNS = ("user_id", "provider", "token", "topic", "environment", "app", "updated_at")
+#: A refresh of one subscription, by id (parameters ``b_id`` and ``b_`` + each column).
+_REFRESH = (
+    update(Subscription.__table__)
+    .where(_c.id == bindparam("b_id"))
+    .values({name: bindparam(f"b_{name}") for name in _REFRESHED_COLUMNS})
+)
 
 Clock = Callable[[], datetime]
 
@@ -52,6 +80,19 @@ class NewSubscription:
 
 
 @dataclass(frozen=True)
+class SubscribeRequest:
+    """One subscribe request of :meth:`SubscriptionStore.subscribe_many`: who, and what."""
+
+    user_id: str
+    new: NewSubscription
+
+
+#: Counts one request of each of these users (a rate limit) in the transaction that writes their
+#: subscriptions; for each, whether it may go ahead.
+Admit = Callable[[Connection, Sequence[str]], list[bool]]
+
+
+@dataclass(frozen=True)
 class SubscribeResult:
     subscription: Subscription
     created: bool
@@ -69,77 +110,105 @@ class SubscriptionStore:
         self.clock = clock
 
     def subscribe(
-        self, user_id: str, new: NewSubscription, admit: Callable[[Session], bool] | None = None
+        self, user_id: str, new: NewSubscription, admit: Callable[[Connection], bool] | None = None
     ) -> SubscribeResult | None:
-        """Create the subscription, refresh it, or move it from another user to ``user_id``.
+        """Create the subscription, refresh it, or move it from another user to ``user_id``:
+        :meth:`subscribe_many` for one request. ``admit`` runs first in the same transaction (a
+        rate limit counting the request); when it answers no, nothing is written and the result
+        is ``None``."""
+        admit_many: Admit | None = None if admit is None else (lambda session, _users: [admit(session)])
+        return self.subscribe_many([SubscribeRequest(user_id, new)], admit_many)[0]
 
-        Over the cap, the caller's least recently updated subscriptions are evicted in the same
-        transaction, after the new row is written: a request that fails deletes nothing. Two
-        requests racing to insert one token make one row: the loser's insert fails on the unique
-        hash and its transaction runs again, finding the row.
+    def subscribe_many(
+        self, requests: Sequence[SubscribeRequest], admit: Admit | None = None
+    ) -> list[SubscribeResult | None]:
+        """Subscribe each request's device (created, refreshed, or moved from another user),
+        with the result of each, ``None`` for those ``admit`` refused.
 
-        ``admit`` runs first in the same transaction (a rate limit counting the request); when
-        it answers no, nothing is written and the result is ``None``.
+        Requests of distinct users and devices share a transaction and its statements (group
+        commit: the subscribe function hands over every request that arrived meanwhile); a
+        request naming a user or device already in the current one starts the next. So each
+        request is written whole or not at all, and the outcome is that of running the requests
+        one by one, in order. Over the cap, a user's least recently updated subscriptions are
+        evicted in the same transaction. Two replicas racing to insert one token make one row:
+        the loser's insert fails on the unique hash and its transaction runs again, finding it.
         """
+        results: list[SubscribeResult | None] = []
+        for group in _independent_groups(requests):
+            for attempt in range(3):
+                try:
+                    results.extend(run_transaction(self.engine, partial(self._subscribe, group=group, admit=admit)))
+                    break
+                except IntegrityError:
+                    if attempt == 2:
+                        raise
+        return results
 
-        def work(session: Session) -> SubscribeResult | None:
-            if admit is not None and not admit(session):
-                return None
-            return self._subscribe(session, user_id, new)
-
-        for attempt in range(3):
-            try:
-                return run_transaction(self.engine, work)
-            except IntegrityError:
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
-
-    def _subscribe(self, session: Session, user_id: str, new: NewSubscription) -> SubscribeResult:
+    def _subscribe(
+        self, session: Connection, group: Sequence[SubscribeRequest], admit: Admit | None
+    ) -> list[SubscribeResult | None]:
         # Core statements, not the ORM's unit of work: this runs on every app start, and the
         # ORM's bookkeeping cost more CPU than the statements themselves.
-        table = Subscription.__table__
         now = self.clock()
-        digest = new.token_sha256
-        # Lock the caller's rows first: concurrent subscribes of one user then take turns, so
+        allowed = admit(session, [request.user_id for request in group]) if admit else [True] * len(group)
+        admitted = [request for request, ok in zip(group, allowed, strict=True) if ok]
+        if not admitted:
+            return [None] * len(group)
+        digests = [request.new.token_sha256 for request in admitted]
+        # Lock the callers' rows first: concurrent subscribes of one user then take turns, so
         # the cap holds under races (MariaDB also locks the gap, SQLite has one writer anyway).
-        held = session.scalars(
-            select(table.c.id)
-            .where(table.c.user_id == user_id)
-            .order_by(table.c.updated_at, table.c.id)
-            .with_for_update()
-        ).all()
-        row = session.execute(
-            select(table.c.id, table.c.user_id, table.c.created_at)
-            .where(table.c.token_sha256 == digest)
-            .with_for_update()
-        ).one_or_none()
-        if row is not None and row.user_id != user_id:
-            # The device changed hands. The new owner gets a new row, so nothing about it (its
-            # id, its times) tells them the device was subscribed before.
-            session.execute(delete(table).where(table.c.id == row.id))
-            row = None
-        values = {
-            "user_id": user_id, "provider": new.provider, "token": new.token, "topic": new.topic,
-            "environment": new.environment, "app": new.app, "updated_at": now,
-        }
-        if row is None:
-            created_at = now
-            inserted = session.execute(
-                insert(table).values(token_sha256=digest, created_at=created_at, **values)
-            )
-            sub_id = inserted.inserted_primary_key[0]
-        else:
-            created_at, sub_id = row.created_at, row.id
-            session.execute(update(table).where(table.c.id == sub_id).values(**values))
-
-        others = [held_id for held_id in held if held_id != sub_id]
-        excess = len(others) + 1 - self.cap
-        evicted = others[:excess] if excess > 0 else []
-        if evicted:
-            session.execute(delete(table).where(table.c.id.in_(evicted)))
-        subscription = Subscription(id=sub_id, token_sha256=digest, created_at=created_at, **values)
-        return SubscribeResult(subscription, row is None, len(evicted))
+        held: dict[str, list[tuple[int, str]]] = {request.user_id: [] for request in admitted}
+        for sub_id, user_id, digest in session.execute(_LOCK_USERS, {"user_ids": list(held)}):
+            held[user_id].append((sub_id, digest))  # least recently updated first
+        owners = {row.token_sha256: row for row in session.execute(_LOCK_DEVICES, {"digests": digests})}
+        doomed: list[int] = []
+        plans = []  # (values, the row refreshed or None for a new one, evicted count)
+        for request, digest in zip(admitted, digests, strict=True):
+            row = owners.get(digest)
+            if row is not None and row.user_id != request.user_id:
+                # The device changed hands. The new owner gets a new row, so nothing about it
+                # (its id, its times) tells them the device was subscribed before.
+                doomed.append(row.id)
+                previous = held.get(row.user_id)
+                if previous is not None:
+                    previous[:] = [item for item in previous if item[0] != row.id]
+                row = None
+            others = [item for item in held[request.user_id] if row is None or item[0] != row.id]
+            evicted = others[: max(0, len(others) + 1 - self.cap)]
+            for sub_id, evicted_digest in evicted:
+                doomed.append(sub_id)
+                owners.pop(evicted_digest, None)  # another user of the group subscribes it anew
+            new = request.new
+            values = {
+                "user_id": request.user_id, "provider": new.provider, "token": new.token,
+                "topic": new.topic, "environment": new.environment, "app": new.app, "updated_at": now,
+            }
+            plans.append((values, row, len(evicted)))
+        if doomed:
+            session.execute(_DELETE, {"ids": doomed})
+        fresh = [
+            {"token_sha256": digest, "created_at": now, **values}
+            for (values, row, _), digest in zip(plans, digests, strict=True)
+            if row is None
+        ]
+        new_ids = iter(_insert(session, fresh))
+        refreshed = [
+            {"b_id": row.id, **{f"b_{name}": value for name, value in values.items()}}
+            for values, row, _ in plans
+            if row is not None
+        ]
+        if refreshed:
+            session.execute(_REFRESH, refreshed)
+        done = []
+        for (values, row, evicted_count), digest in zip(plans, digests, strict=True):
+            if row is None:
+                sub_id, created_at = next(new_ids), now
+            else:
+                sub_id, created_at = row.id, row.created_at
+            subscription = Subscription(id=sub_id, token_sha256=digest, created_at=created_at, **values)
+            done.append(SubscribeResult(subscription, row is None, evicted_count))
+        results = iter(done)
+        return [next(results) if ok else None for ok in allowed]
 
     def list_for_user(self, user_id: str) -> list[Subscription]:
         """The user's subscriptions, oldest first."""
@@ -179,7 +248,7 @@ class SubscriptionStore:
             return devices_of(self.devices_by_user_in(session, users, provider), users)
 
     @staticmethod
-    def devices_by_user_in(session: Session, user_ids: Iterable[str], provider: str) -> dict[str, list[Device]]:
+    def devices_by_user_in(session: Connection | Session, user_ids: Iterable[str], provider: str) -> dict[str, list[Device]]:
         """These users' devices with this provider, by user: one query serves several events."""
         ids = list(dict.fromkeys(user_ids))
         by_user: dict[str, list[Device]] = {}
@@ -241,7 +310,7 @@ class SubscriptionStore:
     def expire(self, not_updated_since: datetime, batch: int = 1000) -> int:
         """Delete subscriptions not refreshed since the cutoff, in batches of ``batch`` rows."""
 
-        def one_batch(session: Session) -> int:
+        def one_batch(session: Connection) -> int:
             ids = list(
                 session.scalars(
                     select(Subscription.id)
@@ -263,6 +332,32 @@ class SubscriptionStore:
             total += deleted
             if deleted < batch:
                 return total
+
+
+def _independent_groups(requests: Sequence[SubscribeRequest]) -> list[list[SubscribeRequest]]:
+    """The requests in order, cut into groups in which no user and no device appears twice."""
+    groups: list[list[SubscribeRequest]] = []
+    users: set[str] = set()
+    digests: set[str] = set()
+    for request in requests:
+        digest = request.new.token_sha256
+        if not groups or request.user_id in users or digest in digests:
+            groups.append([])
+            users, digests = set(), set()
+        groups[-1].append(request)
+        users.add(request.user_id)
+        digests.add(digest)
+    return groups
+
+
+def _insert(session: Connection, rows: list[dict[str, object]]) -> list[int]:
+    """Insert the subscriptions, in one statement where the engine returns the ids of several
+    rows (MariaDB 10.5+, SQLite 3.35+); their ids, in order."""
+    if not rows:
+        return []
+    if session.dialect.insert_executemany_returning_sort_by_parameter_order:
+        return list(session.execute(_INSERT_RETURNING_IDS, rows).scalars())
+    return [session.execute(_INSERT, row).inserted_primary_key[0] for row in rows]
 
 
 def devices_of(by_user: dict[str, list[Device]], users: Iterable[str]) -> list[Device]:
