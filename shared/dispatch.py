@@ -22,8 +22,8 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
 
-import httpx
 from sqlalchemy import Connection
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -54,6 +54,9 @@ from shared.policy import DeliveryPolicy, Due, PendingStore
 from shared.providers.base import Device, Outcome, Provider, SendResult, WakeUp
 from shared.ratelimits import RateLimiter
 from shared.subscriptions import Clock, SubscriptionStore, devices_of, token_sha256, utcnow
+
+if TYPE_CHECKING:
+    import httpx
 
 log = logging.getLogger(__name__)
 
@@ -476,6 +479,10 @@ class Dispatcher:
         then goes back as the reply), ``False`` when the sink did not take it."""
         if self.sink_url is None:
             return None
+        # Imported here: only a dispatcher bound to a K_SINK needs httpx, and its import is a
+        # twentieth of a cold start.
+        import httpx
+
         if self._sink_client is None:
             self._sink_client = httpx.AsyncClient(timeout=5.0)
         headers, body = binary_http(invalid_tokens_event(self.source, self.provider.name, dead))
