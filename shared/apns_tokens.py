@@ -166,7 +166,7 @@ class ApnsTokenStore:
 
     @staticmethod
     def _replace(
-        session: Connection,
+        connection: Connection,
         team_id: str,
         key_id: str,
         found: IssuedToken | None,
@@ -177,13 +177,13 @@ class ApnsTokenStore:
         into it; ``None`` when another replica got there first."""
         issued_at = now.replace(microsecond=0)
         if found is None:
-            taken = session.execute(
-                insert_ignore(session, ProviderToken).values(
+            taken = connection.execute(
+                insert_ignore(connection, ProviderToken).values(
                     team_id=team_id, key_id=key_id, token="", issued_at=issued_at
                 )
             )
         else:
-            taken = session.execute(
+            taken = connection.execute(
                 update(ProviderToken)
                 .where(
                     ProviderToken.team_id == team_id,
@@ -195,7 +195,7 @@ class ApnsTokenStore:
         if taken.rowcount != 1:
             return None
         token = sign(issued_at)
-        session.execute(
+        connection.execute(
             update(ProviderToken)
             .where(ProviderToken.team_id == team_id, ProviderToken.key_id == key_id)
             .values(token=token)

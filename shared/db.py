@@ -185,7 +185,7 @@ def unavailable_as_503() -> Iterator[None]:
 
 
 def read_session(engine: Engine) -> Session:
-    """A session for reads; use as ``with unavailable_as_503(), read_session(engine) as s``."""
+    """A session for reads; use as ``with unavailable_as_503(), read_session(engine) as session``."""
     return Session(engine, expire_on_commit=False)
 
 

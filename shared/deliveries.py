@@ -63,10 +63,10 @@ class DeliveryLedger:
     def claim(self, event_key: str, subscription_ids: Sequence[int]) -> Claims:
         """Claim every subscription of the event that is not done or in flight elsewhere."""
         return run_transaction(
-            self.engine, lambda s: self.claim_many_in(s, [(event_key, subscription_ids)])[0]
+            self.engine, lambda connection: self.claim_many_in(connection, [(event_key, subscription_ids)])[0]
         )
 
-    def claim_many_in(self, session: Connection, requests: Sequence[tuple[str, Sequence[int]]]) -> list[Claims]:
+    def claim_many_in(self, connection: Connection, requests: Sequence[tuple[str, Sequence[int]]]) -> list[Claims]:
         """:meth:`claim` for several events at once, inside the caller's transaction (the
         dispatcher reads the subscriptions and claims them in one, for every event of a batch)."""
         claims = [Claims(secrets.token_hex(16)) for _ in requests]
@@ -83,7 +83,7 @@ class DeliveryLedger:
         )
         table = Delivery.__table__
         inserted = sum(
-            session.execute(insert_ignore(session, table), chunk).rowcount for chunk in _chunks(rows)
+            connection.execute(insert_ignore(connection, table), chunk).rowcount for chunk in _chunks(rows)
         )
         if inserted == len(rows):
             # First deliveries (the common case): every row is ours.
@@ -92,16 +92,16 @@ class DeliveryLedger:
             return claims
         for claim, (key, ids) in zip(claims, requests):
             for chunk in _chunks(ids):
-                self._settle(session, key, chunk, claim, now, lease_until)
+                self._settle(connection, key, chunk, claim, now, lease_until)
         return claims
 
     def _settle(
-        self, session: Connection, key: str, ids: list[int], claims: Claims, now: datetime, lease_until: datetime
+        self, connection: Connection, key: str, ids: list[int], claims: Claims, now: datetime, lease_until: datetime
     ) -> None:
         """Sort an event's rows that were there before this claim: take over the claims of a
         dispatcher that stopped before recording anything, and see what the others hold."""
         table = Delivery.__table__
-        session.execute(
+        connection.execute(
             update(table)
             .where(
                 table.c.event_key == key,
@@ -111,7 +111,7 @@ class DeliveryLedger:
             )
             .values(claim=claims.token, lease_until=lease_until)
         )
-        for row in session.execute(
+        for row in connection.execute(
             select(table.c.subscription_id, table.c.state, table.c.claim, table.c.reason, table.c.observed_at)
             .where(table.c.event_key == key, table.c.subscription_id.in_(ids))
         ):
@@ -132,10 +132,10 @@ class DeliveryLedger:
     def record_many(self, items: Sequence[tuple[str, Claims, Outcomes]]) -> list[None]:
         """:meth:`record` for several events in one transaction (one result per item, for
         :class:`shared.batching.Batcher`)."""
-        run_transaction(self.engine, lambda s: self._record_many(s, items))
+        run_transaction(self.engine, lambda connection: self._record_many(connection, items))
         return [None] * len(items)
 
-    def _record_many(self, session: Connection, items: Sequence[tuple[str, Claims, Outcomes]]) -> None:
+    def _record_many(self, connection: Connection, items: Sequence[tuple[str, Claims, Outcomes]]) -> None:
         retry: list[tuple[str, int]] = []
         final: dict[tuple[str, str], tuple[list[tuple[str, int]], datetime]] = {}
         for key, _, outcomes in items:
@@ -153,14 +153,14 @@ class DeliveryLedger:
         # each row's own.
         ours = table.c.claim.in_({claims.token for _, claims, _ in items})
         for chunk in _chunks(retry):
-            session.execute(delete(table).where(row_key.in_(chunk), ours))
+            connection.execute(delete(table).where(row_key.in_(chunk), ours))
         # One UPDATE per outcome and reason, not per device (PyMySQL runs an executemany UPDATE
         # as one statement per row). The group's earliest observation stands for all of it:
         # clean-up keeps a row refreshed after ``observed_at``, so an earlier time errs towards
         # keeping a device that re-registered.
         for (state, reason), (pairs, observed_at) in final.items():
             for chunk in _chunks(pairs):
-                session.execute(
+                connection.execute(
                     update(table)
                     .where(row_key.in_(chunk), ours)
                     .values(state=state, reason=reason, observed_at=observed_at, lease_until=None)
@@ -171,9 +171,9 @@ class DeliveryLedger:
         single statement holds locks for long; how many rows went."""
         now = self.clock()
 
-        def one_batch(session: Connection) -> tuple[int, int]:
+        def one_batch(connection: Connection) -> tuple[int, int]:
             keys = list(
-                session.scalars(
+                connection.scalars(
                     select(Delivery.event_key)
                     .where(Delivery.expires_at < now)
                     .distinct()
@@ -182,7 +182,7 @@ class DeliveryLedger:
             )
             if not keys:
                 return 0, 0
-            deleted = session.execute(
+            deleted = connection.execute(
                 delete(Delivery).where(Delivery.event_key.in_(keys), Delivery.expires_at < now)
             ).rowcount
             return len(keys), deleted

@@ -277,12 +277,12 @@ class Dispatcher:
         event. One transaction for the whole batch, so an event costs the database a share of
         two (this and the outcomes') in the common case."""
 
-        def work(session: Connection) -> list[tuple[list[Device], Claims]]:
+        def work(connection: Connection) -> list[tuple[list[Device], Claims]]:
             everyone = {user for users, _ in requests for user in users}
-            by_user = self.store.devices_by_user_in(session, everyone, self.provider.name)
+            by_user = self.store.devices_by_user_in(connection, everyone, self.provider.name)
             targets = [devices_of(by_user, users) for users, _ in requests]
             claims = self.ledger.claim_many_in(
-                session, [(key, [d.id for d in devices]) for devices, (_, key) in zip(targets, requests)]
+                connection, [(key, [d.id for d in devices]) for devices, (_, key) in zip(targets, requests)]
             )
             return list(zip(targets, claims))
 

@@ -128,11 +128,11 @@ class PendingStore:
         ids = list(subscription_ids)
         table = PendingPush.__table__
 
-        def work(session: Connection) -> None:
+        def work(connection: Connection) -> None:
             now = self.clock()
             fresh = []
             for sub_id in ids:
-                joined = session.execute(
+                joined = connection.execute(
                     update(table)
                     .where(table.c.subscription_id == sub_id, table.c.message_type == message_type)
                     .values(version=table.c.version + 1, ttl_seconds=ttl)
@@ -143,7 +143,7 @@ class PendingStore:
                          "ttl_seconds": ttl, "created_at": now, "due_at": self._due_at(now), "version": 1}
                     )
             if fresh:
-                session.execute(insert_ignore(session, PendingPush), fresh)
+                connection.execute(insert_ignore(connection, PendingPush), fresh)
 
         run_transaction(self.engine, work)
 
@@ -153,18 +153,18 @@ class PendingStore:
         token = secrets.token_hex(16)
         table = PendingPush.__table__
 
-        def claim_batch(session: Connection, size: int) -> int:
+        def claim_batch(connection: Connection, size: int) -> int:
             """How many due rows the SELECT found (some may have gone to a racing flush)."""
             now = self.clock()
             free = (table.c.claim.is_(None)) | (table.c.claimed_until < now)
-            keys = session.execute(
+            keys = connection.execute(
                 select(table.c.subscription_id, table.c.message_type)
                 .where(table.c.provider == provider, table.c.due_at <= now, free)
                 .order_by(table.c.due_at)
                 .limit(size)
             ).all()
             for sub_id, message_type in keys:
-                session.execute(
+                connection.execute(
                     update(table)
                     .where(table.c.subscription_id == sub_id, table.c.message_type == message_type, free)
                     .values(claim=token, claimed_until=now + self.lease)
@@ -194,16 +194,16 @@ class PendingStore:
         table = PendingPush.__table__
         sent, retry = list(sent), list(retry)
 
-        def work(session: Connection) -> None:
+        def work(connection: Connection) -> None:
             now = self.clock()
             for due in sent:
                 key = and_(table.c.subscription_id == due.subscription_id,
                            table.c.message_type == due.message_type, table.c.claim == token)
-                if not session.execute(delete(table).where(key, table.c.version == due.version)).rowcount:
-                    session.execute(update(table).where(key).values(
+                if not connection.execute(delete(table).where(key, table.c.version == due.version)).rowcount:
+                    connection.execute(update(table).where(key).values(
                         claim=None, claimed_until=None, version=1, created_at=now, due_at=self._due_at(now)))
             for due in retry:
-                session.execute(
+                connection.execute(
                     update(table)
                     .where(table.c.subscription_id == due.subscription_id,
                            table.c.message_type == due.message_type, table.c.claim == token)
@@ -218,7 +218,7 @@ class PendingStore:
         if ids:
             run_transaction(
                 self.engine,
-                lambda s: s.execute(delete(PendingPush).where(PendingPush.subscription_id.in_(ids))),
+                lambda connection: connection.execute(delete(PendingPush).where(PendingPush.subscription_id.in_(ids))),
             )
 
     def stats(self) -> dict[str, tuple[int, float]]:

@@ -56,9 +56,11 @@ class RateLimiter:
     def hit(self, keys: Sequence[str], limit: Limit, at: datetime | None = None) -> list[bool]:
         """Count one hit on each key, in the window of ``at`` (default: now); for each, whether it
         was within the limit. Keep ``at`` to :meth:`refund` the hit later."""
-        return run_transaction(self.engine, lambda s: self.hit_in(s, keys, limit, at))
+        return run_transaction(self.engine, lambda connection: self.hit_in(connection, keys, limit, at))
 
-    def hit_in(self, session: Connection, keys: Sequence[str], limit: Limit, at: datetime | None = None) -> list[bool]:
+    def hit_in(
+        self, connection: Connection, keys: Sequence[str], limit: Limit, at: datetime | None = None
+    ) -> list[bool]:
         """:meth:`hit` inside the caller's transaction (subscribe counts its request in the
         transaction that writes the subscription)."""
         window = _epoch(at or self.clock()) // limit.window_seconds
@@ -75,7 +77,7 @@ class RateLimiter:
             free[row] = position
         allowed = [False] * len(rows)
         for round_ in rounds:
-            counts = _count_hits(session, sorted(round_), limit, expires_at)
+            counts = _count_hits(connection, sorted(round_), limit, expires_at)
             for row, position in round_.items():
                 allowed[position] = counts[row] <= limit.count
         return allowed
@@ -90,7 +92,7 @@ class RateLimiter:
         if rows:
             run_transaction(
                 self.engine,
-                lambda s: s.execute(
+                lambda connection: connection.execute(
                     update(table).where(table.c.key.in_(rows), table.c.count > 0)
                     # past the limit: hits were refused, and this frees one slot all the same
                     .values(count=case((table.c.count > limit.count, limit.count - 1), else_=table.c.count - 1))
@@ -100,22 +102,23 @@ class RateLimiter:
     def expire(self) -> int:
         now = self.clock()
         return run_transaction(
-            self.engine, lambda s: s.execute(delete(RateCounter).where(RateCounter.expires_at < now)).rowcount
+            self.engine,
+            lambda connection: connection.execute(delete(RateCounter).where(RateCounter.expires_at < now)).rowcount,
         )
 
 
-def _count_hits(session: Connection, rows: list[str], limit: Limit, expires_at: datetime) -> dict[str, int]:
+def _count_hits(connection: Connection, rows: list[str], limit: Limit, expires_at: datetime) -> dict[str, int]:
     """Count a hit on each of these distinct counter rows, in the dialect's upsert; each row's
     count after it."""
-    dialect = session.dialect
+    dialect = connection.dialect
     statement = _upsert(dialect.name, dialect.insert_returning, limit.count)
     params = [{"key": row, "count": 1, "expires_at": expires_at} for row in rows]
     if dialect.insert_returning:
-        counted_rows = session.execute(statement, params)
+        counted_rows = connection.execute(statement, params)
     else:
         table = RateCounter.__table__
-        session.execute(statement, params)
-        counted_rows = session.execute(select(table.c.key, table.c.count).where(table.c.key.in_(rows)))
+        connection.execute(statement, params)
+        counted_rows = connection.execute(select(table.c.key, table.c.count).where(table.c.key.in_(rows)))
     return {key: count for key, count in counted_rows}
 
 

@@ -134,18 +134,20 @@ class SubscriptionApi:
         transaction that writes it (``None``: over the limit, nothing written)."""
         return self.store.subscribe_many(requests, self._admit if self.subscribe_limit else None)
 
-    def _admit(self, session: Connection, user_ids: Sequence[str]) -> list[bool]:
+    def _admit(self, connection: Connection, user_ids: Sequence[str]) -> list[bool]:
         """Counts a subscribe request of each user against ``PUSH_SUBSCRIBE_RATE_LIMIT`` inside
         a transaction; for each, whether it is within the limit."""
         assert self.subscribe_limit is not None
-        return self.limiter.hit_in(session, [f"subscribe\n{user_id}" for user_id in user_ids], self.subscribe_limit)
+        return self.limiter.hit_in(connection, [f"subscribe\n{user_id}" for user_id in user_ids], self.subscribe_limit)
 
     async def _check_rate(self, user_id: str) -> None:
         """Count a request that writes nothing (an invalid one) against the limit: 429 with
         Retry-After once the caller is over it."""
         if self.subscribe_limit is None:
             return
-        if not await run_in_threadpool(run_transaction, self.store.engine, lambda s: self._admit(s, [user_id])[0]):
+        if not await run_in_threadpool(
+            run_transaction, self.store.engine, lambda connection: self._admit(connection, [user_id])[0]
+        ):
             raise self._rate_limited()
 
     def _rate_limited(self) -> ApiError:

@@ -116,7 +116,7 @@ class SubscriptionStore:
         :meth:`subscribe_many` for one request. ``admit`` runs first in the same transaction (a
         rate limit counting the request); when it answers no, nothing is written and the result
         is ``None``."""
-        admit_many: Admit | None = None if admit is None else (lambda session, _users: [admit(session)])
+        admit_many: Admit | None = None if admit is None else (lambda connection, _users: [admit(connection)])
         return self.subscribe_many([SubscribeRequest(user_id, new)], admit_many)[0]
 
     def subscribe_many(
@@ -145,12 +145,12 @@ class SubscriptionStore:
         return results
 
     def _subscribe(
-        self, session: Connection, group: Sequence[SubscribeRequest], admit: Admit | None
+        self, connection: Connection, group: Sequence[SubscribeRequest], admit: Admit | None
     ) -> list[SubscribeResult | None]:
         # Core statements, not the ORM's unit of work: this runs on every app start, and the
         # ORM's bookkeeping cost more CPU than the statements themselves.
         now = self.clock()
-        allowed = admit(session, [request.user_id for request in group]) if admit else [True] * len(group)
+        allowed = admit(connection, [request.user_id for request in group]) if admit else [True] * len(group)
         admitted = [request for request, ok in zip(group, allowed, strict=True) if ok]
         if not admitted:
             return [None] * len(group)
@@ -158,9 +158,9 @@ class SubscriptionStore:
         # Lock the callers' rows first: concurrent subscribes of one user then take turns, so
         # the cap holds under races (MariaDB also locks the gap, SQLite has one writer anyway).
         held: dict[str, list[tuple[int, str]]] = {request.user_id: [] for request in admitted}
-        for sub_id, user_id, digest in session.execute(_LOCK_USERS, {"user_ids": list(held)}):
+        for sub_id, user_id, digest in connection.execute(_LOCK_USERS, {"user_ids": list(held)}):
             held[user_id].append((sub_id, digest))  # least recently updated first
-        owners = {row.token_sha256: row for row in session.execute(_LOCK_DEVICES, {"digests": digests})}
+        owners = {row.token_sha256: row for row in connection.execute(_LOCK_DEVICES, {"digests": digests})}
         doomed: list[int] = []
         plans = []  # (values, the row refreshed or None for a new one, evicted count)
         for request, digest in zip(admitted, digests, strict=True):
@@ -185,20 +185,20 @@ class SubscriptionStore:
             }
             plans.append((values, row, len(evicted)))
         if doomed:
-            session.execute(_DELETE, {"ids": doomed})
+            connection.execute(_DELETE, {"ids": doomed})
         fresh = [
             {"token_sha256": digest, "created_at": now, **values}
             for (values, row, _), digest in zip(plans, digests, strict=True)
             if row is None
         ]
-        new_ids = iter(_insert(session, fresh))
+        new_ids = iter(_insert(connection, fresh))
         refreshed = [
             {"b_id": row.id, **{f"b_{name}": value for name, value in values.items()}}
             for values, row, _ in plans
             if row is not None
         ]
         if refreshed:
-            session.execute(_REFRESH, refreshed)
+            connection.execute(_REFRESH, refreshed)
         done = []
         for (values, row, evicted_count), digest in zip(plans, digests, strict=True):
             if row is None:
@@ -227,7 +227,7 @@ class SubscriptionStore:
         digest = token_sha256(identity)
         return run_transaction(
             self.engine,
-            lambda s: s.execute(
+            lambda connection: connection.execute(
                 delete(Subscription).where(
                     Subscription.user_id == user_id, Subscription.token_sha256 == digest
                 )
@@ -238,7 +238,7 @@ class SubscriptionStore:
         """Delete every subscription of the caller (on logout)."""
         return run_transaction(
             self.engine,
-            lambda s: s.execute(delete(Subscription).where(Subscription.user_id == user_id)).rowcount,
+            lambda connection: connection.execute(delete(Subscription).where(Subscription.user_id == user_id)).rowcount,
         )
 
     def for_users(self, user_ids: Iterable[str], provider: str) -> list[Device]:
@@ -248,13 +248,18 @@ class SubscriptionStore:
             return devices_of(self.devices_by_user_in(session, users, provider), users)
 
     @staticmethod
-    def devices_by_user_in(session: Connection | Session, user_ids: Iterable[str], provider: str) -> dict[str, list[Device]]:
-        """These users' devices with this provider, by user: one query serves several events."""
+    def devices_by_user_in(
+        connection: Connection | Session, user_ids: Iterable[str], provider: str
+    ) -> dict[str, list[Device]]:
+        """These users' devices with this provider, by user: one query serves several events.
+
+        ``connection`` is a transaction's Core connection (the dispatcher claims the devices in
+        the same transaction) or a read session (:meth:`for_users`): both run the Core query."""
         ids = list(dict.fromkeys(user_ids))
         by_user: dict[str, list[Device]] = {}
         table = Subscription.__table__
         for start in range(0, len(ids), _USERS_PER_QUERY):
-            rows = session.execute(
+            rows = connection.execute(
                 _select_devices()
                 .add_columns(table.c.user_id)
                 .where(table.c.user_id.in_(ids[start : start + _USERS_PER_QUERY]), table.c.provider == provider)
@@ -305,21 +310,21 @@ class SubscriptionStore:
             table.c.token_sha256 == bindparam("b_hash"),
             table.c.updated_at <= bindparam("b_seen"),
         )
-        return run_transaction(self.engine, lambda s: s.execute(statement, rows).rowcount)
+        return run_transaction(self.engine, lambda connection: connection.execute(statement, rows).rowcount)
 
     def expire(self, not_updated_since: datetime, batch: int = 1000) -> int:
         """Delete subscriptions not refreshed since the cutoff, in batches of ``batch`` rows."""
 
-        def one_batch(session: Connection) -> int:
+        def one_batch(connection: Connection) -> int:
             ids = list(
-                session.scalars(
+                connection.scalars(
                     select(Subscription.id)
                     .where(Subscription.updated_at < not_updated_since)
                     .limit(batch)
                 )
             )
             if ids:
-                session.execute(
+                connection.execute(
                     delete(Subscription).where(
                         Subscription.id.in_(ids), Subscription.updated_at < not_updated_since
                     )
@@ -350,14 +355,14 @@ def _independent_groups(requests: Sequence[SubscribeRequest]) -> list[list[Subsc
     return groups
 
 
-def _insert(session: Connection, rows: list[dict[str, object]]) -> list[int]:
+def _insert(connection: Connection, rows: list[dict[str, object]]) -> list[int]:
     """Insert the subscriptions, in one statement where the engine returns the ids of several
     rows (MariaDB 10.5+, SQLite 3.35+); their ids, in order."""
     if not rows:
         return []
-    if session.dialect.insert_executemany_returning_sort_by_parameter_order:
-        return list(session.execute(_INSERT_RETURNING_IDS, rows).scalars())
-    return [session.execute(_INSERT, row).inserted_primary_key[0] for row in rows]
+    if connection.dialect.insert_executemany_returning_sort_by_parameter_order:
+        return list(connection.execute(_INSERT_RETURNING_IDS, rows).scalars())
+    return [connection.execute(_INSERT, row).inserted_primary_key[0] for row in rows]
 
 
 def devices_of(by_user: dict[str, list[Device]], users: Iterable[str]) -> list[Device]:

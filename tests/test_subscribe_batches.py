@@ -119,8 +119,8 @@ def test_requests_refused_by_the_rate_limit_write_nothing_and_the_others_go_thro
     limiter = RateLimiter(engine, store.clock)
     limit = Limit(2, 3600)
 
-    def admit(session, user_ids):
-        return limiter.hit_in(session, [f"subscribe\n{user}" for user in user_ids], limit)
+    def admit(connection, user_ids):
+        return limiter.hit_in(connection, [f"subscribe\n{user}" for user in user_ids], limit)
 
     results = store.subscribe_many(
         [SubscribeRequest("alice", fcm(f"a{n}")) for n in range(3)] + [SubscribeRequest("bob", fcm("b0"))], admit
