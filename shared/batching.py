@@ -1,7 +1,7 @@
 """Group commit: the database work of concurrent requests, done in one transaction.
 
 A dispatcher handles many events at once, and each needs the same two short transactions (claim
-its devices, record the outcomes). Run one by one, their fixed cost (a thread hop, a session, a
+its devices, record the outcomes). Run one by one, their fixed cost (a thread hop, a connection, a
 commit round trip, statement set-up) outweighs the rows they write: that made the database most of
 a dispatcher's CPU per event. A :class:`Batcher` runs one batch at a time in a worker thread;
 requests arriving meanwhile queue up and go together in the next batch. Under light load a batch
@@ -24,9 +24,12 @@ class Batcher(Generic[Request, Result]):
     """Calls ``run(requests)`` (in a thread) with every request queued since the last call began,
     and hands each caller its own result (``run`` returns them in order). When ``run`` raises,
     every caller of that batch gets the exception: a batch is one transaction, done whole or not
-    at all."""
+    at all. A ``run`` that writes a batch in several transactions returns, for the requests of
+    one that failed, the exception instead of a result: only their callers get it."""
 
-    def __init__(self, run: Callable[[Sequence[Request]], Sequence[Result]], max_batch: int = 200) -> None:
+    def __init__(
+        self, run: Callable[[Sequence[Request]], Sequence[Result | Exception]], max_batch: int = 200
+    ) -> None:
         self._run = run
         self._max_batch = max_batch
         self._queue: list[tuple[Request, asyncio.Future[Result]]] = []
@@ -52,5 +55,9 @@ class Batcher(Generic[Request, Result]):
                         future.set_exception(exc)
             else:
                 for (_, future), result in zip(batch, results, strict=True):
-                    if not future.done():
+                    if future.done():
+                        continue
+                    if isinstance(result, Exception):
+                        future.set_exception(result)
+                    else:
                         future.set_result(result)

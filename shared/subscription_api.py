@@ -129,7 +129,7 @@ class SubscriptionApi:
             subscription_view(result.subscription), status_code=201 if result.created else 200
         )
 
-    def _subscribe_many(self, requests: Sequence[SubscribeRequest]) -> list[SubscribeResult | None]:
+    def _subscribe_many(self, requests: Sequence[SubscribeRequest]) -> list[SubscribeResult | None | Exception]:
         """One batch of subscribe requests; each is counted against the rate limit in the
         transaction that writes it (``None``: over the limit, nothing written)."""
         return self.store.subscribe_many(requests, self._admit if self.subscribe_limit else None)

@@ -15,7 +15,7 @@ from sqlalchemy import Connection, Engine, Select, bindparam, delete, func, inse
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from shared.db import read_session, run_transaction, unavailable_as_503
+from shared.db import DatabaseUnavailable, read_session, run_transaction, unavailable_as_503
 from shared.models import Subscription
 from shared.providers.base import Device
 
@@ -117,11 +117,14 @@ class SubscriptionStore:
         rate limit counting the request); when it answers no, nothing is written and the result
         is ``None``."""
         admit_many: Admit | None = None if admit is None else (lambda connection, _users: [admit(connection)])
-        return self.subscribe_many([SubscribeRequest(user_id, new)], admit_many)[0]
+        [result] = self.subscribe_many([SubscribeRequest(user_id, new)], admit_many)
+        if isinstance(result, Exception):
+            raise result
+        return result
 
     def subscribe_many(
         self, requests: Sequence[SubscribeRequest], admit: Admit | None = None
-    ) -> list[SubscribeResult | None]:
+    ) -> list[SubscribeResult | None | Exception]:
         """Subscribe each request's device (created, refreshed, or moved from another user),
         with the result of each, ``None`` for those ``admit`` refused.
 
@@ -132,17 +135,37 @@ class SubscriptionStore:
         one by one, in order. Over the cap, a user's least recently updated subscriptions are
         evicted in the same transaction. Two replicas racing to insert one token make one row:
         the loser's insert fails on the unique hash and its transaction runs again, finding it.
+
+        A transaction that fails gives its requests the exception in place of a result, and
+        the other groups go on (their callers must not hear of a failure that was not theirs);
+        once the database is unavailable, the groups left get that without trying.
         """
-        results: list[SubscribeResult | None] = []
+        results: list[SubscribeResult | None | Exception] = []
+        unavailable: DatabaseUnavailable | None = None
         for group in _independent_groups(requests):
-            for attempt in range(3):
-                try:
-                    results.extend(run_transaction(self.engine, partial(self._subscribe, group=group, admit=admit)))
-                    break
-                except IntegrityError:
-                    if attempt == 2:
-                        raise
+            if unavailable is not None:
+                results.extend([unavailable] * len(group))
+                continue
+            try:
+                results.extend(self._subscribe_group(group, admit))
+            except Exception as exc:  # noqa: BLE001 - handed to this group's callers
+                results.extend([exc] * len(group))
+                if isinstance(exc, DatabaseUnavailable):
+                    unavailable = exc
         return results
+
+    def _subscribe_group(
+        self, group: Sequence[SubscribeRequest], admit: Admit | None
+    ) -> list[SubscribeResult | None]:
+        """One group of :meth:`subscribe_many` in one transaction, run again when a concurrent
+        insert of the same device won the race."""
+        for attempt in range(3):
+            try:
+                return run_transaction(self.engine, partial(self._subscribe, group=group, admit=admit))
+            except IntegrityError:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
     def _subscribe(
         self, connection: Connection, group: Sequence[SubscribeRequest], admit: Admit | None

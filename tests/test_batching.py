@@ -1,5 +1,6 @@
 """Group commit (shared.batching): requests that arrive while a batch runs go together in the next
-one, each caller gets its own result, and a failed batch fails every caller in it."""
+one, each caller gets its own result, a failed batch fails every caller in it, and a failed part
+of a batch only its own callers."""
 from __future__ import annotations
 
 import asyncio
@@ -41,6 +42,16 @@ async def test_a_failed_batch_fails_each_of_its_callers_and_the_next_batch_runs(
     failing = await asyncio.gather(batcher.submit(0), batcher.submit(5), return_exceptions=True)
     assert [type(result) for result in failing] == [RuntimeError, RuntimeError]
     assert await batcher.submit(7) == 7
+
+
+async def test_a_failed_part_of_a_batch_fails_only_its_own_callers():
+    def run(requests):
+        return [ValueError(f"no {r}") if r < 0 else r for r in requests]
+
+    batcher: Batcher[int, int] = Batcher(run)
+    results = await asyncio.gather(*(batcher.submit(n) for n in (1, -2, 3)), return_exceptions=True)
+    assert results[0] == 1 and results[2] == 3
+    assert isinstance(results[1], ValueError) and str(results[1]) == "no -2"
 
 
 async def test_a_batch_holds_at_most_max_batch_requests():

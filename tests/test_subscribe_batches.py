@@ -9,6 +9,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import event, select
 from sqlalchemy.orm import Session
 
+from shared.db import DatabaseUnavailable
 from shared.models import Subscription
 from shared.ratelimits import Limit, RateLimiter
 from shared.subscriptions import NewSubscription, SubscribeRequest, SubscriptionStore
@@ -112,6 +113,42 @@ def test_a_device_evicted_in_a_batch_is_subscribed_anew_by_the_user_naming_it(en
     added, taken = store.subscribe_many([SubscribeRequest("alice", fcm("tablet")), SubscribeRequest("bob", fcm("phone"))])
     assert added.evicted == 1 and taken.created
     assert owners(engine) == {"tablet": "alice", "phone": "bob"}
+
+
+def test_a_failed_transaction_fails_only_its_own_requests_and_the_others_are_written(engine):
+    store = store_at(engine)
+    calls = []
+
+    def admit(connection, user_ids):
+        calls.append(list(user_ids))
+        if len(calls) == 2:
+            raise RuntimeError("the second transaction fails")
+        return [True] * len(user_ids)
+
+    # Alice twice: two groups, so two transactions.
+    results = store.subscribe_many(
+        [SubscribeRequest("alice", fcm("a0")), SubscribeRequest("bob", fcm("b0")),
+         SubscribeRequest("alice", fcm("a1")), SubscribeRequest("carol", fcm("c0"))],
+        admit,
+    )
+    assert [type(r).__name__ for r in results] == [
+        "SubscribeResult", "SubscribeResult", "RuntimeError", "RuntimeError"]
+    assert owners(engine) == {"a0": "alice", "b0": "bob"}
+
+
+def test_once_the_database_is_unavailable_the_groups_left_are_not_tried(engine):
+    store = store_at(engine)
+    calls = []
+
+    def admit(connection, user_ids):
+        calls.append(list(user_ids))
+        raise DatabaseUnavailable("the database went away")
+
+    results = store.subscribe_many(
+        [SubscribeRequest("alice", fcm("a0")), SubscribeRequest("alice", fcm("a1"))], admit
+    )
+    assert [type(r) for r in results] == [DatabaseUnavailable, DatabaseUnavailable]
+    assert calls == [["alice"]]
 
 
 def test_requests_refused_by_the_rate_limit_write_nothing_and_the_others_go_through(engine):
