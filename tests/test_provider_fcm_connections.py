@@ -103,6 +103,18 @@ async def test_sends_a_goaway_says_were_not_processed_are_transient_at_once(
     assert result == SendResult(Outcome.TRANSIENT, "connection_error")
 
 
+async def test_sends_a_goaway_lets_finish_are_delivered(slow_fcm: FakeFcm) -> None:
+    fcm = make_provider(slow_fcm, timeout_seconds=5)
+    sending = asyncio.ensure_future(fcm.send(device(), WAKEUP))
+    await wait_for_requests(slow_fcm, 1)
+
+    slow_fcm.goaway()  # every stream received so far is still answered
+    result = await sending
+    await fcm.aclose()
+
+    assert result == SendResult(Outcome.DELIVERED)
+
+
 async def test_sends_in_flight_on_a_lost_connection_are_transient_at_once(
         fcm_server: FakeFcm) -> None:
     fcm_server.script(TOKEN, "HANG")

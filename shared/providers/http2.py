@@ -41,7 +41,12 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from h2.config import H2Configuration
-from h2.connection import H2Connection
+from h2.connection import (
+    ConnectionInputs,
+    ConnectionState,
+    H2Connection,
+    H2ConnectionStateMachine,
+)
 from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
@@ -50,7 +55,6 @@ from h2.events import (
     ResponseReceived,
     StreamEnded,
     StreamReset,
-    WindowUpdated,
 )
 from h2.exceptions import H2Error
 from h2.settings import SettingCodes
@@ -75,6 +79,21 @@ large means WINDOW_UPDATE frames are rare."""
 _MAX_ENCODED_HEADERS = 256
 """Encoded headers kept per connection; past it the cache starts again (old tokens go)."""
 _TUNNEL_HEADER_LIMIT = 16 * 1024
+
+
+class _DrainingStateMachine(H2ConnectionStateMachine):
+    """h2's connection state machine, except that a GOAWAY received leaves the connection open.
+
+    h2 closes it at once and then rejects every frame as a protocol error (python-hyper/h2#1181),
+    which would drop the answers RFC 9113 section 6.8 lets the server still send, to the streams
+    up to the GOAWAY's last stream ID, and fail requests the server processed. Such a connection
+    opens no new stream (``_Connection.accepting``)."""
+
+    _transitions = {
+        **H2ConnectionStateMachine._transitions,
+        (ConnectionState.CLIENT_OPEN, ConnectionInputs.RECV_GOAWAY):
+            (None, ConnectionState.CLIENT_OPEN),
+    }
 
 
 class Http2Unavailable(ConnectionError):
@@ -356,6 +375,7 @@ class _Connection(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.h2 = H2Connection(UNCHECKED_CLIENT_CONFIG)
+        self.h2.state_machine = _DrainingStateMachine()
         self.h2.encoder = LiteralEncoder()
         self.streams: dict[int, _Stream] = {}
         self.capacity = pool._max_streams
@@ -428,6 +448,9 @@ class _Connection(asyncio.Protocol):
         try:
             events = self.h2.receive_data(data)
         except H2Error:
+            # A protocol error ends the connection: no request may start on it meanwhile.
+            self.accepting = False
+            self.pool._retired(self)
             self._flush_now()
             self.abort()
             return
@@ -451,13 +474,15 @@ class _Connection(asyncio.Protocol):
                 self._stream_ended(event.stream_id)  # type: ignore[arg-type]
             elif kind is StreamReset:
                 self._fail(event.stream_id, "the server reset the stream")  # type: ignore[arg-type]
-            elif kind is WindowUpdated:
-                if self._unsent:
-                    self._resume_bodies()
             elif kind is RemoteSettingsChanged:
                 self._settings_changed(event)  # type: ignore[arg-type]
             elif kind is ConnectionTerminated:
                 self._goaway(event.last_stream_id or 0)  # type: ignore[attr-defined]
+        if self._unsent:
+            # Only now that every event is handled (a WINDOW_UPDATE or SETTINGS may have opened
+            # the window): a stream the server reset in the same read is already closed in h2,
+            # and is out of ``_unsent`` only after its StreamReset.
+            self._resume_bodies()
         self._flush_soon()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -478,6 +503,10 @@ class _Connection(asyncio.Protocol):
         stream = self.streams.pop(stream_id, None)
         if stream is None:
             return
+        if self._unsent.pop(stream_id, None) is not None:
+            # Answered before the whole body went (RFC 9113 section 8.1): the rest is not
+            # needed, and the stream, open in h2 until it is sent, would hold a server stream.
+            self.h2.reset_stream(stream_id, ErrorCodes.CANCEL)
         if not stream.future.done():
             stream.future.set_result(Response(stream.status, stream.headers, stream.body))
         self._stream_done()
@@ -506,8 +535,6 @@ class _Connection(asyncio.Protocol):
             self.capacity = min(self.pool._max_streams, changed.new_value)
             if self.accepting and self.capacity > before:
                 self.pool._wake(self.capacity - before)
-        if self._unsent:  # a larger initial window may unblock bodies
-            self._resume_bodies()
 
     def _goaway(self, last_stream_id: int) -> None:
         """The server takes no new streams: those after ``last_stream_id`` were not processed

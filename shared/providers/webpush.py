@@ -317,11 +317,16 @@ class _Connection(asyncio.Protocol):
             self._retry_after = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
-        """httptools' callback: the status is known."""
-        self._status = self._parser.get_status_code()
+        """httptools' callback: the status is known. An interim (1xx) answer, which a server
+        may send before any final one (RFC 9110 section 15.2), is not the answer."""
+        status = self._parser.get_status_code()
+        if status >= 200:
+            self._status = status
 
     def on_message_complete(self) -> None:
         """httptools' callback: the answer is complete, the connection free again."""
+        if not self._status:  # an interim answer ended: the final one follows
+            return
         if not self._parser.should_keep_alive():
             self.close()
         if self._answer is not None and not self._answer.done():
