@@ -280,12 +280,9 @@ class SubscriptionStore:
         the same transaction) or a read session (:meth:`for_users`): both run the Core query."""
         ids = list(dict.fromkeys(user_ids))
         by_user: dict[str, list[Device]] = {}
-        table = Subscription.__table__
         for start in range(0, len(ids), _USERS_PER_QUERY):
             rows = connection.execute(
-                _select_devices()
-                .add_columns(table.c.user_id)
-                .where(table.c.user_id.in_(ids[start : start + _USERS_PER_QUERY]), table.c.provider == provider)
+                _USERS_DEVICES, {"user_ids": ids[start : start + _USERS_PER_QUERY], "provider": provider}
             )
             for *device, user_id in rows:
                 by_user.setdefault(user_id, []).append(Device(*device))
@@ -400,3 +397,13 @@ def _select_devices() -> Select:
     notification: plain rows cost a third of what loading ORM objects does."""
     c = Subscription.__table__.c
     return select(c.id, c.token, c.topic, c.environment, c.app, c.token_sha256)
+
+
+#: The devices of these users with one provider, each with its user id: what a dispatcher reads
+#: for every batch of events, built once (building it and its cache key each time cost about as
+#: much CPU as running it).
+_USERS_DEVICES = (
+    _select_devices()
+    .add_columns(_c.user_id)
+    .where(_c.user_id.in_(bindparam("user_ids", expanding=True)), _c.provider == bindparam("provider"))
+)
