@@ -266,7 +266,14 @@ def run_transaction(engine: Engine, work: Callable[[Connection], T], attempts: i
 def insert_ignore(connection: Connection, model: type):
     """An INSERT for ``model`` that leaves rows whose key already exists alone, in the dialect of
     the connection (SQLite's ON CONFLICT DO NOTHING, MySQL's INSERT IGNORE)."""
-    if connection.dialect.name == "sqlite":
+    return _insert_ignore(connection.dialect.name, model)
+
+
+@functools.cache
+def _insert_ignore(dialect: str, model: type):
+    """Built once per dialect and table: statements are immutable, and building one (and its
+    cache key) for every claim cost more CPU than the rows it inserts."""
+    if dialect == "sqlite":
         return sqlite.insert(model).on_conflict_do_nothing()
     return mysql.insert(model).prefix_with("IGNORE")
 
