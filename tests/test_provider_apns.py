@@ -383,6 +383,78 @@ async def test_answer_arriving_after_the_timeout_does_not_break_the_connection(
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
+async def test_a_send_in_flight_when_a_goaway_covers_it_is_answered_once(
+    provider: ApnsProvider, apns_server: FakeApns  # noqa: F811
+) -> None:
+    apns_server.hang(TOKEN, once=True)
+    sending = asyncio.create_task(provider.send(device(), WAKEUP))
+    await eventually(lambda: apns_server.request_count == 1)
+
+    apns_server.goaway()
+    apns_server.release(TOKEN)
+    result = await sending
+
+    assert result.outcome is Outcome.DELIVERED
+    assert [(r.token, r.connection, r.status) for r in apns_server.requests] == [(TOKEN, 1, 200)]
+
+
+async def test_only_the_send_past_a_goaways_last_stream_is_sent_again_on_a_new_connection(
+    provider: ApnsProvider, apns_server: FakeApns  # noqa: F811
+) -> None:
+    apns_server.hang(TOKEN, once=True)
+    apns_server.hang(OTHER_TOKEN, once=True)
+    covered = asyncio.create_task(provider.send(device(TOKEN), WAKEUP))
+    await eventually(lambda: apns_server.request_count == 1)
+    past = asyncio.create_task(provider.send(device(OTHER_TOKEN), WAKEUP))
+    await eventually(lambda: apns_server.request_count == 2)
+
+    apns_server.goaway(last_stream_id=1)  # the first request's stream only
+    result = await past
+    apns_server.release(TOKEN)
+    await covered
+
+    assert result.outcome is Outcome.DELIVERED
+    assert [(r.token, r.connection, r.status) for r in apns_server.requests] == [
+        (TOKEN, 1, 200), (OTHER_TOKEN, 1, None), (OTHER_TOKEN, 2, 200)
+    ]
+
+
+async def test_the_send_after_a_goaway_takes_a_new_connection_while_the_old_one_drains(
+    provider: ApnsProvider, apns_server: FakeApns  # noqa: F811
+) -> None:
+    apns_server.hang(TOKEN, once=True)
+    draining = asyncio.create_task(provider.send(device(TOKEN), WAKEUP))
+    await eventually(lambda: apns_server.request_count == 1)
+    apns_server.goaway()
+    await asyncio.sleep(0.05)  # the GOAWAY is read (sent before, the send would be past it)
+
+    result = await provider.send(device(OTHER_TOKEN), WAKEUP)
+    apns_server.release(TOKEN)
+    await draining
+
+    assert result.outcome is Outcome.DELIVERED
+    assert [(r.token, r.connection) for r in apns_server.requests] == [
+        (TOKEN, 1), (OTHER_TOKEN, 2)
+    ]
+
+
+async def test_a_goaway_is_logged_with_apples_reason_and_no_device_token(
+    provider: ApnsProvider, apns_server: FakeApns, caplog: pytest.LogCaptureFixture  # noqa: F811
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    apns_server.hang(TOKEN, once=True)
+    sending = asyncio.create_task(provider.send(device(), WAKEUP))
+    await eventually(lambda: apns_server.request_count == 1)
+
+    apns_server.goaway()
+    apns_server.release(TOKEN)
+    await sending
+
+    [line] = [r.getMessage() for r in caplog.records if "going away" in r.getMessage()]
+    assert "reason=Shutdown" in line
+    assert TOKEN not in caplog.text
+
+
 async def test_unreachable_server_is_a_transient_connection_error(
     apns_server: FakeApns,  # noqa: F811
 ) -> None:

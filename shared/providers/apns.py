@@ -50,6 +50,16 @@ Time bounds
     also lets an error status without a JSON body (a proxy's 502, say) be answered at once
     rather than by the timeout.
 
+GOAWAY
+    Apple sends a GOAWAY before it closes a connection (a server shutting down, say). h2 would
+    close the connection at once and aioapns then closes it, failing every request in flight,
+    and aioapns's pool sends them again on another connection: a second wake-up for each one
+    Apple had processed. Instead (RFC 9113 section 6.8), :class:`_EndpointProtocol` keeps the
+    connection open with :class:`shared.providers.http2.DrainingStateMachine`, takes it out of
+    the pool at once, fails only the requests on streams after the GOAWAY's last stream ID
+    (Apple did not process them: aioapns's retry on another connection is right for those),
+    lets the others get their answers, and closes the connection when the last is answered.
+
 Logs
     No device token reaches a log line: aioapns logs a failed notification's status and reason
     with its id (a UUID) unless given an ``err_func``, and we pass one that does nothing, since
@@ -68,12 +78,13 @@ Answers
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import ssl
 from datetime import datetime, timedelta
 from functools import partial
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 from aioapns import APNs, NotificationRequest, PushType
@@ -85,6 +96,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from h2.connection import H2Connection
+from h2.events import ConnectionTerminated
 from h2.exceptions import H2Error
 
 from shared.apns_tokens import ApnsTokenStore, IssuedToken, sign_provider_token
@@ -97,7 +109,11 @@ from shared.config import (
     require_secret,
 )
 from shared.providers.base import Device, Outcome, SendResult, WakeUp
-from shared.providers.http2 import UNCHECKED_CLIENT_CONFIG, LiteralEncoder
+from shared.providers.http2 import (
+    UNCHECKED_CLIENT_CONFIG,
+    DrainingStateMachine,
+    LiteralEncoder,
+)
 
 DEFAULT_PRODUCTION_URL = "https://api.push.apple.com"
 DEFAULT_SANDBOX_URL = "https://api.sandbox.push.apple.com"
@@ -108,6 +124,8 @@ _CONNECTION_ATTEMPTS = 2
 _PRIORITY_IMMEDIATE = 10
 _PLACEHOLDER_TOPIC = "per-request.topic.unused"
 _HEX = re.compile(r"[0-9a-fA-F]+")
+_GOAWAY_REASON = re.compile(r"[A-Za-z]{1,64}")
+"""What a GOAWAY's reason may look like to be logged: Apple's are words like ``Shutdown``."""
 _DEAD_REASONS = frozenset(
     {"Unregistered", "ExpiredToken", "BadDeviceToken", "DeviceTokenNotForTopic"}
 )
@@ -190,6 +208,9 @@ class _EndpointProtocol(APNsTLSClientProtocol):
     signer the pool passes (module docstring, "Provider token")."""
 
     shared_token: _SharedToken | None = None
+    draining_connections: ClassVar[set[_EndpointProtocol]]
+    """This endpoint's connections out of the pool after a GOAWAY and not yet lost, for
+    :meth:`ApnsProvider.aclose`, which finds the others in the pools (set per endpoint)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._flush_scheduled = False
@@ -201,7 +222,10 @@ class _EndpointProtocol(APNsTLSClientProtocol):
         # every literal in pure Python, the provider token's few hundred bytes included, which was
         # the largest single cost of a send. The provider token is never-indexed, as h2 does.
         self.conn = H2Connection(UNCHECKED_CLIENT_CONFIG)
+        self.conn.state_machine = DrainingStateMachine()
         self.conn.encoder = LiteralEncoder(per_request=_PER_REQUEST_HEADERS)
+        self.draining = False
+        """A GOAWAY came: no new request, close once the last one in flight is answered."""
         if self.shared_token is not None:
             self.auth_provider = self.shared_token
         self.lost: asyncio.Future[None] = self.loop.create_future()
@@ -225,14 +249,25 @@ class _EndpointProtocol(APNsTLSClientProtocol):
         try:
             super().connection_lost(exc)
         finally:  # even if aioapns trips over its own bookkeeping, aclose must not wait forever
+            self.draining_connections.discard(self)
             if not self.lost.done():
                 self.lost.set_result(None)
 
+    @property
+    def is_busy(self) -> bool:
+        """What aioapns's pool asks before routing a request here: also busy once draining."""
+        return self.draining or self.free_channels.is_busy
+
     async def send_notification(self, request: NotificationRequest) -> NotificationResult:
+        if self.draining:
+            # The pool hands a new connection to the request it was made for without asking
+            # ``is_busy``: a GOAWAY read with the TLS handshake reaches here.
+            raise ConnectionClosed("the server sent GOAWAY")
         try:
             return await super().send_notification(request)
         except asyncio.CancelledError:
             self.requests.pop(request.notification_id, None)
+            self._close_if_drained()
             raise
 
     def on_stream_ended(self, stream_id: int) -> None:
@@ -244,6 +279,62 @@ class _EndpointProtocol(APNsTLSClientProtocol):
                 del self.requests[notification_id]
                 pending.set_result(NotificationResult(notification_id, status))
         super().on_stream_ended(stream_id)
+        self._close_if_drained()
+
+    def on_connection_terminated(self, event: ConnectionTerminated) -> None:
+        """A GOAWAY (module docstring, "GOAWAY"); aioapns's own closes the connection at once.
+        A server may send more than one, lowering the last stream ID: each is applied."""
+        last_stream_id: int = event.last_stream_id or 0  # type: ignore[attr-defined]
+        reason = _goaway_reason(event.additional_data)  # type: ignore[attr-defined]
+        log.warning(
+            "APNs connection %s going away: code=%s, reason=%s, last_stream_id=%s",
+            id(self), event.error_code, reason, last_stream_id,  # type: ignore[attr-defined]
+        )
+        self.draining = True
+        self.draining_connections.add(self)
+        self._leave_pool()
+        closed = ConnectionClosed("the server sent GOAWAY before processing the request")
+        for stream_id in [s for s in self.request_streams if s > last_stream_id]:
+            notification_id = self.request_streams.pop(stream_id)
+            self.request_statuses.pop(notification_id, None)
+            pending = self.requests.pop(notification_id, None)
+            if pending is not None and not pending.done():
+                pending.set_exception(closed)
+        # Requests waiting for a free stream would open one after an answer frees it. Failed in
+        # place, not through ``free_channels.destroy``: that takes them out of the semaphore's
+        # queue, and asyncio then raises ValueError removing them itself.
+        for waiter in self.free_channels._waiters or ():
+            if not waiter.done():
+                waiter.set_exception(closed)
+        self._close_if_drained()
+
+    def _leave_pool(self) -> None:
+        """Out of aioapns's pool at once, so it makes a new connection for the next request.
+        The pool's ``on_connection_lost`` is its ``discard_connection``, which raises if the
+        connection was already removed: it is called here instead of when the connection is
+        lost, unless the pool has not added the connection yet (a GOAWAY read with the TLS
+        handshake): then it leaves when lost, and ``is_busy`` keeps requests away meanwhile."""
+        leave, self.on_connection_lost = self.on_connection_lost, None
+        if leave is None:
+            return
+        try:
+            leave(self)
+        except ValueError:
+            self.on_connection_lost = leave
+
+    def _close_if_drained(self) -> None:
+        if self.draining and not self.requests:
+            self.close()
+
+
+def _goaway_reason(debug_data: bytes | None) -> str:
+    """Apple's reason from a GOAWAY's debug data (``{"reason": "Shutdown"}``), or ``unknown``:
+    never the raw data, which is not known to be free of device tokens."""
+    try:
+        reason = json.loads(debug_data or b"").get("reason")
+    except (ValueError, AttributeError):
+        return "unknown"
+    return reason if isinstance(reason, str) and _GOAWAY_REASON.fullmatch(reason) else "unknown"
 
 
 def _endpoint_protocol(
@@ -258,7 +349,12 @@ def _endpoint_protocol(
         port = 0
     if parts.scheme != "https" or not parts.hostname or not port or parts.path not in ("", "/"):
         raise ConfigError(f"{setting} must look like https://host[:port], not {url!r}")
-    attributes = {"APNS_SERVER": parts.hostname, "APNS_PORT": port, "shared_token": shared_token}
+    attributes = {
+        "APNS_SERVER": parts.hostname,
+        "APNS_PORT": port,
+        "shared_token": shared_token,
+        "draining_connections": set(),
+    }
     return type(f"_EndpointProtocol_{parts.hostname}_{port}", (_EndpointProtocol,), attributes)
 
 
@@ -401,14 +497,15 @@ class ApnsProvider:
         """Drop every connection and wait until they are closed. They are aborted, not closed
         with a TLS close_notify: that could wait on a peer that is gone, and nothing is lost."""
         clients, self._clients = self._clients, {}
-        lost = []
+        connections: list[_EndpointProtocol] = []
         for client in clients.values():
-            for connection in list(client.pool.connections):
-                assert isinstance(connection, _EndpointProtocol)
-                assert connection.transport is not None
-                connection.transport.abort()
-                lost.append(connection.lost)
-        await asyncio.gather(*lost)
+            connections.extend(client.pool.connections)  # type: ignore[arg-type]
+        for protocol in self._protocols.values():
+            connections.extend(protocol.draining_connections)
+        for connection in connections:
+            assert connection.transport is not None
+            connection.transport.abort()
+        await asyncio.gather(*(connection.lost for connection in connections))
 
     def _client(self, environment: str) -> APNs:
         loop = asyncio.get_running_loop()

@@ -81,13 +81,14 @@ _MAX_ENCODED_HEADERS = 256
 _TUNNEL_HEADER_LIMIT = 16 * 1024
 
 
-class _DrainingStateMachine(H2ConnectionStateMachine):
+class DrainingStateMachine(H2ConnectionStateMachine):
     """h2's connection state machine, except that a GOAWAY received leaves the connection open.
 
-    h2 closes it at once and then rejects every frame as a protocol error (python-hyper/h2#1181),
+    h2 closes it at once and then rejects every frame as a protocol error (python-hyper/h2#1199),
     which would drop the answers RFC 9113 section 6.8 lets the server still send, to the streams
-    up to the GOAWAY's last stream ID, and fail requests the server processed. Such a connection
-    opens no new stream (``_Connection.accepting``)."""
+    up to the GOAWAY's last stream ID, and fail requests the server processed. h2 then still lets
+    new streams start: the client using it must open none on such a connection (here
+    ``_Connection.accepting``; the APNs provider's ``_EndpointProtocol`` too)."""
 
     _transitions = {
         **H2ConnectionStateMachine._transitions,
@@ -375,7 +376,7 @@ class _Connection(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.h2 = H2Connection(UNCHECKED_CLIENT_CONFIG)
-        self.h2.state_machine = _DrainingStateMachine()
+        self.h2.state_machine = DrainingStateMachine()
         self.h2.encoder = LiteralEncoder()
         self.streams: dict[int, _Stream] = {}
         self.capacity = pool._max_streams

@@ -11,6 +11,8 @@ import threading
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, TypeVar
 
+from h2.connection import ConnectionInputs, ConnectionState, H2ConnectionStateMachine
+
 T = TypeVar("T")
 
 TIMEOUT_SECONDS = 10.0
@@ -95,6 +97,19 @@ async def close_server(server: asyncio.Server, transports: Iterable[asyncio.Tran
     for transport in transports:
         transport.abort()
     await server.wait_closed()
+
+
+class DrainingServerStateMachine(H2ConnectionStateMachine):
+    """h2's server connection state machine, except that a GOAWAY sent leaves the connection
+    open: h2 closes it at once (python-hyper/h2#1199), while RFC 9113 section 6.8 has the server
+    still answer the streams up to the GOAWAY's last stream ID, as Apple's and Google's servers
+    do. A fake using it opens no stream after its GOAWAY."""
+
+    _transitions = {
+        **H2ConnectionStateMachine._transitions,
+        (ConnectionState.SERVER_OPEN, ConnectionInputs.SEND_GOAWAY):
+            (None, ConnectionState.SERVER_OPEN),
+    }
 
 
 def announce_and_wait(info: dict[str, object]) -> None:

@@ -13,7 +13,9 @@ answers and records never leak between tests)::
 
     apns_server.respond(token, 410, "Unregistered")       # every request for token
     apns_server.respond(token, 429, "TooManyRequests", once=True)  # next request only
-    apns_server.hang(token)                                # never answer
+    apns_server.hang(token)                                # never answer...
+    apns_server.release(token)                             # ...until released (200)
+    apns_server.goaway()                                   # GOAWAY on every connection
     apns_server.requests                                   # what was received, in order
     apns_server.connections_made                           # TLS connections accepted
     apns_server.provider_tokens                            # distinct well-signed JWTs seen
@@ -39,8 +41,8 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +53,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from h2.config import H2Configuration
 from h2.connection import H2Connection
+from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
     DataReceived,
@@ -60,7 +63,7 @@ from h2.events import (
 )
 from h2.exceptions import H2Error
 
-from tests.fakes import LoopThread, announce_and_wait, close_server
+from tests.fakes import DrainingServerStateMachine, LoopThread, announce_and_wait, close_server
 
 DEFAULT_KEY_ID = "FAKEKEY123"
 DEFAULT_TEAM_ID = "FAKETEAM45"
@@ -74,6 +77,9 @@ PUSH_TYPES = frozenset(
 _TOKEN = re.compile(r"[0-9a-fA-F]+")
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 _JWT_CACHE_LIMIT = 1024
+_HIGHEST_STREAM_ID = 2**31 - 1
+_GOAWAY_DEBUG_DATA = b'{"reason":"Shutdown"}'
+"""What Apple's GOAWAY carries when a server shuts down."""
 
 _shared_ca: trustme.CA | None = None
 _shared_ca_lock = threading.Lock()
@@ -226,8 +232,31 @@ class FakeApns:
         self._script(token, Answer(status, reason, retry_after, delay), once)
 
     def hang(self, token: str | None = None, *, once: bool = False) -> None:
-        """Never answer valid requests for ``token`` (``None``: every token without a script)."""
+        """Never answer valid requests for ``token`` (``None``: every token without a script),
+        until :meth:`release` answers them."""
         self._script(token, Answer(hang=True), once)
+
+    def release(
+        self, token: str | None = None, status: int = 200, reason: str | None = None
+    ) -> None:
+        """Answer the requests hanging so far for ``token`` (``None``: every hanging request)
+        with ``status`` and ``reason``, also on a connection that sent GOAWAY if their streams
+        are at or below its last stream ID; their records then carry that status."""
+        self._in_server(lambda connection: connection.release(token, Answer(status, reason)))
+
+    def goaway(self, last_stream_id: int | None = None) -> None:
+        """Send GOAWAY (NO_ERROR, reason ``Shutdown``) on every connection, as Apple does before
+        it closes one: requests on streams up to ``last_stream_id`` (default: the highest each
+        connection received) may still be answered; later ones were not processed (they are
+        never answered, not even by :meth:`release`) and new streams are ignored."""
+        self._in_server(lambda connection: connection.goaway(last_stream_id))
+
+    def _in_server(self, action: Callable[[_Http2Server], None]) -> None:
+        async def run() -> None:
+            for connection in list(self._protocols):
+                action(connection)
+
+        self._server_thread.call(run)
 
     def _script(self, token: str | None, answer: Answer, once: bool) -> None:
         with self._lock:
@@ -281,7 +310,8 @@ class FakeApns:
 
     def _handle(
         self, connection: int, headers: dict[str, str], duplicated: bool, body: bytes
-    ) -> Answer:
+    ) -> tuple[Answer, int]:
+        """The answer to a complete request, and the index of its record (-1: not recording)."""
         path = headers.get(":path", "")
         token = path.removeprefix("/3/device/") if path.startswith("/3/device/") else ""
         answer: Answer | None = Answer(400, "DuplicateHeaders")
@@ -303,10 +333,17 @@ class FakeApns:
                 else:
                     answer = self._standing.get(token, self._default)
             self._request_count += 1
-            if self.record:
-                status = None if answer.hang else answer.status
-                self._requests.append(ReceivedRequest(token, headers, decoded, connection, status))
-        return answer
+            if not self.record:
+                return answer, -1
+            status = None if answer.hang else answer.status
+            self._requests.append(ReceivedRequest(token, headers, decoded, connection, status))
+            return answer, len(self._requests) - 1
+
+    def _released(self, index: int, status: int) -> None:
+        """A hanging request was answered ``status`` at last: its record says so."""
+        if index >= 0:
+            with self._lock:
+                self._requests[index] = replace(self._requests[index], status=status)
 
     def _check(self, headers: dict[str, str], token: str, body: bytes) -> Answer | None:
         """Apple's checks, roughly in Apple's order; ``None`` when the request is valid."""
@@ -381,7 +418,12 @@ class _Http2Server(asyncio.Protocol):
         self.fake = fake
         self.transport: asyncio.Transport
         self.conn = H2Connection(H2Configuration(client_side=False, header_encoding="utf-8"))
+        self.conn.state_machine = DrainingServerStateMachine()
         self.streams: dict[int, tuple[dict[str, str], bool, bytearray]] = {}
+        self.hanging: dict[int, tuple[str, str, int]] = {}
+        """Streams left unanswered: their token, ``apns-id`` and record index."""
+        self.last_stream_id = _HIGHEST_STREAM_ID
+        """The last stream this connection takes: lowered by a GOAWAY."""
         self.number = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -411,11 +453,36 @@ class _Http2Server(asyncio.Protocol):
                 self._stream_ended(event.stream_id)
             elif isinstance(event, StreamReset):
                 self.streams.pop(event.stream_id, None)
+                self.hanging.pop(event.stream_id, None)
             elif isinstance(event, ConnectionTerminated):
                 self.transport.close()
         self.transport.write(self.conn.data_to_send())
 
+    def goaway(self, last_stream_id: int | None) -> None:
+        if last_stream_id is None:
+            last_stream_id = self.conn.highest_inbound_stream_id
+        self.last_stream_id = last_stream_id
+        for stream_id in [s for s in (*self.streams, *self.hanging) if s > last_stream_id]:
+            self.streams.pop(stream_id, None)
+            self.hanging.pop(stream_id, None)
+        self.conn.close_connection(
+            ErrorCodes.NO_ERROR, _GOAWAY_DEBUG_DATA, last_stream_id=last_stream_id
+        )
+        self.transport.write(self.conn.data_to_send())
+
+    def release(self, token: str | None, answer: Answer) -> None:
+        if self.transport.is_closing():
+            return
+        for stream_id, (hung_token, apns_id, index) in list(self.hanging.items()):
+            if token is None or hung_token == token:
+                del self.hanging[stream_id]
+                self._send(stream_id, apns_id, answer)
+                self.fake._released(index, answer.status)
+        self.transport.write(self.conn.data_to_send())
+
     def _request(self, stream_id: int, raw_headers: Any) -> None:
+        if stream_id > self.last_stream_id:
+            return  # after a GOAWAY that did not take it: ignored (RFC 9113 section 6.8)
         headers: dict[str, str] = {}
         duplicated = False
         for name, value in raw_headers:
@@ -428,11 +495,13 @@ class _Http2Server(asyncio.Protocol):
         if request is None:
             return
         headers, duplicated, body = request
-        answer = self.fake._handle(self.number, headers, duplicated, bytes(body))
+        answer, index = self.fake._handle(self.number, headers, duplicated, bytes(body))
         apns_id = headers.get("apns-id", "")
         if not _UUID.fullmatch(apns_id):
             apns_id = str(uuid.uuid4())
         if answer.hang:
+            token = headers.get(":path", "").removeprefix("/3/device/")
+            self.hanging[stream_id] = (token, apns_id, index)
             return
         if answer.delay:
             loop = asyncio.get_running_loop()

@@ -74,12 +74,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from h2.config import H2Configuration
-from h2.connection import (
-    ConnectionInputs,
-    ConnectionState,
-    H2Connection,
-    H2ConnectionStateMachine,
-)
+from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
@@ -91,7 +86,7 @@ from h2.events import (
 from h2.exceptions import H2Error
 from h2.settings import SettingCodes, Settings
 
-from tests.fakes import LoopThread, announce_and_wait, close_server
+from tests.fakes import DrainingServerStateMachine, LoopThread, announce_and_wait, close_server
 
 DEFAULT_PROJECT_ID = "fake-project"
 CLIENT_EMAIL_DOMAIN = "iam.gserviceaccount.com"
@@ -673,18 +668,6 @@ _WINDOW = 16 * 1024 * 1024
 """The flow-control window the fake gives clients: large, so it rarely sends WINDOW_UPDATE."""
 
 
-class _DrainingServerStateMachine(H2ConnectionStateMachine):
-    """h2's connection state machine, except that a GOAWAY sent leaves the connection open: h2
-    closes it at once (python-hyper/h2#1181), while RFC 9113 section 6.8 has the server still
-    answer the streams up to the GOAWAY's last stream ID, as Google's front end does."""
-
-    _transitions = {
-        **H2ConnectionStateMachine._transitions,
-        (ConnectionState.SERVER_OPEN, ConnectionInputs.SEND_GOAWAY):
-            (None, ConnectionState.SERVER_OPEN),
-    }
-
-
 class _Http2(asyncio.Protocol):
     """One HTTP/2 connection: framing with h2 (header checks off: the fake checks what it
     needs), requests handed to :class:`FakeFcm`, what h2 queues written once per batch of
@@ -694,7 +677,7 @@ class _Http2(asyncio.Protocol):
         self.fake = fake
         self.transport: asyncio.Transport
         self.conn = H2Connection(_H2_CONFIG)
-        self.conn.state_machine = _DrainingServerStateMachine()
+        self.conn.state_machine = DrainingServerStateMachine()
         self.conn.local_settings = Settings(client=False, initial_values={
             SettingCodes.MAX_CONCURRENT_STREAMS: fake.max_concurrent_streams,
             SettingCodes.INITIAL_WINDOW_SIZE: _WINDOW,
