@@ -438,6 +438,33 @@ async def test_the_send_after_a_goaway_takes_a_new_connection_while_the_old_one_
     ]
 
 
+async def test_a_send_finding_the_servers_stream_limit_reached_is_delivered_once_past_a_goaway(
+    apns_server: FakeApns,  # noqa: F811
+) -> None:
+    # aioapns sizes each connection's streams (``free_channels``) from the server's
+    # SETTINGS_MAX_CONCURRENT_STREAMS, and its pool opens another connection rather than queue a
+    # request on a connection with none free.
+    with FakeApns(key_pem=apns_server.key_pem, max_concurrent_streams=1) as limited:
+        limited.hang(TOKEN, once=True)
+        provider = make_provider(limited, timeout_seconds=2.0)
+        try:
+            first = asyncio.create_task(provider.send(device(TOKEN), WAKEUP))
+            await eventually(lambda: limited.request_count == 1)
+            second = asyncio.create_task(provider.send(device(OTHER_TOKEN), WAKEUP))
+            await eventually(lambda: limited.request_count == 2)
+
+            limited.goaway(last_stream_id=1)
+            limited.release(TOKEN)
+            results = await asyncio.wait_for(asyncio.gather(first, second), 5)
+        finally:
+            await provider.aclose()
+
+        assert [r.outcome for r in results] == [Outcome.DELIVERED, Outcome.DELIVERED]
+        assert [(r.token, r.connection, r.status) for r in limited.requests] == [
+            (TOKEN, 1, 200), (OTHER_TOKEN, 2, 200)
+        ]
+
+
 async def test_a_goaway_is_logged_with_apples_reason_and_no_device_token(
     provider: ApnsProvider, apns_server: FakeApns, caplog: pytest.LogCaptureFixture  # noqa: F811
 ) -> None:

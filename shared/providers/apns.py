@@ -300,12 +300,6 @@ class _EndpointProtocol(APNsTLSClientProtocol):
             pending = self.requests.pop(notification_id, None)
             if pending is not None and not pending.done():
                 pending.set_exception(closed)
-        # Requests waiting for a free stream would open one after an answer frees it. Failed in
-        # place, not through ``free_channels.destroy``: that takes them out of the semaphore's
-        # queue, and asyncio then raises ValueError removing them itself.
-        for waiter in self.free_channels._waiters or ():
-            if not waiter.done():
-                waiter.set_exception(closed)
         self._close_if_drained()
 
     def _leave_pool(self) -> None:

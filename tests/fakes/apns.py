@@ -20,6 +20,9 @@ answers and records never leak between tests)::
     apns_server.connections_made                           # TLS connections accepted
     apns_server.provider_tokens                            # distinct well-signed JWTs seen
 
+``FakeApns(max_concurrent_streams=1)`` announces that SETTINGS_MAX_CONCURRENT_STREAMS on every
+connection (aioapns sizes its per-connection stream semaphore from it).
+
 Standalone (for benchmarks), it answers 200 to every valid request until stopped and records
 nothing::
 
@@ -62,6 +65,7 @@ from h2.events import (
     StreamReset,
 )
 from h2.exceptions import H2Error
+from h2.settings import SettingCodes, Settings
 
 from tests.fakes import DrainingServerStateMachine, LoopThread, announce_and_wait, close_server
 
@@ -142,7 +146,10 @@ class FakeApns:
         key_id: str = DEFAULT_KEY_ID,
         team_id: str = DEFAULT_TEAM_ID,
         record: bool = True,
+        max_concurrent_streams: int | None = None,
     ) -> None:
+        """``max_concurrent_streams`` is the SETTINGS_MAX_CONCURRENT_STREAMS every connection
+        announces (``None``: h2's default, 100), for the client's waits for a free stream."""
         self.host = "127.0.0.1"
         self.port = port
         self.key_pem = key_pem or make_p8_key()
@@ -150,6 +157,7 @@ class FakeApns:
         self.key_id = key_id
         self.team_id = team_id
         self.record = record
+        self.max_concurrent_streams = max_concurrent_streams
         self.clock_offset = 0.0
         """Seconds added to the fake's clock when it checks a token's age: set it above
         3600 to make every provider token look expired."""
@@ -419,6 +427,12 @@ class _Http2Server(asyncio.Protocol):
         self.transport: asyncio.Transport
         self.conn = H2Connection(H2Configuration(client_side=False, header_encoding="utf-8"))
         self.conn.state_machine = DrainingServerStateMachine()
+        if fake.max_concurrent_streams is not None:
+            limit = {SettingCodes.MAX_CONCURRENT_STREAMS: fake.max_concurrent_streams}
+            # Initial values, sent by initiate_connection; setting one would await an ACK.
+            self.conn.local_settings = Settings(
+                client=False, initial_values={**self.conn.local_settings, **limit}
+            )
         self.streams: dict[int, tuple[dict[str, str], bool, bytearray]] = {}
         self.hanging: dict[int, tuple[str, str, int]] = {}
         """Streams left unanswered: their token, ``apns-id`` and record index."""
