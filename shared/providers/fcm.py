@@ -3,8 +3,9 @@
 We do not use firebase-admin: it hard-codes ``https://fcm.googleapis.com`` in private attributes
 and wraps every send in its own retry policy, so it can neither be pointed at a test or benchmark
 endpoint nor leave retrying to the dispatcher. One ``messages:send`` POST is simple enough to
-make over our own small HTTP/2 client (:mod:`shared.providers.http2`: httpx cost five times the
-CPU per send), and google-auth's service-account credentials give the OAuth access token.
+make over our own small HTTP/2 client (:mod:`shared.providers.http2`: httpx cost about eight
+times the CPU per send), and google-auth's service-account credentials give the OAuth access
+token.
 
 What is reused across sends (and invocations, in a warm process): one HTTP/2 connection pool per
 event loop (``HTTPS_PROXY``/``NO_PROXY`` apply, as they did with httpx), the request headers, and
@@ -34,8 +35,6 @@ from google.auth.credentials import TokenState
 from google.oauth2 import service_account
 from h2.exceptions import H2Error
 
-from shared.providers.http2 import Header, Http2Pool, Origin, Response, proxy_from_environment
-
 from shared.config import ConfigError, env, env_float, env_int, require_secret
 from shared.providers.base import (
     Device,
@@ -44,6 +43,7 @@ from shared.providers.base import (
     WakeUp,
     retry_after_seconds,
 )
+from shared.providers.http2 import Header, Http2Pool, Origin, Response, proxy_from_environment
 
 log = logging.getLogger(__name__)
 
@@ -204,8 +204,6 @@ class FcmProvider:
             return SendResult(Outcome.TRANSIENT, "connection_error")
         except auth_exceptions.GoogleAuthError as exc:
             return _token_failure(exc)
-        if response.status == 200:
-            return _DELIVERED
         retry_after = response.header(b"retry-after")
         result = classify(response.status, response.body,
                           None if retry_after is None else retry_after.decode("latin-1"))
@@ -262,7 +260,6 @@ class FcmProvider:
             log.debug("FCM access token refreshed in %.3f s", time.monotonic() - started)
             return credentials.token
 
-
     def _token_transport(self) -> functools.partial[Any]:
         """google-auth's requests transport, made (and requests imported) at the first refresh.
         The refresh is synchronous: it runs in a worker thread. verify= is given per request
@@ -276,9 +273,6 @@ class FcmProvider:
                 AuthRequest(requests.Session()), timeout=self._timeout,
                 verify=self._ca_file or True)
         return self._token_request
-
-
-_DELIVERED = SendResult(Outcome.DELIVERED)
 
 
 @dataclass(frozen=True)
