@@ -6,11 +6,9 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run test tools bench clean
 
+# Under a lock (scripts/setup_venv.py): `make run` and `make test` started at once set it up once.
 $(STAMP): requirements.txt requirements/*.txt requirements-dev.txt pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements-dev.txt -e .
-	touch $(STAMP)
+	$(PYTHON) scripts/setup_venv.py $(VENV) $(STAMP) $^
 
 ## Run every function locally on SQLite (.local/push.sqlite3), with local provider receivers.
 run: $(STAMP)
@@ -32,4 +30,4 @@ bench: $(STAMP)
 	$(PY) bench/run.py
 
 clean:
-	rm -rf $(VENV) .local .pytest_cache
+	rm -rf $(VENV) $(VENV).lock .local .pytest_cache

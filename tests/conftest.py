@@ -1,13 +1,15 @@
 """Fixtures shared by the whole suite: both database engines, access tokens, function clients,
 and the fake provider servers.
 
-Every storage test runs on SQLite and on MariaDB (``PUSH_TEST_MARIADB_URL``, default
-``mysql+pymysql://root@127.0.0.1:3306/test``). Without MariaDB the MariaDB half is skipped locally,
-and fails when ``CI=true``: CI must never pass by skipping it.
+Every storage test runs on SQLite and on MariaDB: on the server ``PUSH_TEST_MARIADB_URL`` names
+(default ``mysql+pymysql://root@127.0.0.1:3306/test``), in a database the run creates for itself
+(``push_test_<start time>_<pid>_<random>``) and drops when it ends. Without MariaDB the MariaDB
+half is skipped locally, and fails when ``CI=true``: CI must never pass by skipping it.
 """
 from __future__ import annotations
 
 import os
+import secrets
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -19,7 +21,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from functions_framework.aio import create_asgi_app
-from sqlalchemy import create_engine, inspect, text
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
 
 from shared.cli import main as pushctl
 from shared.db import get_engine
@@ -33,7 +36,16 @@ REPO = Path(__file__).resolve().parent.parent
 # Functions start a metrics server; in tests, on a free port of its own.
 os.environ["PUSH_METRICS_PORT"] = "0"
 os.environ["PUSH_METRICS_ADDR"] = "127.0.0.1"
-MARIADB_URL = os.environ.get("PUSH_TEST_MARIADB_URL", "mysql+pymysql://root@127.0.0.1:3306/test")
+#: The MariaDB server the MariaDB half of the suite uses; its database part is ignored.
+MARIADB_SERVER_URL = os.environ.get("PUSH_TEST_MARIADB_URL", "mysql+pymysql://root@127.0.0.1:3306/test")
+#: Each run (each xdist worker) works in a database of its own, made on that server and dropped
+#: at the end: two runs on one server never see each other's rows.
+MARIADB_DATABASE = f"push_test_{int(time.time())}_{os.getpid()}_{secrets.token_hex(3)}"
+MARIADB_URL = make_url(MARIADB_SERVER_URL).set(database=MARIADB_DATABASE).render_as_string(
+    hide_password=False
+)
+#: A run's database left by a run that was killed is dropped by a later run once this old.
+STALE_DATABASE_SECONDS = 24 * 3600
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 _mariadb_ready: bool | None = None
@@ -50,19 +62,28 @@ def _restore_sys_path() -> Iterator[None]:
     sys.path[:] = saved
 
 
+def _server_engine():
+    server = make_url(MARIADB_SERVER_URL).set(database=None)
+    return create_engine(server, connect_args={"connect_timeout": 3})
+
+
 def _prepare_mariadb() -> None:
-    """Drop what an earlier run left, then migrate once per session."""
+    """Create this run's database (dropping those that killed runs left a day ago or more),
+    then migrate it, once per session."""
     global _mariadb_ready
     if _mariadb_ready is None:
-        engine = create_engine(MARIADB_URL, connect_args={"connect_timeout": 3})
+        engine = _server_engine()
         try:
             with engine.begin() as connection:
-                for table in inspect(connection).get_table_names():
-                    connection.execute(text(f"DROP TABLE `{table}`"))
+                for (name,) in connection.execute(text("SHOW DATABASES LIKE 'push\\_test\\_%'")):
+                    started = name.split("_")[2]
+                    if started.isdigit() and time.time() - int(started) > STALE_DATABASE_SECONDS:
+                        connection.execute(text(f"DROP DATABASE IF EXISTS `{name}`"))
+                connection.execute(text(f"CREATE DATABASE `{MARIADB_DATABASE}` CHARACTER SET utf8mb4"))
             _mariadb_ready = True
         except Exception as exc:  # noqa: BLE001 - any failure means "no MariaDB here"
             _mariadb_ready = False
-            message = f"MariaDB at {MARIADB_URL} is unreachable: {exc}"
+            message = f"MariaDB at {MARIADB_SERVER_URL} is unreachable: {exc}"
             if IN_CI:
                 pytest.fail(message + " (CI=true: MariaDB tests must run)", pytrace=False)
             pytest.skip(message)
@@ -71,8 +92,21 @@ def _prepare_mariadb() -> None:
         _migrate(MARIADB_URL)
     elif not _mariadb_ready:
         if IN_CI:
-            pytest.fail(f"MariaDB at {MARIADB_URL} is unreachable (CI=true)", pytrace=False)
-        pytest.skip(f"MariaDB at {MARIADB_URL} is unreachable")
+            pytest.fail(f"MariaDB at {MARIADB_SERVER_URL} is unreachable (CI=true)", pytrace=False)
+        pytest.skip(f"MariaDB at {MARIADB_SERVER_URL} is unreachable")
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    """Drop this run's database, if it made one."""
+    if not _mariadb_ready:
+        return
+    get_engine(MARIADB_URL).dispose()
+    engine = _server_engine()
+    try:
+        with engine.begin() as connection:
+            connection.execute(text(f"DROP DATABASE IF EXISTS `{MARIADB_DATABASE}`"))
+    finally:
+        engine.dispose()
 
 
 def _migrate(url: str) -> None:

@@ -1,7 +1,8 @@
 """The deployment manifests (knative/, stack.yml), checked without a cluster.
 
-Every document validates against the reference JSON Schemas in ../shared/schemas (beside this
-repository, as CI clones it), chosen by its apiVersion and kind; stack.yml against
+Every document validates against the reference JSON Schemas in tests/manifest_schemas (public
+data from the Knative CRDs and OpenFaaS's stack format; its README names their source and
+version), chosen by its apiVersion and kind; stack.yml against
 openfaas/stack_v1.json. Then the rules no schema checks, one test each, each with a companion
 test showing its checker catches a bad document.
 """
@@ -28,7 +29,7 @@ from shared.metrics import DEFAULT_PORT as DEFAULT_METRICS_PORT
 REPO = Path(__file__).resolve().parent.parent
 KNATIVE = REPO / "knative"
 STACK = REPO / "stack.yml"
-SCHEMAS = (REPO.parent / "shared" / "schemas").resolve()
+SCHEMAS = REPO / "tests" / "manifest_schemas"
 FUNCTIONS = sorted(p.name for p in (REPO / "functions").iterdir() if (p / "main.py").exists())
 SERVICE = ("serving.knative.dev/v1", "Service")
 DISPATCHERS = [f for f in FUNCTIONS if f.startswith("dispatch-")]
@@ -78,8 +79,7 @@ def load_knative() -> list[tuple[str, Document]]:
 def schemas() -> Path:
     if not (SCHEMAS / "openfaas" / "stack_v1.json").is_file():
         pytest.fail(
-            f"the reference schemas are missing: expected {SCHEMAS} (the shared/schemas folder "
-            "of the repository CI clones beside this one, as ../shared)",
+            f"the reference schemas are missing: expected {SCHEMAS}",
             pytrace=False,
         )
     return SCHEMAS
