@@ -251,7 +251,7 @@ def main() -> int:
             "\npush-functions is running locally:\n" + "\n".join(lines)
             + f"\n\nA token for user 1:  {BIN / 'pushctl'} dev-token --user 1 --key {local / 'auth-private.pem'}"
             + "\nA notification:      python scripts/post_event.py --user 1"
-            + "\nWalkthrough: docs/deploy.md, \"Trying it locally\". Ctrl-C stops everything.\nReady.\n"
+            + "\nWalkthrough: README.md. Ctrl-C stops everything.\nReady.\n"
         )
         while not stack.failed():
             time.sleep(0.5)
