@@ -205,7 +205,7 @@ def make_environment(work: Path, fakes: Fakes) -> dict[str, str]:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from shared.providers.webpush import generate_vapid_keys
+    from shared.vapid import generate_vapid_keys
 
     auth_key = ec.generate_private_key(ec.SECP256R1())
     (work / "auth-private.pem").write_bytes(auth_key.private_bytes(

@@ -37,7 +37,7 @@ def migrate(_args: argparse.Namespace) -> int:
 
 
 def vapid_keygen(_args: argparse.Namespace) -> int:
-    from shared.providers.webpush import generate_vapid_keys
+    from shared.vapid import generate_vapid_keys
 
     private_key, public_key = generate_vapid_keys()
     print(f"PUSH_VAPID_PRIVATE_KEY={private_key}")

@@ -12,13 +12,16 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from shared import logs, metrics
 from shared.db import DatabaseUnavailable, SchemaBehind
+
+if TYPE_CHECKING:
+    from shared.cors import CorsPolicy
 
 log = logging.getLogger(__name__)
 
@@ -123,13 +126,20 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
 async def serve(
-    request: Request, handler: Handler, ready: Callable[[], Awaitable[None]], function: str
+    request: Request,
+    handler: Handler,
+    ready: Callable[[], Awaitable[None]],
+    function: str,
+    cors: CorsPolicy | None = None,
 ) -> Response:
     """Answer the platform's probes, then run ``handler``, turning refusals into JSON errors,
     and measure it: duration, count and errors by status class, requests in flight.
 
     ``ready`` raises when the function cannot serve (schema behind, database down): the readiness
     probe then fails, and so does every request, with a 503 that says why.
+
+    ``cors`` (browser-facing functions only): preflights are answered before any other work, and
+    every answer, errors included, carries the CORS headers the caller's origin is allowed.
     """
     metrics.serve_metrics()  # started by the first request, in the process that serves it
     if request.url.path in HEALTH_PATHS:
@@ -143,9 +153,16 @@ async def serve(
     in_flight = metrics.IN_FLIGHT.labels(function)
     in_flight.inc()
     try:
-        response = too_large.response() if too_large else await _answer(request, handler, ready)
+        if too_large:
+            response = too_large.response()
+        elif cors is not None and cors.is_preflight(request):
+            response = cors.preflight(request)
+        else:
+            response = await _answer(request, handler, ready)
     finally:
         in_flight.dec()
+    if cors is not None:
+        cors.decorate(request, response)
     if request.url.path not in READY_PATHS:
         labels = (function, request.method, metrics.status_class(response.status_code))
         metrics.REQUEST_DURATION.labels(*labels).observe(time.perf_counter() - started)

@@ -19,17 +19,27 @@ from shared import metrics
 from shared.apps import load_apps
 from shared.auth import Authenticator
 from shared.batching import Batcher
+from shared.apps import APP_NAME
 from shared.config import env, env_int, env_list
+from shared.cors import CorsPolicy, allowed_origins_from_env
 from shared.db import SchemaGate, get_engine, run_transaction
 from shared.http import ApiError, read_json, require_method, serve
 from shared.logs import configure_logging
 from shared.models import Subscription
 from shared.ratelimits import Limit, RateLimiter
 from shared.subscriptions import SubscribeRequest, SubscribeResult, SubscriptionStore
+from shared.vapid import PublishedKey, published_keys
 from shared.validation import SubscribePolicy, parse_subscribe, parse_unsubscribe
 
 MAX_BODY = 16 * 1024
 DEFAULT_SUBSCRIBE_RATE_LIMIT = "60/minute"
+#: subscribe's path for the VAPID public key; every other path is the subscription API.
+VAPID_KEY_PATH = "/vapid-public-key"
+#: The key changes only when an operator rotates it; an hour in a browser's or a CDN's cache
+#: bounds how long pages may still subscribe with the old one.
+VAPID_KEY_CACHE_CONTROL = "public, max-age=3600"
+SUBSCRIBE_METHODS = ("GET", "POST")
+UNSUBSCRIBE_METHODS = ("POST", "DELETE")
 
 
 class SubscriptionApi:
@@ -39,11 +49,16 @@ class SubscriptionApi:
         auth: Authenticator,
         policy: SubscribePolicy,
         subscribe_limit: Limit | None = None,
+        vapid_keys: dict[str | None, PublishedKey] | None = None,
+        cors_origins: frozenset[str] = frozenset(),
     ):
         self.store = store
         self.auth = auth
         self.policy = policy
         self.subscribe_limit = subscribe_limit
+        self.vapid_keys = vapid_keys or {}
+        self.subscribe_cors = CorsPolicy(cors_origins, SUBSCRIBE_METHODS) if cors_origins else None
+        self.unsubscribe_cors = CorsPolicy(cors_origins, UNSUBSCRIBE_METHODS) if cors_origins else None
         self.limiter = RateLimiter(store.engine, store.clock)
         self._subscribes: Batcher[SubscribeRequest, SubscribeResult | None] = Batcher(self._subscribe_many)
         self.schema = SchemaGate(store.engine)
@@ -58,22 +73,51 @@ class SubscriptionApi:
             get_engine(), cap=env_int("PUSH_MAX_SUBSCRIPTIONS_PER_USER", 10, minimum=1)
         )
         metrics.SUBSCRIPTION_TOTALS.count = store.count_by_provider
+        apps = load_apps()
         return cls(
             store,
             Authenticator.from_env(),
             SubscribePolicy(
                 allowed_apns_topics=env_list("PUSH_APNS_ALLOWED_TOPICS"),
-                apps=load_apps(),
+                apps=apps,
                 allowed_webpush_hosts=env_list("PUSH_WEBPUSH_ALLOWED_HOSTS"),
             ),
             subscribe_limit=subscribe_limit_from_env(),
+            vapid_keys=published_keys(apps),
+            cors_origins=allowed_origins_from_env(),
         )
 
     async def subscribe(self, request: Request) -> Response:
-        return await serve(request, self._counted(self._subscribe), self.schema.ready, "subscribe")
+        if request.url.path == VAPID_KEY_PATH:
+            # Static and public: answered without the database, so a page can always get it.
+            return await serve(request, self._vapid_key, _no_database, "subscribe", self.subscribe_cors)
+        return await serve(
+            request, self._counted(self._subscribe), self.schema.ready, "subscribe", self.subscribe_cors
+        )
 
     async def unsubscribe(self, request: Request) -> Response:
-        return await serve(request, self._counted(self._unsubscribe), self.schema.ready, "unsubscribe")
+        return await serve(
+            request, self._counted(self._unsubscribe), self.schema.ready, "unsubscribe", self.unsubscribe_cors
+        )
+
+    async def _vapid_key(self, request: Request) -> Response:
+        """``GET /vapid-public-key[?app=NAME]``: the ``applicationServerKey`` a web page subscribes
+        with, for the default app or the one named. No token: the key is public."""
+        require_method(request, ("GET",))
+        names = request.query_params.getlist("app")
+        if len(names) > 1:
+            raise ApiError(400, "invalid_field", "name one app", "app")
+        app = names[0] if names else None
+        if app is not None and not APP_NAME.match(app):
+            raise ApiError(400, "invalid_field", "app must be an app name (lower-case letters, digits, . _ -)", "app")
+        published = self.vapid_keys.get(app)
+        if published is None:
+            which = f"app {app!r}" if app else "the default app (name one with ?app=)"
+            raise ApiError(404, "no_vapid_key", f"no Web Push key is configured for {which}")
+        headers = {"Cache-Control": VAPID_KEY_CACHE_CONTROL, "ETag": published.etag}
+        if _none_match(request.headers.get("if-none-match", ""), published.etag):
+            return Response(status_code=304, headers=headers)
+        return JSONResponse({"app": app, "public_key": published.public_key}, headers=headers)
 
     @staticmethod
     def _counted(handler):
@@ -173,6 +217,17 @@ class SubscriptionApi:
             raise ApiError(404, "not_found", "none of your subscriptions matches")
         request.state.result = "deleted"
         return JSONResponse({"deleted": deleted})
+
+
+async def _no_database() -> None:
+    """The readiness of an answer that needs no database: always ready."""
+
+
+def _none_match(if_none_match: str, etag: str) -> bool:
+    """Whether If-None-Match names ``etag`` (weakly compared, as RFC 9110 13.1.2 says for GET)
+    or is ``*``: then the cached copy is current and 304 answers."""
+    tags = {tag.strip().removeprefix("W/") for tag in if_none_match.split(",")}
+    return etag in tags or "*" in tags
 
 
 def subscribe_limit_from_env() -> Limit | None:

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from shared.models import Subscription
-from shared.providers.webpush import generate_vapid_keys
+from shared.vapid import generate_vapid_keys
 from shared.subscriptions import NewSubscription, SubscriptionStore
 from tests import subscription_bodies as bodies
 from tests.fakes import fcm as fake_fcm

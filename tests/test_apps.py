@@ -12,7 +12,7 @@ from shared.config import ConfigError
 from shared.models import Subscription
 from shared.providers.apns import ApnsProvider
 from shared.providers.fcm import FcmProvider
-from shared.providers.webpush import generate_vapid_keys
+from shared.vapid import generate_vapid_keys
 from shared.subscriptions import NewSubscription, SubscriptionStore
 from tests import events
 from tests import subscription_bodies as bodies

@@ -33,6 +33,7 @@ with warnings.catch_warnings():  # "use httpx2": schemathesis itself runs ASGI a
 
 from shared.db import get_engine
 from shared.models import Subscription
+from shared.vapid import generate_vapid_keys
 from tests import subscription_bodies as bodies
 from tests.conftest import REPO
 
@@ -89,7 +90,7 @@ def snapshot(engine) -> list[tuple]:
 
 def load_schema():
     config = SchemathesisConfig.from_dict({
-        "checks": {"negative_data_rejection": {"expected-statuses": [400, 401, 404, 405, 413, 415, 429, 431]}}
+        "checks": {"negative_data_rejection": {"expected-statuses": [400, 401, 403, 404, 405, 413, 415, 429, 431]}}
     })
     return schemathesis.openapi.from_path(SCHEMA, config=config)
 
@@ -100,7 +101,8 @@ def test_the_description_is_a_valid_openapi_document_naming_every_operation():
         (op.ok().method.upper(), op.ok().path) for op in schema.get_all_operations()
     )
     assert operations == [
-        ("DELETE", "/unsubscribe"), ("GET", "/subscribe"), ("POST", "/subscribe"), ("POST", "/unsubscribe")
+        ("DELETE", "/unsubscribe"), ("GET", "/subscribe"), ("GET", "/subscribe/vapid-public-key"),
+        ("OPTIONS", "/subscribe"), ("OPTIONS", "/unsubscribe"), ("POST", "/subscribe"), ("POST", "/unsubscribe"),
     ]
 
 
@@ -108,6 +110,8 @@ def test_generated_requests_get_described_answers_and_refusals_write_nothing(
     database_url, auth_env, monkeypatch
 ):
     monkeypatch.setenv("PUSH_SUBSCRIBE_RATE_LIMIT", "1000000/minute")  # the limit has a test of its own
+    monkeypatch.setenv("PUSH_CORS_ALLOWED_ORIGINS", "https://en.wikipedia.org")
+    monkeypatch.setenv("PUSH_VAPID_PUBLIC_KEY", generate_vapid_keys().public_key)
     engine = get_engine(database_url)
     gateway = Gateway({"/function/subscribe": load_function("subscribe"),
                        "/function/unsubscribe": load_function("unsubscribe")})

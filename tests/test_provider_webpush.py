@@ -26,7 +26,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from shared.config import ConfigError
 from shared.providers.base import Device, Outcome, SendResult, WakeUp
-from shared.providers.webpush import WebPushProvider, generate_vapid_keys
+from shared.providers.webpush import WebPushProvider
+from shared.vapid import generate_vapid_keys
 from tests.fakes.webpush import HANG, Answer, FakeWebPushService
 
 KEYS = generate_vapid_keys()

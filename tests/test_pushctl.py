@@ -7,7 +7,7 @@ import json
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from shared.cli import main as pushctl
-from shared.providers.webpush import generate_vapid_keys
+from shared.vapid import generate_vapid_keys
 from shared.subscriptions import NewSubscription, SubscriptionStore
 
 

@@ -24,7 +24,6 @@ identify a browser, so they never appear in a log line or in a result's ``reason
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import json
 import logging
@@ -33,13 +32,11 @@ import re
 import ssl
 import time
 from dataclasses import dataclass
-from typing import NamedTuple, cast
+from typing import cast
 from urllib.parse import quote, urlsplit
 
 import http_ece
 import httptools
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from py_vapid.jwt import sign as sign_jwt
 
@@ -50,6 +47,15 @@ from shared.providers.base import (
     SendResult,
     WakeUp,
     retry_after_seconds,
+)
+from shared.vapid import (
+    PRIVATE_KEY_VAR,
+    PUBLIC_KEY_VAR,
+    b64url_decode,
+    b64url_encode,
+    check_public_key,
+    load_private_key,
+    public_key_b64,
 )
 
 log = logging.getLogger(__name__)
@@ -78,27 +84,9 @@ _URL_SAFE = "/%:@!$&'()*+,;=-._~"
 _TOPIC = re.compile(r"[A-Za-z0-9_-]{1,32}")
 """RFC 8030 section 5.4: a Topic is at most 32 characters of the base64url alphabet."""
 
-_KEY_VAR = "PUSH_VAPID_PRIVATE_KEY"
 _SUBJECT_VAR = "PUSH_VAPID_SUBJECT"
 _CA_VAR = "PUSH_WEBPUSH_CA_FILE"
 _URGENCY_VAR = "PUSH_WEBPUSH_URGENCY"
-
-
-class VapidKeys(NamedTuple):
-    """A VAPID key pair in the forms people copy around."""
-
-    private_key: str
-    """The raw 32-byte private key, base64url: the value for ``PUSH_VAPID_PRIVATE_KEY``."""
-    public_key: str
-    """The uncompressed public point, base64url: what web pages pass to
-    ``pushManager.subscribe()`` as ``applicationServerKey``."""
-
-
-def generate_vapid_keys() -> VapidKeys:
-    """A fresh P-256 VAPID key pair, in the raw base64url forms browsers' tooling uses."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    raw_private = key.private_numbers().private_value.to_bytes(32, "big")
-    return VapidKeys(_b64url_encode(raw_private), _public_key_b64(key))
 
 
 @dataclass(frozen=True)
@@ -131,16 +119,24 @@ class WebPushProvider:
         timeout_seconds: float = 10.0,
         urgency: str = "normal",
         max_connections: int = 16,
+        vapid_public_key: str | None = None,
     ) -> None:
         """Validate everything now, so a bad setting fails the start-up and not the first push.
 
         ``vapid_private_key`` is the raw base64url private key or a PEM (SEC1 or PKCS#8).
+        ``vapid_public_key``, when given, is the key subscribe publishes to web pages
+        (``PUSH_VAPID_PUBLIC_KEY``): it must be this private key's, or no push would be accepted.
         ``ca_file`` is a PEM bundle trusted in addition to the system's CAs.
         ``max_connections`` bounds the requests in flight (over all push services).
         Errors name the environment variable the value comes from in :meth:`from_env`.
         """
-        self._private_key = _load_private_key(vapid_private_key)
-        self._public_key = _public_key_b64(self._private_key)
+        self._private_key = load_private_key(vapid_private_key)
+        self._public_key = public_key_b64(self._private_key)
+        if vapid_public_key is not None and check_public_key(vapid_public_key) != self._public_key:
+            raise ConfigError(
+                f"{PUBLIC_KEY_VAR} is not the public key of {PRIVATE_KEY_VAR}: web pages would "
+                "subscribe with a key these pushes are not signed with"
+            )
         self._subject = _check_subject(vapid_subject)
         if urgency not in URGENCIES:
             choices = ", ".join(URGENCIES)
@@ -164,7 +160,8 @@ class WebPushProvider:
                 f"{_SUBJECT_VAR} is not set: Web Push needs a mailto: or https: contact for VAPID"
             )
         return cls(
-            vapid_private_key=require_secret(_KEY_VAR, "Web Push signs every push with it"),
+            vapid_private_key=require_secret(PRIVATE_KEY_VAR, "Web Push signs every push with it"),
+            vapid_public_key=env(PUBLIC_KEY_VAR),
             vapid_subject=subject,
             ca_file=env(_CA_VAR),
             timeout_seconds=env_float("PUSH_WEBPUSH_TIMEOUT_SECONDS", 10.0, minimum=0.001),
@@ -453,7 +450,7 @@ def _parse_subscription(token: str) -> _Subscription | None:
         hostname = url.hostname if url.hostname.isascii() else url.hostname.encode("idna").decode()
         if not _HOST.fullmatch(hostname):
             return None
-        point, secret = _b64url_decode(p256dh), _b64url_decode(auth)
+        point, secret = b64url_decode(p256dh), b64url_decode(auth)
         # Browsers send the uncompressed point; the RFC 8291 key derivation hashes it as sent.
         if len(point) != 65 or point[0] != 4 or len(secret) != 16:
             return None
@@ -487,37 +484,7 @@ def _topic(message_type: str) -> str:
     """
     if _TOPIC.fullmatch(message_type):
         return message_type
-    return _b64url_encode(hashlib.sha256(message_type.encode()).digest())[:32]
-
-
-def _load_private_key(text: str) -> ec.EllipticCurvePrivateKey:
-    """The VAPID signing key from a raw base64url scalar or a PEM; never echoes the value."""
-    text = text.strip()
-    if text.startswith("-----BEGIN"):
-        try:
-            key = serialization.load_pem_private_key(text.encode(), password=None)
-        except (ValueError, TypeError, UnsupportedAlgorithm):
-            raise ConfigError(
-                f"{_KEY_VAR} is not a readable unencrypted PEM private key"
-            ) from None
-        if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
-            raise ConfigError(f"{_KEY_VAR} must be a P-256 (prime256v1) EC key")
-        return key
-    try:
-        raw = _b64url_decode(text)
-    except ValueError:
-        raise ConfigError(
-            f"{_KEY_VAR} must be a PEM or the base64url raw 32-byte private key"
-        ) from None
-    if len(raw) != 32:
-        raise ConfigError(
-            f"{_KEY_VAR} must be a PEM or the base64url raw 32-byte private key, "
-            f"not {len(raw)} bytes"
-        )
-    try:
-        return ec.derive_private_key(int.from_bytes(raw, "big"), ec.SECP256R1())
-    except ValueError:
-        raise ConfigError(f"{_KEY_VAR} is not a valid P-256 private key") from None
+    return b64url_encode(hashlib.sha256(message_type.encode()).digest())[:32]
 
 
 def _check_subject(subject: str) -> str:
@@ -551,24 +518,3 @@ def _ssl_context(ca_pem: str | None) -> ssl.SSLContext:
     if ca_pem is not None:
         context.load_verify_locations(cadata=ca_pem)
     return context
-
-
-def _public_key_b64(key: ec.EllipticCurvePrivateKey) -> str:
-    """The uncompressed public point, base64url: VAPID's ``k=`` and ``applicationServerKey``."""
-    point = key.public_key().public_bytes(
-        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
-    )
-    return _b64url_encode(point)
-
-
-def _b64url_encode(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def _b64url_decode(text: str) -> bytes:
-    """Base64url with or without padding (standard base64, which some stores keep, too).
-
-    Raises ``ValueError`` (``binascii.Error``) on anything else, rather than silently skipping
-    stray characters as the non-validating decoder would.
-    """
-    return base64.b64decode(text + "=" * (-len(text) % 4), altchars=b"-_", validate=True)
