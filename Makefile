@@ -18,12 +18,15 @@ run: $(STAMP)
 test: $(STAMP) tools
 	$(PY) -m pytest
 
-## promtool (Debian's prometheus package) for the alert-rule tests.
+## Debian packages the tests use: promtool (prometheus) for the alert-rule tests, chromium and
+## chromium-driver for the web client's browser tests. Installed when run as root.
+TOOL_PACKAGES := $(if $(shell command -v promtool),,prometheus) \
+	$(if $(and $(shell command -v chromium),$(shell command -v chromedriver)),,chromium chromium-driver)
 tools:
-	@command -v promtool >/dev/null 2>&1 || { \
+	@packages="$(strip $(TOOL_PACKAGES))"; [ -z "$$packages" ] || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
-	  else echo "promtool not found: install Debian's prometheus package for the alert-rule tests"; fi; }
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$packages >/dev/null; \
+	  else echo "not found: install Debian's $$packages for the tests that need them (alert rules, web client)"; fi; }
 
 ## Benchmarks (not run by CI): figures as JSON lines, see bench/README.md.
 bench: $(STAMP)

@@ -15,9 +15,13 @@ It starts, each in its own process and all on 127.0.0.1:
 
 Every process's output is shown prefixed with its name. Ctrl-C (or SIGTERM) stops everything.
 
+- the reference web client (examples/web/, docs/web-client.md), served as files on its own origin,
+  which subscribe and unsubscribe allow (PUSH_CORS_ALLOWED_ORIGINS).
+
 Ports: the router on PUSH_LOCAL_BASE_PORT (default 8080), the functions on the next six (8081 to
-8086, see PORTS), the receivers on +10 to +12 (8090 Web Push, 8091 FCM, 8092 APNs), metrics on
-+1001 to +1006 (9081 to 9086). PUSH_LOCAL_DIR moves .local/ elsewhere.
+8086, see PORTS), the receivers on +10 to +12 (8090 Web Push, 8091 FCM, 8092 APNs), the web
+client on +13 (8093), metrics on +1001 to +1006 (9081 to 9086). PUSH_LOCAL_DIR moves .local/
+elsewhere.
 """
 from __future__ import annotations
 
@@ -48,6 +52,7 @@ FUNCTIONS = (
 #: Function name -> port, with the default base: fixed, so the README's curl lines work.
 PORTS = {name: 8081 + index for index, name in enumerate(FUNCTIONS)}
 RECEIVER_OFFSETS = {"webpush": 10, "fcm": 11, "apns": 12}
+WEB_CLIENT_OFFSET = 13
 METRICS_OFFSET = 1001
 START_TIMEOUT = 60.0
 
@@ -178,7 +183,7 @@ def local_vapid_keys(local: Path, settings: dict[str, str]) -> str:
     """The local VAPID key pair (made once, kept in .local/); returns the public key."""
     private_path, public_path = local / "vapid-private-key", local / "vapid-public-key"
     if not (private_path.exists() and public_path.exists()):
-        from shared.providers.webpush import generate_vapid_keys
+        from shared.vapid import generate_vapid_keys
 
         keys = generate_vapid_keys()
         private_path.write_text(keys.private_key + "\n")
@@ -220,6 +225,8 @@ def main() -> int:
     environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), environment.get("PYTHONPATH")]))
     environment.setdefault("PUSH_DATABASE_URL", f"sqlite:///{local / 'push.sqlite3'}")
     environment.setdefault("PUSH_AUTH_PUBLIC_KEY", str(local / "auth-public.pem"))
+    web_port = base + WEB_CLIENT_OFFSET
+    environment.setdefault("PUSH_CORS_ALLOWED_ORIGINS", f"http://127.0.0.1:{web_port},http://localhost:{web_port}")
     subprocess.run([BIN / "pushctl", "dev-keys", local], check=True, env=environment, cwd=REPO)
     subprocess.run([BIN / "pushctl", "migrate"], check=True, env=environment, cwd=REPO)
 
@@ -240,13 +247,19 @@ def main() -> int:
             "--manifests", REPO / "knative",
             *[arg for name in FUNCTIONS for arg in ("--service", f"{name}=http://127.0.0.1:{ports[name]}/")],
         ], environment)
+        stack.start("web-client", [
+            PYTHON, "-m", "http.server", web_port, "--bind", "127.0.0.1", "--directory", REPO / "examples" / "web",
+        ], environment)
         wait_until_ready(stack, {
             **{name: f"http://127.0.0.1:{port}/readyz" for name, port in ports.items()},
             "router": f"http://127.0.0.1:{base}/healthz",
+            "web-client": f"http://127.0.0.1:{web_port}/",
         })
         lines = [f"  {'router (the broker)':<24} http://127.0.0.1:{base}/"]
         lines += [f"  {name:<24} http://127.0.0.1:{port}/" for name, port in ports.items()]
         lines += [f"  {name:<24} {url}" for name, url in receivers.items()]
+        lines.append(f"  {'web client':<24} http://127.0.0.1:{web_port}/?subscribe=http://127.0.0.1:{ports['subscribe']}"
+                     f"&unsubscribe=http://127.0.0.1:{ports['unsubscribe']}&standin=https://localhost:{base + RECEIVER_OFFSETS['webpush']}")
         stack.say(
             "\npush-functions is running locally:\n" + "\n".join(lines)
             + f"\n\nA token for user 1:  {BIN / 'pushctl'} dev-token --user 1 --key {local / 'auth-private.pem'}"

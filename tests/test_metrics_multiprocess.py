@@ -4,11 +4,6 @@ scrape sees must be the workers' (and, with several workers and PROMETHEUS_MULTI
 prometheus-client's multi-process mode, their sum)."""
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -16,15 +11,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from shared.cli import main as pushctl
-from tests.conftest import REPO
+from tests.deployed import deployed, free_port
 
 CLEANUP_POSTS = 'push_requests_total{function="cleanup-invalid-tokens",method="POST",status_class="2xx"}'
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextmanager
@@ -34,29 +23,11 @@ def deployed_cleanup(tmp_path: Path, monkeypatch, **environment: str) -> Iterato
     url = f"sqlite:///{tmp_path / 'push.sqlite3'}"
     monkeypatch.setenv("PUSH_DATABASE_URL", url)
     assert pushctl(["migrate"]) == 0
-    port, metrics_port = free_port(), free_port()
-    environment = {
-        **os.environ, "PUSH_DATABASE_URL": url, "PUSH_METRICS_PORT": str(metrics_port),
-        "PUSH_METRICS_ADDR": "127.0.0.1", **environment,
-    }
-    process = subprocess.Popen(
-        [str(Path(sys.executable).parent / "functions-framework"), "--asgi", "--target", "cleanup_invalid_tokens",
-         "--source", str(REPO / "functions/cleanup-invalid-tokens/main.py"), "--host", "127.0.0.1", "--port", str(port)],
-        env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/_/health", timeout=1)
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "the function did not start"
-                time.sleep(0.1)
+    metrics_port = free_port()
+    with deployed(
+        "cleanup-invalid-tokens", PUSH_METRICS_PORT=str(metrics_port), PUSH_METRICS_ADDR="127.0.0.1", **environment
+    ) as port:
         yield port, metrics_port
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=10)
 
 
 def post_pings(port: int, count: int) -> None:
