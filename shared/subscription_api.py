@@ -16,10 +16,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from shared import metrics
-from shared.apps import load_apps
+from shared.apps import APP_NAME, load_apps
 from shared.auth import Authenticator
 from shared.batching import Batcher
-from shared.apps import APP_NAME
 from shared.config import env, env_int, env_list
 from shared.cors import CorsPolicy, allowed_origins_from_env
 from shared.db import SchemaGate, get_engine, run_transaction
