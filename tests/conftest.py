@@ -121,22 +121,28 @@ def _migrate(url: str) -> None:
             os.environ["PUSH_DATABASE_URL"] = previous
 
 
-def _empty_tables(url: str) -> None:
+def empty_tables(url: str) -> None:
     with get_engine(url).begin() as connection:
         for table in reversed(Base.metadata.sorted_tables):
             connection.execute(table.delete())
 
 
+def fresh_database(kind: str, folder: Path) -> str:
+    """The URL of a migrated, empty database: a new SQLite file in ``folder``, or this run's
+    MariaDB database emptied (``kind`` is ``sqlite`` or ``mariadb``)."""
+    if kind == "sqlite":
+        url = f"sqlite:///{folder / 'push.sqlite3'}"
+        _migrate(url)
+        return url
+    _prepare_mariadb()
+    empty_tables(MARIADB_URL)
+    return MARIADB_URL
+
+
 @pytest.fixture(params=["sqlite", "mariadb"])
 def database_url(request, tmp_path, monkeypatch) -> Iterator[str]:
     """A migrated, empty database on each engine, set as PUSH_DATABASE_URL."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'push.sqlite3'}"
-        _migrate(url)
-    else:
-        _prepare_mariadb()
-        url = MARIADB_URL
-        _empty_tables(url)
+    url = fresh_database(request.param, tmp_path)
     monkeypatch.setenv("PUSH_DATABASE_URL", url)
     yield url
     if request.param == "sqlite":
