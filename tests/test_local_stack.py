@@ -170,3 +170,23 @@ def test_a_newcomer_sees_a_web_push_wake_up_arrive(local_stack):
     local_stack.wait_for(
         lambda text: "-> dispatch-webpush: HTTP 202" in text, 10, "the router's delivery report"
     )
+
+
+def test_a_newcomer_gets_a_web_client_page_its_functions_allow(local_stack):
+    """The banner's web client address: the page is served, on an origin subscribe and
+    unsubscribe allow (their preflight says so), and subscribe gives it the local VAPID key."""
+    line = local_stack.wait_for(lambda text: text.strip().startswith("web client "), START_TIMEOUT, "the web client's address")
+    page = httpx.URL(line.split()[-1])
+    origin = f"{page.scheme}://{page.host}:{page.port}"
+    local_stack.wait_for(lambda text: text.strip() == "Ready.", START_TIMEOUT, "the stack's Ready.")
+    assert "PushManager" in httpx.get(str(page.copy_with(path="/app.js", query=None)), timeout=10).text
+    for function in ("subscribe", "unsubscribe"):
+        preflight = httpx.options(
+            page.params[function], timeout=10,
+            headers={"Origin": origin, "Access-Control-Request-Method": "POST",
+                     "Access-Control-Request-Headers": "authorization,content-type"},
+        )
+        assert preflight.status_code == 204
+        assert preflight.headers["access-control-allow-origin"] == origin
+    key = httpx.get(page.params["subscribe"] + "/vapid-public-key", headers={"Origin": origin}, timeout=10)
+    assert key.json()["public_key"] == (local_stack.local / "vapid-public-key").read_text().strip()

@@ -198,6 +198,10 @@ for (const [id, action] of Object.entries(ACTIONS)) {
     }
   });
 }
+// The service worker says what it showed on a push (see sw.js).
 navigator.serviceWorker?.addEventListener('message', (event) => {
-  if (event.data?.shown) report('push', 'ok', `Shown: ${event.data.shown}`);
+  const shown = event.data?.shown;
+  if (!shown) return;
+  document.getElementById('last-notification').textContent = JSON.stringify(shown, null, 2);
+  report('push', 'ok', `Shown: ${shown.map((n) => n.title).join(', ')}`);
 });

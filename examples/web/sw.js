@@ -63,10 +63,13 @@ async function showWikiNotifications() {
   return show(title, { body, data: { url: link || null, id: newest.id }, icon: model.iconUrl });
 }
 
+// Shows the notification, then tells the open pages what the browser now holds for it.
 async function show(title, options) {
   await self.registration.showNotification(title, { tag: TAG, renotify: true, ...options });
-  for (const client of await self.clients.matchAll({ type: 'window' })) {
-    client.postMessage({ shown: title });
+  const held = (await self.registration.getNotifications({ tag: TAG }))
+    .map((n) => ({ title: n.title, body: n.body, tag: n.tag, data: n.data }));
+  for (const client of await self.clients.matchAll({ type: 'window', includeUncontrolled: true })) {
+    client.postMessage({ shown: held });
   }
 }
 
