@@ -82,6 +82,12 @@ def chromium_paths() -> tuple[str, str]:
     pytest.skip(message)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def chromium() -> tuple[str, str]:
+    """Chromium's and its driver's paths; checked first, so a run without them starts nothing."""
+    return chromium_paths()
+
+
 @pytest.fixture(scope="module")
 def page_origin() -> Iterator[str]:
     """examples/web/ served as files, as `make run` serves it: the page's own origin."""
@@ -153,10 +159,10 @@ def functions(served, database_url) -> Functions:
 
 
 @pytest.fixture
-def browser(tmp_path) -> Iterator[webdriver.Chrome]:
-    chromium, driver_path = chromium_paths()
+def browser(chromium, tmp_path) -> Iterator[webdriver.Chrome]:
+    binary, driver_path = chromium
     options = webdriver.ChromeOptions()
-    options.binary_location = chromium
+    options.binary_location = binary
     for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}"):
         options.add_argument(flag)
     driver = webdriver.Chrome(options=options, service=Service(driver_path))
