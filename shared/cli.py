@@ -7,6 +7,8 @@
 - ``pushctl send-test --user ID [--dry-run]`` sends a wake-up to one user's devices with every
   configured provider, each device with its app's credentials (``PUSH_APPS``), and prints each
   outcome: for checking credentials.
+- ``pushctl import-echo --from URL [--dry-run] [--apns-environment production|sandbox]
+  [--batch N]`` copies the push subscriptions Echo holds into ours (:mod:`shared.echo_import`).
 - ``pushctl dev-keys DIR`` and ``pushctl dev-token --user ID``: a local signing key standing in for
   the wiki's OAuth server, so a developer can call subscribe on a laptop.
 """
@@ -97,6 +99,27 @@ def send_test(args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
+def import_echo(args: argparse.Namespace) -> int:
+    from shared import echo_import
+    from shared.progress import progress
+
+    try:
+        job = echo_import.from_settings(args.source, args.apns_environment, args.batch, args.dry_run)
+        shown = progress(job.count(), sys.stdout)
+        try:
+            summary = job.run(lambda eps_id, reason: shown.note(f"skipped eps_id {eps_id}: {reason}"), shown.advance)
+        finally:
+            shown.close()
+    except echo_import.EchoImportError as exc:
+        print(f"pushctl import-echo: {exc}", file=sys.stderr)
+        return 2
+    if summary.stale:
+        print(f"note: {summary.stale} of the rows imported or updated were last refreshed longer ago than "
+              "PUSH_SUBSCRIPTION_MAX_AGE_DAYS: the next clean-up expires them")
+    print(("dry run, nothing written: " if args.dry_run else "") + summary.line())
+    return 0
+
+
 def dev_keys(args: argparse.Namespace) -> int:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -153,6 +176,13 @@ def main(argv: list[str] | None = None) -> int:
     test.add_argument("--provider", choices=sorted(PROVIDER_MODULES), help="only this provider")
     test.add_argument("--message-type", default="checkEchoV1", help="the wake-up's type")
     test.set_defaults(run=send_test)
+
+    echo = commands.add_parser("import-echo", help="copy Echo's push subscriptions into PUSH_DATABASE_URL")
+    echo.add_argument("--from", dest="source", required=True, metavar="URL", help="Echo's database (mysql+pymysql://...)")
+    echo.add_argument("--dry-run", action="store_true", help="report what it would do; write nothing")
+    echo.add_argument("--apns-environment", choices=("production", "sandbox"), default="production")
+    echo.add_argument("--batch", type=int, default=1000, metavar="N", help="Echo rows per transaction")
+    echo.set_defaults(run=import_echo)
 
     keys = commands.add_parser("dev-keys", help="make a local key pair for signing dev tokens")
     keys.add_argument("dir", help="folder for auth-private.pem and auth-public.pem")

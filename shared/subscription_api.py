@@ -19,7 +19,7 @@ from shared import metrics
 from shared.apps import APP_NAME, load_apps
 from shared.auth import Authenticator
 from shared.batching import Batcher
-from shared.config import env, env_int, env_list
+from shared.config import env, env_int
 from shared.cors import CorsPolicy, allowed_origins_from_env
 from shared.db import SchemaGate, get_engine, run_transaction
 from shared.http import ApiError, read_json, require_method, serve
@@ -76,11 +76,7 @@ class SubscriptionApi:
         return cls(
             store,
             Authenticator.from_env(),
-            SubscribePolicy(
-                allowed_apns_topics=env_list("PUSH_APNS_ALLOWED_TOPICS"),
-                apps=apps,
-                allowed_webpush_hosts=env_list("PUSH_WEBPUSH_ALLOWED_HOSTS"),
-            ),
+            SubscribePolicy.from_env(apps),
             subscribe_limit=subscribe_limit_from_env(),
             vapid_keys=published_keys(apps),
             cors_origins=allowed_origins_from_env(),

@@ -16,7 +16,8 @@ from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from shared.apps import Apps
+from shared.apps import Apps, load_apps
+from shared.config import env_list
 from shared.http import ApiError
 from shared.subscriptions import PROVIDERS, NewSubscription
 
@@ -24,6 +25,7 @@ MAX_TOKEN_LENGTH = 4096
 MAX_ENDPOINT_LENGTH = 2048
 # Apple's device tokens are 32 bytes today and documented as variable length; 100 bytes is the
 # largest Apple has said to expect.
+MAX_APNS_TOKEN_LENGTH = 200
 APNS_TOKEN = re.compile(r"^[0-9a-fA-F]{64,200}$")
 # Bundle ids: alphanumerics, hyphens and dots, with Apple's suffixes (".voip", ".complication").
 APNS_TOPIC = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,254}$")
@@ -46,6 +48,24 @@ def is_text(value: str) -> bool:
     return True
 
 
+def valid_fcm_token(token: str) -> bool:
+    """Whether ``token`` is what subscribe accepts as an FCM registration token."""
+    return len(token) <= MAX_TOKEN_LENGTH and FCM_TOKEN.fullmatch(token) is not None
+
+
+def apns_device_token(token: str) -> str | None:
+    """The APNs device token as stored (lower-case hex, so one device has one hash), or
+    ``None`` when ``token`` is not a device token in hex."""
+    if len(token) > MAX_APNS_TOKEN_LENGTH or len(token) % 2 or not APNS_TOKEN.fullmatch(token):
+        return None
+    return token.lower()
+
+
+def valid_apns_topic(topic: str) -> bool:
+    """Whether ``topic`` has the form of an app bundle id."""
+    return APNS_TOPIC.fullmatch(topic) is not None
+
+
 @dataclass(frozen=True)
 class SubscribePolicy:
     """What subscribe accepts beyond the formats: the APNs topics (bundle ids) of our apps, and
@@ -54,6 +74,22 @@ class SubscribePolicy:
     allowed_apns_topics: tuple[str, ...] = ()
     apps: Apps = Apps({})
     allowed_webpush_hosts: tuple[str, ...] = ()
+
+    @classmethod
+    def from_env(cls, apps: Apps | None = None) -> SubscribePolicy:
+        """The policy the settings give (``PUSH_APNS_ALLOWED_TOPICS``, ``PUSH_APPS`` unless
+        ``apps`` is given, ``PUSH_WEBPUSH_ALLOWED_HOSTS``): subscribe's, and the Echo import's."""
+        return cls(
+            allowed_apns_topics=env_list("PUSH_APNS_ALLOWED_TOPICS"),
+            apps=load_apps() if apps is None else apps,
+            allowed_webpush_hosts=env_list("PUSH_WEBPUSH_ALLOWED_HOSTS"),
+        )
+
+
+def apns_topic_allowed(topic: str, policy: SubscribePolicy) -> bool:
+    """Whether this service takes subscriptions for ``topic`` (``PUSH_APNS_ALLOWED_TOPICS``;
+    unset: any)."""
+    return not policy.allowed_apns_topics or topic in policy.allowed_apns_topics
 
 
 def parse_subscribe(body: Any, policy: SubscribePolicy) -> NewSubscription:
@@ -85,16 +121,16 @@ def _parse_subscribe(body: Any, policy: SubscribePolicy) -> NewSubscription:
     if provider == "fcm":
         _only(obj, {"provider", "token", "app"})
         token = _string(obj, "token", MAX_TOKEN_LENGTH)
-        if not FCM_TOKEN.fullmatch(token):
+        if not valid_fcm_token(token):
             raise ApiError(400, "invalid_field", "token must be visible ASCII without blanks", "token")
         return NewSubscription("fcm", token, token)
     if provider == "apns":
         _only(obj, {"provider", "token", "topic", "environment", "app"})
         token = _apns_token(obj)
         topic = _string(obj, "topic", 255)
-        if not APNS_TOPIC.fullmatch(topic):
+        if not valid_apns_topic(topic):
             raise ApiError(400, "invalid_field", "topic must be an app bundle id", "topic")
-        if policy.allowed_apns_topics and topic not in policy.allowed_apns_topics:
+        if not apns_topic_allowed(topic, policy):
             raise ApiError(400, "invalid_field", "topic is not one of this service's apps", "topic")
         environment = obj.get("environment", "production")
         if environment not in ENVIRONMENTS:
@@ -193,10 +229,10 @@ def _string(obj: dict[str, Any], field: str, max_length: int) -> str:
 
 
 def _apns_token(obj: dict[str, Any]) -> str:
-    token = _string(obj, "token", 200)
-    if not APNS_TOKEN.fullmatch(token) or len(token) % 2:
+    token = apns_device_token(_string(obj, "token", MAX_APNS_TOKEN_LENGTH))
+    if token is None:
         raise ApiError(400, "invalid_field", "token must be the device token in hex", "token")
-    return token.lower()
+    return token
 
 
 def _webpush_subscription(subscription: dict[str, Any]) -> tuple[str, str, str]:

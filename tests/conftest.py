@@ -239,3 +239,21 @@ def webpush_rig(webpush_server, tmp_path, monkeypatch):
     rig = WebPushRig(webpush_server, tmp_path)
     rig.configure(monkeypatch)
     return rig
+
+
+@pytest.fixture(scope="session")
+def mariadb_scratch_url() -> Iterator[str]:
+    """A second, empty database of this run on the MariaDB server, for tables that are not ours
+    (Echo's, which ``pushctl import-echo`` reads); dropped when the run ends. Its name starts with
+    the run's, so a killed run's is dropped a day later like the run's own."""
+    _prepare_mariadb()
+    name = f"{MARIADB_DATABASE}_scratch"
+    engine = _server_engine()
+    try:
+        with engine.begin() as connection:
+            connection.execute(text(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4"))
+        yield make_url(MARIADB_SERVER_URL).set(database=name).render_as_string(hide_password=False)
+        with engine.begin() as connection:
+            connection.execute(text(f"DROP DATABASE IF EXISTS `{name}`"))
+    finally:
+        engine.dispose()
