@@ -44,8 +44,8 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import partial
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Any
 
 from sqlalchemy import Connection, Engine, bindparam, create_engine, delete, insert, select, text, update
@@ -53,7 +53,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from shared.config import env_int
-from shared.db import check_schema, get_engine, run_transaction
+from shared.db import DatabaseUnavailable, SchemaBehind, check_schema, get_engine, run_transaction
 from shared.models import Subscription
 from shared.subscriptions import token_sha256, utcnow
 from shared.validation import (
@@ -84,28 +84,15 @@ REASONS = {
 
 # Echo's three tables, joined: the provider and topic by name. LEFT JOINs, so a row naming a
 # provider or topic that does not exist is read (and skipped with its reason), not lost.
-_BATCH = text(
-    """
+_JOINED = """
     SELECT s.eps_id, s.eps_user, s.eps_token, s.eps_token_sha256, p.epp_name, s.eps_updated,
            t.ept_text
     FROM echo_push_subscription s
     LEFT JOIN echo_push_provider p ON p.epp_id = s.eps_provider
     LEFT JOIN echo_push_topic t ON t.ept_id = s.eps_topic
-    WHERE s.eps_id > :after
-    ORDER BY s.eps_id
-    LIMIT :size
-    """
-)
-_BY_IDS = text(
-    """
-    SELECT s.eps_id, s.eps_user, s.eps_token, s.eps_token_sha256, p.epp_name, s.eps_updated,
-           t.ept_text
-    FROM echo_push_subscription s
-    LEFT JOIN echo_push_provider p ON p.epp_id = s.eps_provider
-    LEFT JOIN echo_push_topic t ON t.ept_id = s.eps_topic
-    WHERE s.eps_id IN :ids
-    """
-).bindparams(bindparam("ids", expanding=True))
+"""
+_BATCH = text(_JOINED + "WHERE s.eps_id > :after ORDER BY s.eps_id LIMIT :size")
+_BY_IDS = text(_JOINED + "WHERE s.eps_id IN :ids").bindparams(bindparam("ids", expanding=True))
 # The device each row names for us, computed by the server: an APNs token in lower case, any
 # other as it is. Exact for every token we accept (hex and visible ASCII); a group that also
 # holds rows we refuse is sorted out once those rows are read and checked.
@@ -345,6 +332,11 @@ class EchoImport:
                 # A subscribe inserted one of these devices after we looked: look again.
                 if attempt == 2:
                     raise
+            except DatabaseUnavailable as exc:
+                raise EchoImportError(
+                    f"cannot write to PUSH_DATABASE_URL ({exc}); batches before eps_id "
+                    f"{rows[0].eps_id} are written: run the import again to resume"
+                ) from None
         done.read = len(rows)
         done.skipped = Counter(reason for _, reason in skipped)
         return done, skipped
@@ -402,7 +394,10 @@ def from_settings(source_url: str, environment: str, batch: int, dry_run: bool) 
     with subscribe's rules (``PUSH_APNS_ALLOWED_TOPICS``, ``PUSH_APPS``) and clean-up's maximum
     age (``PUSH_SUBSCRIPTION_MAX_AGE_DAYS``, to count rows it will expire)."""
     target = get_engine()
-    check_schema(target)
+    try:
+        check_schema(target)
+    except (SchemaBehind, DatabaseUnavailable) as exc:
+        raise EchoImportError(f"PUSH_DATABASE_URL: {exc}") from None
     max_age = timedelta(days=env_int("PUSH_SUBSCRIPTION_MAX_AGE_DAYS", 270, minimum=1))
     return EchoImport(
         source_engine(source_url), target, SubscribePolicy.from_env(), environment, batch, dry_run, max_age

@@ -408,6 +408,12 @@ def test_the_command_says_when_echos_database_is_unreachable(engine, capsys):
     assert err.startswith("pushctl import-echo: cannot read Echo's tables: 2003") and len(err.splitlines()) == 1
 
 
+def test_the_command_refuses_a_target_that_is_not_migrated(echo_url, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PUSH_DATABASE_URL", f"sqlite:///{tmp_path / 'new.sqlite3'}")
+    assert pushctl(["import-echo", "--from", echo_url]) == 2
+    assert capsys.readouterr().err.startswith("pushctl import-echo: PUSH_DATABASE_URL: database schema is at revision none")
+
+
 def test_a_batch_size_out_of_range_is_refused(engine, echo_url, capsys):
     assert pushctl(["import-echo", "--from", echo_url, "--batch", "0"]) == 2
     assert "batch size" in capsys.readouterr().err
