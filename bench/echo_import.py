@@ -80,9 +80,10 @@ def fresh_target() -> str:
     return url
 
 
-def pushctl(target: str, arguments: list[str]) -> tuple[float, float, str]:
-    """Run pushctl in a process of its own: wall seconds, its peak RSS in MB (the kernel's
-    ru_maxrss of that process alone, from wait4), and the last line it printed."""
+def pushctl(target: str, arguments: list[str]) -> tuple[float, float, float, str]:
+    """Run pushctl in a process of its own: wall seconds, its CPU seconds (user + system), its
+    peak RSS in MB (the kernel's ru_maxrss of that process alone, from wait4), and the last line
+    it printed."""
     env = {**os.environ, "PUSH_DATABASE_URL": target}
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         started = time.monotonic()
@@ -95,7 +96,7 @@ def pushctl(target: str, arguments: list[str]) -> tuple[float, float, str]:
         if process.returncode != 0:
             raise SystemExit(f"pushctl {arguments[0]} failed:\n{err.read()}")
         last = (out.read().strip().splitlines() or [""])[-1]
-    return seconds, usage.ru_maxrss / 1024, last
+    return seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, last
 
 
 def main() -> int:
@@ -105,24 +106,21 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=1000)
     args = parser.parse_args()
     source = prepare_source(args.rows)
-    first_rates, first_rss, again_rates, again_rss = [], [], [], []
+    figures: dict[str, list[float]] = {}
     for run in range(1, args.runs + 1):
         target = fresh_target()
         command = ["import-echo", "--from", source, "--batch", str(args.batch)]
-        seconds, rss, summary = pushctl(target, command)
-        log(f"run {run}: {seconds:.1f} s, peak RSS {rss:.0f} MB: {summary}")
-        first_rates.append(args.rows / seconds)
-        first_rss.append(rss)
-        seconds, rss, summary = pushctl(target, command)
-        log(f"run {run} again: {seconds:.1f} s, peak RSS {rss:.0f} MB: {summary}")
-        again_rates.append(args.rows / seconds)
-        again_rss.append(rss)
-    parameters = {"rows": args.rows, "batch": args.batch, "target": "MariaDB, empty"}
-    emit("echo_import_rows_per_second", first_rates, "rows/s", **parameters)
-    emit("echo_import_peak_rss", first_rss, "MB", **parameters)
-    parameters["target"] = "MariaDB, holding every row already"
-    emit("echo_import_again_rows_per_second", again_rates, "rows/s", **parameters)
-    emit("echo_import_again_peak_rss", again_rss, "MB", **parameters)
+        for name in ("echo_import", "echo_import_again"):
+            seconds, cpu, rss, summary = pushctl(target, command)
+            log(f"run {run} {name}: {seconds:.1f} s, {cpu:.1f} s CPU, peak RSS {rss:.0f} MB: {summary}")
+            figures.setdefault(f"{name}_rows_per_second", []).append(args.rows / seconds)
+            figures.setdefault(f"{name}_cpu_ms_per_1000_rows", []).append(1000 * cpu / args.rows * 1000)
+            figures.setdefault(f"{name}_peak_rss", []).append(rss)
+    units = {"rows_per_second": "rows/s", "cpu_ms_per_1000_rows": "ms", "peak_rss": "MB"}
+    for name, values in figures.items():
+        unit = next(unit for suffix, unit in units.items() if name.endswith(suffix))
+        target = "MariaDB, holding every row already" if "again" in name else "MariaDB, empty"
+        emit(name, values, unit, rows=args.rows, batch=args.batch, target=target)
     return 0
 
 
