@@ -68,7 +68,7 @@ ENVIRONMENTS = ("production", "sandbox")
 DEFAULT_BATCH = 1000
 MAX_BATCH = 20000
 
-#: Why a row was not imported, in the order the checks run.
+#: Why a row was not imported, in the order the checks run (docs/operations.md explains each).
 REASONS = {
     "unknown_provider": "eps_provider names no provider, or one other than fcm and apns",
     "hash_mismatch": "eps_token_sha256 is not the SHA-256 of eps_token (not written by Echo)",
@@ -243,7 +243,10 @@ class EchoImport:
         """The eps_ids of Echo rows that another row of Echo's outranks for the same device."""
         with _reading(self.source) as connection:
             connection.exec_driver_sql("SET SESSION group_concat_max_len = 1048576")
-            groups = [[int(i) for i in ids.split(",")] for (ids,) in connection.execute(_DUPLICATE_GROUPS)]
+            groups = [
+                [int(i) for i in (ids.decode() if isinstance(ids, bytes) else ids).split(",")]
+                for (ids,) in connection.execute(_DUPLICATE_GROUPS)
+            ]
             if not groups:
                 return frozenset()
             ids = [eps_id for group in groups for eps_id in group]

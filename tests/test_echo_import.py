@@ -6,16 +6,18 @@ import fcntl
 import json
 import os
 import pty
+import re
 import struct
 import termios
 from datetime import datetime, timedelta
+from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, event, select, text
 
 from shared.cli import main as pushctl
 from shared.db import get_engine
-from shared.echo_import import EchoImport, EchoImportError, Summary, source_engine
+from shared.echo_import import REASONS, EchoImport, Summary, source_engine
 from shared.models import Subscription
 from shared.progress import _Lines, progress
 from shared.subscriptions import NewSubscription, SubscriptionStore, token_sha256
@@ -187,6 +189,12 @@ def test_each_row_it_cannot_import_is_named_with_its_reason(echo, run, engine, m
     assert sum(summary.skipped.values()) == len(expected)
     assert [row["user_id"] for row in table(engine)] == ["1"]
     assert good not in dict(run.skipped)
+
+
+def test_the_operators_docs_explain_every_reason():
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "operations.md").read_text()
+    explained = set(re.findall(r"^\| `([a-z0-9_]+)` \|", docs, re.M))
+    assert set(REASONS) <= explained
 
 
 @pytest.mark.parametrize("batch", [1, 1000])
