@@ -30,6 +30,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from tests.deployed import deployed_command  # noqa: E402  (the one reading of the Dockerfile's CMD)
 BIN = Path(sys.executable).parent
 PYTHON = sys.executable
 
@@ -229,6 +230,7 @@ def make_environment(work: Path, fakes: Fakes) -> dict[str, str]:
         "PUSH_VAPID_PRIVATE_KEY": str(work / "vapid-private-key"),
         "PUSH_VAPID_SUBJECT": "mailto:bench@example.org",
         "PUSH_WEBPUSH_CA_FILE": fakes.webpush["ca_file"],
+        "PUSH_WEBPUSH_ALLOW_LOCAL_ENDPOINTS": fakes.webpush["origin"].removeprefix("https://"),
         "PUSH_LOG_LEVEL": "info",
     })
     return env
@@ -345,15 +347,6 @@ def fill_to(total: int) -> float:
 
 
 # -- functions ---------------------------------------------------------------------------------------
-
-def deployed_command() -> str:
-    """The Dockerfile's CMD (shell form): how every function's image starts its function."""
-    commands = [line[len("CMD "):] for line in (REPO / "Dockerfile").read_text().splitlines()
-                if line.startswith("CMD ")]
-    if len(commands) != 1:
-        raise RuntimeError("expected one single-line CMD in the Dockerfile")
-    return commands[0]
-
 
 class Function:
     """One function as deployed: the Dockerfile's command (gunicorn with one uvicorn worker

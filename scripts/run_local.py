@@ -5,7 +5,8 @@ It starts, each in its own process and all on 127.0.0.1:
 - local receivers standing in for the push providers (the wire-protocol fakes of tests/fakes/):
   a Web Push service that decrypts and prints every wake-up it receives, an FCM and an APNs
   server. The dispatchers are configured for them: VAPID keys, a service-account JSON and an
-  APNs signing key are made in .local/. A provider whose settings you have set yourself
+  APNs signing key are made in .local/. Web Push endpoints follow the production rules, with the
+  local receiver alone allowed (PUSH_WEBPUSH_ALLOW_LOCAL_ENDPOINTS). A provider whose settings you have set yourself
   (PUSH_VAPID_PRIVATE_KEY, PUSH_FCM_CREDENTIALS, PUSH_APNS_KEY, or their _FILE forms) is left
   to them;
 - the six functions, each in its own functions-framework process (ASGI), as deployed, on SQLite
@@ -154,6 +155,9 @@ def start_receivers(stack: Stack, environment: dict[str, str], local: Path, base
 
     webpush = stack.banner("webpush-receiver")
     settings["PUSH_WEBPUSH_CA_FILE"] = str(webpush_ca)
+    # The production rules for Web Push endpoints (push services only, docs: Hardening), with
+    # exactly this receiver let through: subscribe refuses every other local endpoint.
+    settings["PUSH_WEBPUSH_ALLOW_LOCAL_ENDPOINTS"] = webpush["origin"].removeprefix("https://")
     where["webpush-receiver"] = f"{webpush['origin']}  (new device: POST /subscriptions; CA {webpush_ca})"
     if "fcm-receiver" in stack.banners:
         fcm = stack.banner("fcm-receiver")

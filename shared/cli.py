@@ -57,6 +57,7 @@ def send_test(args: argparse.Namespace) -> int:
     from shared.apns_tokens import ApnsTokenStore
     from shared.apps import providers_from_env
     from shared.db import check_schema
+    from shared.endpoints import EndpointRules
     from shared.providers.base import WakeUp
     from shared.subscriptions import SubscriptionStore
 
@@ -76,8 +77,13 @@ def send_test(args: argparse.Namespace) -> int:
             found += len(subscriptions)
             try:
                 module = importlib.import_module(f"shared.providers.{name}")
-                # The dispatchers' routing: each device through its app's credentials.
-                shared = {"token_store": ApnsTokenStore.from_env(engine)} if name == "apns" else {}
+                # The dispatchers' routing: each device through its app's credentials, with what
+                # the dispatcher gives every app's provider (functions/dispatch-*/main.py).
+                shared: dict[str, object] = {}
+                if name == "apns":
+                    shared = {"token_store": ApnsTokenStore.from_env(engine)}
+                elif name == "webpush":
+                    shared = {"endpoint_rules": EndpointRules.from_env()}
                 provider = providers_from_env(getattr(module, class_name), **shared)
             except ConfigError as exc:
                 print(f"{name}: not configured: {exc}")

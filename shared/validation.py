@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from shared.apps import Apps, load_apps
 from shared.config import env_list
+from shared.endpoints import HOST_LABEL, EndpointRules
 from shared.http import ApiError
 from shared.subscriptions import PROVIDERS, NewSubscription
 
@@ -33,8 +34,6 @@ FCM_TOKEN = re.compile(r"^[\x21-\x7e]+$")  # visible ASCII, no blanks
 # These patterns are used with fullmatch: with re.match, "$" also matches before a final "\n",
 # which let a token or topic ending in a newline through.
 ENVIRONMENTS = ("production", "sandbox")
-# A host name's label once IDNA-encoded: letters, digits and inner hyphens (RFC 1123).
-HOST_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
 
 
 def is_text(value: str) -> bool:
@@ -69,20 +68,21 @@ def valid_apns_topic(topic: str) -> bool:
 @dataclass(frozen=True)
 class SubscribePolicy:
     """What subscribe accepts beyond the formats: the APNs topics (bundle ids) of our apps, and
-    the Web Push services whose endpoints we will POST to (host suffixes; empty: any)."""
+    where Web Push endpoints may lead (:mod:`shared.endpoints`: the browser push services)."""
 
     allowed_apns_topics: tuple[str, ...] = ()
     apps: Apps = Apps({})
-    allowed_webpush_hosts: tuple[str, ...] = ()
+    endpoint_rules: EndpointRules = EndpointRules()
 
     @classmethod
     def from_env(cls, apps: Apps | None = None) -> SubscribePolicy:
         """The policy the settings give (``PUSH_APNS_ALLOWED_TOPICS``, ``PUSH_APPS`` unless
-        ``apps`` is given, ``PUSH_WEBPUSH_ALLOWED_HOSTS``): subscribe's, and the Echo import's."""
+        ``apps`` is given, ``PUSH_WEBPUSH_ALLOWED_HOSTS`` and ``PUSH_WEBPUSH_ALLOW_LOCAL_ENDPOINTS``):
+        subscribe's, and the Echo import's."""
         return cls(
             allowed_apns_topics=env_list("PUSH_APNS_ALLOWED_TOPICS"),
             apps=load_apps() if apps is None else apps,
-            allowed_webpush_hosts=env_list("PUSH_WEBPUSH_ALLOWED_HOSTS"),
+            endpoint_rules=EndpointRules.from_env(),
         )
 
 
@@ -142,28 +142,11 @@ def _parse_subscribe(body: Any, policy: SubscribePolicy) -> NewSubscription:
     subscription = obj.get("subscription")
     if not isinstance(subscription, dict):
         raise ApiError(400, "invalid_field", "subscription must be an object", "subscription")
-    endpoint, p256dh, auth = _webpush_subscription(subscription)
-    if policy.allowed_webpush_hosts and not webpush_host_allowed(endpoint, policy.allowed_webpush_hosts):
-        raise ApiError(
-            400, "invalid_field", "subscription.endpoint is not a push service this service sends to",
-            "subscription.endpoint",
-        )
+    endpoint, p256dh, auth = _webpush_subscription(subscription, policy.endpoint_rules)
     canonical = json.dumps(
         {"endpoint": endpoint, "keys": {"p256dh": p256dh, "auth": auth}}, separators=(",", ":")
     )
     return NewSubscription("webpush", canonical, endpoint)
-
-
-def webpush_host_allowed(endpoint: str, suffixes: tuple[str, ...]) -> bool:
-    """Whether the endpoint's host is one of ``suffixes`` or a subdomain of one
-    (``push.services.mozilla.com`` allows ``updates.push.services.mozilla.com``, never
-    ``evilpush.services.mozilla.com.example``)."""
-    host = (urlsplit(endpoint).hostname or "").rstrip(".").lower()
-    for suffix in suffixes:
-        suffix = suffix.strip().lstrip(".").rstrip(".").lower()
-        if suffix and (host == suffix or host.endswith("." + suffix)):
-            return True
-    return False
 
 
 @dataclass(frozen=True)
@@ -235,7 +218,7 @@ def _apns_token(obj: dict[str, Any]) -> str:
     return token
 
 
-def _webpush_subscription(subscription: dict[str, Any]) -> tuple[str, str, str]:
+def _webpush_subscription(subscription: dict[str, Any], rules: EndpointRules) -> tuple[str, str, str]:
     for key in subscription:
         if key not in ("endpoint", "keys", "expirationTime"):
             raise ApiError(
@@ -243,6 +226,16 @@ def _webpush_subscription(subscription: dict[str, Any]) -> tuple[str, str, str]:
             )
     endpoint = _endpoint(subscription.get("endpoint"), "subscription.endpoint")
     _reachable(endpoint, "subscription.endpoint")
+    parts = urlsplit(endpoint)
+    if "@" in parts.netloc:  # user information, even empty ("https://@host/"): never a push service's
+        raise ApiError(
+            400, "invalid_field", "subscription.endpoint must not hold user information", "subscription.endpoint"
+        )
+    refusal = rules.refusal(parts.hostname or "", parts.port)
+    if refusal is not None:
+        raise ApiError(
+            400, "invalid_field", f"subscription.endpoint {refusal.message}", "subscription.endpoint"
+        )
     keys = subscription.get("keys")
     if not isinstance(keys, dict):
         raise ApiError(400, "missing_field", "subscription.keys is required", "subscription.keys")

@@ -112,6 +112,8 @@ class WebPushRig(Rig):
         monkeypatch.setenv("PUSH_VAPID_PRIVATE_KEY", keys.private_key)
         monkeypatch.setenv("PUSH_VAPID_SUBJECT", "mailto:push@example.org")
         monkeypatch.setenv("PUSH_WEBPUSH_CA_FILE", self.fake.ca_file)
+        # The fake push service is a local receiver: the one endpoint the rules let through.
+        monkeypatch.setenv("PUSH_WEBPUSH_ALLOW_LOCAL_ENDPOINTS", f"localhost:{self.fake.port}")
 
     def new_subscription(self) -> NewSubscription:
         subscription = self.fake.subscribe()

@@ -37,5 +37,5 @@ def webpush_keys() -> dict:
 
 
 def webpush(endpoint: str | None = None) -> dict:
-    endpoint = endpoint or f"https://push.example.net/wpush/v2/{secrets.token_urlsafe(24)}"
+    endpoint = endpoint or f"https://updates.push.services.mozilla.com/wpush/v2/{secrets.token_urlsafe(24)}"
     return {"provider": "webpush", "subscription": {"endpoint": endpoint, "keys": webpush_keys()}}

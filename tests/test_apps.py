@@ -135,6 +135,7 @@ async def test_each_web_push_device_is_sent_with_its_apps_vapid_key(
         for app, key in keys.items()
     }))
     monkeypatch.setenv("PUSH_SECRETS_DIR", str(tmp_path / "no-secrets"))
+    monkeypatch.setenv("PUSH_WEBPUSH_ALLOW_LOCAL_ENDPOINTS", f"localhost:{webpush_server.port}")
     store = SubscriptionStore(engine)
     browsers = {app: webpush_server.subscribe(key.public_key) for app, key in keys.items()}
     for app, browser in browsers.items():

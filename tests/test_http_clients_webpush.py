@@ -4,8 +4,9 @@ trusted by the fake's CA, that reads a push and writes the answer bytes it is gi
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
 
@@ -27,7 +28,15 @@ async def read_push(reader: asyncio.StreamReader) -> None:
 
 
 @pytest.fixture
-async def answering(webpush_server: FakeWebPushService) -> AsyncIterator[Answering]:
+def listener() -> Iterator[socket.socket]:
+    """The listening socket the answering server serves on, bound before the provider is made,
+    which allows its port as a local receiver."""
+    with socket.create_server(("127.0.0.1", 0)) as sock:
+        yield sock
+
+
+@pytest.fixture
+async def answering(webpush_server: FakeWebPushService, listener: socket.socket) -> AsyncIterator[Answering]:
     servers: list[asyncio.Server] = []
 
     async def start(answer: bytes) -> dict:
@@ -43,10 +52,10 @@ async def answering(webpush_server: FakeWebPushService) -> AsyncIterator[Answeri
             except (asyncio.IncompleteReadError, ConnectionError):
                 writer.close()
 
-        server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=server_ssl)
+        server = await asyncio.start_server(serve, sock=listener, ssl=server_ssl)
         servers.append(server)
         subscription = webpush_server.subscribe()
-        port = server.sockets[0].getsockname()[1]
+        port = listener.getsockname()[1]
         subscription["endpoint"] = f"https://localhost:{port}/push/x"
         return subscription
 
@@ -57,8 +66,8 @@ async def answering(webpush_server: FakeWebPushService) -> AsyncIterator[Answeri
 
 
 @pytest.fixture
-async def provider(webpush_server: FakeWebPushService) -> AsyncIterator[WebPushProvider]:
-    provider = make_provider(webpush_server)
+async def provider(webpush_server: FakeWebPushService, listener: socket.socket) -> AsyncIterator[WebPushProvider]:
+    provider = make_provider(webpush_server, also=(listener.getsockname()[1],))
     yield provider
     await provider.aclose()
 
@@ -92,3 +101,22 @@ async def test_an_answer_with_a_body_is_read_past_and_the_next_push_goes_through
     again = await provider.send(device(subscription), wakeup())
 
     assert first == again == SendResult(Outcome.DELIVERED)
+
+
+@pytest.mark.parametrize("status,phrase", [
+    (301, b"Moved Permanently"), (302, b"Found"), (303, b"See Other"),
+    (307, b"Temporary Redirect"), (308, b"Permanent Redirect"),
+])
+async def test_a_redirect_is_never_followed_and_the_push_is_rejected(
+        provider, answering, webpush_server, status: int, phrase: bytes) -> None:
+    """Where the redirect leads (the fake push service, which the provider would reach) gets
+    nothing: a push service never redirects, so the answer is a refusal, not a dead token."""
+    elsewhere = webpush_server.subscribe()["endpoint"].encode()
+    subscription = await answering(
+        b"HTTP/1.1 %d %s\r\nLocation: %s\r\nContent-Length: 0\r\n\r\n" % (status, phrase, elsewhere)
+    )
+
+    result = await provider.send(device(subscription), wakeup())
+
+    assert result == SendResult(Outcome.REJECTED, f"http_{status}")
+    assert webpush_server.pushes == []

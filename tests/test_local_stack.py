@@ -151,6 +151,15 @@ def test_a_newcomer_sees_a_web_push_wake_up_arrive(local_stack):
         headers={"Authorization": f"Bearer {token}"}, timeout=10,
     )
     assert answer.status_code == 201, answer.text
+    # The production rules hold, with this receiver alone let through: not another local port,
+    # not the same receiver by another name.
+    for elsewhere in (f"https://localhost:{local_stack.base + 11}/push/x",
+                      f"https://127.0.0.1:{local_stack.base + 10}/push/x"):
+        refused = httpx.post(
+            local_stack.url(1), json={"provider": "webpush", "subscription": {**subscription, "endpoint": elsewhere}},
+            headers={"Authorization": f"Bearer {token}"}, timeout=10,
+        )
+        assert refused.status_code == 400, elsewhere
 
     # Echo's event, posted to the router, which routes it by knative/'s Triggers.
     posted = subprocess.run(

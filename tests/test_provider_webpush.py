@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from shared.config import ConfigError
+from shared.endpoints import EndpointRules
 from shared.providers.base import Device, Outcome, SendResult, WakeUp
 from shared.providers.webpush import WebPushProvider
 from shared.vapid import generate_vapid_keys
@@ -34,12 +35,19 @@ KEYS = generate_vapid_keys()
 SUBJECT = "mailto:push-ops@example.org"
 
 
-def make_provider(server: FakeWebPushService, **settings: Any) -> WebPushProvider:
+def local_rules(*ports: int) -> EndpointRules:
+    """The production rules, with the local receivers on these ports of localhost allowed."""
+    return EndpointRules(local_endpoints=frozenset(("localhost", port) for port in ports))
+
+
+def make_provider(server: FakeWebPushService, *, also: tuple[int, ...] = (), **settings: Any) -> WebPushProvider:
+    """A provider for the fake push service, and for local receivers on the ports ``also``."""
     options: dict[str, Any] = {
         "vapid_private_key": KEYS.private_key,
         "vapid_subject": SUBJECT,
         "ca_file": server.ca_file,
         "timeout_seconds": 5.0,
+        "endpoint_rules": local_rules(server.port, *also),
     }
     options.update(settings)
     return WebPushProvider(**options)
@@ -198,8 +206,9 @@ async def test_the_vapid_header_is_signed_once_per_origin_and_reused(provider, w
     assert len({push.vapid_token for push in webpush_server.pushes}) == 1
 
 
-async def test_each_origin_gets_its_own_vapid_header(provider, webpush_server):
+async def test_each_origin_gets_its_own_vapid_header(webpush_server):
     with FakeWebPushService(ca=webpush_server.ca) as other_service:
+        provider = make_provider(webpush_server, also=(other_service.port,))
         here, there = webpush_server.subscribe(), other_service.subscribe()
 
         assert (await provider.send(device(here), wakeup())).outcome is Outcome.DELIVERED
@@ -207,6 +216,7 @@ async def test_each_origin_gets_its_own_vapid_header(provider, webpush_server):
 
         assert other_service.pushes[0].claims["aud"] == other_service.origin
         assert webpush_server.pushes[0].claims["aud"] == webpush_server.origin
+        await provider.aclose()
 
 
 async def test_consecutive_sends_reuse_one_connection(provider, webpush_server):
@@ -375,11 +385,14 @@ async def test_a_hanging_push_service_is_transient_within_the_configured_timeout
     assert [push.status for push in webpush_server.pushes] == [None]
 
 
-async def test_an_unreachable_endpoint_is_transient(provider, webpush_server):
+async def test_an_unreachable_endpoint_is_transient(webpush_server):
+    port = free_port()
+    provider = make_provider(webpush_server, also=(port,))
     subscription = webpush_server.subscribe()
-    subscription["endpoint"] = f"https://localhost:{free_port()}/push/gone"
+    subscription["endpoint"] = f"https://localhost:{port}/push/gone"
 
     result = await provider.send(device(subscription), wakeup())
+    await provider.aclose()
 
     assert result == SendResult(Outcome.TRANSIENT, "connection_error")
 
@@ -395,7 +408,7 @@ async def test_a_push_service_with_an_untrusted_certificate_is_transient(webpush
     assert webpush_server.pushes == []
 
 
-async def test_an_answer_that_is_not_http_is_transient(provider, webpush_server):
+async def test_an_answer_that_is_not_http_is_transient(webpush_server):
     """A push service (or something in between) answering garbage: nothing to classify."""
     server_ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     webpush_server.ca.issue_cert("localhost").configure_cert(server_ssl)
@@ -407,11 +420,13 @@ async def test_an_answer_that_is_not_http_is_transient(provider, webpush_server)
 
     server = await asyncio.start_server(answer_garbage, "127.0.0.1", 0, ssl=server_ssl)
     port = server.sockets[0].getsockname()[1]
+    provider = make_provider(webpush_server, also=(port,))
     subscription = webpush_server.subscribe()
     subscription["endpoint"] = f"https://localhost:{port}/push/x"
     try:
         result = await provider.send(device(subscription), wakeup())
     finally:
+        await provider.aclose()
         server.close()
         await server.wait_closed()
 
@@ -439,15 +454,19 @@ async def test_a_dry_run_still_reports_an_unusable_subscription_as_dead(provider
 # --- logs ------------------------------------------------------------------------------------
 
 
-async def test_logs_never_show_the_endpoint_or_the_keys(provider, webpush_server, caplog):
+async def test_logs_never_show_the_endpoint_or_the_keys(webpush_server, caplog):
     caplog.set_level(logging.DEBUG)
+    port = free_port()
+    provider = make_provider(webpush_server, also=(port,))
     subscription = webpush_server.subscribe()
     webpush_server.script(subscription, 400, 503, 410)
-    unreachable = {**subscription, "endpoint": f"https://localhost:{free_port()}/push/gone"}
+    unreachable = {**subscription, "endpoint": f"https://localhost:{port}/push/gone"}
+    refused = {**subscription, "endpoint": "https://10.1.2.3/push/x"}
     broken = {**subscription, "keys": {**subscription["keys"], "auth": "x"}}
 
-    for target in (subscription, subscription, subscription, subscription, unreachable, broken):
+    for target in (subscription, subscription, subscription, subscription, unreachable, refused, broken):
         await provider.send(device(target), wakeup())
+    await provider.aclose()
 
     assert "device 7" in caplog.text  # the failures were logged, by device id
     for secret in (
@@ -457,6 +476,7 @@ async def test_logs_never_show_the_endpoint_or_the_keys(provider, webpush_server
         subscription["keys"]["auth"],
         f"localhost:{webpush_server.port}",
         unreachable["endpoint"].split("/")[2],
+        "10.1.2.3",
         KEYS.private_key,
     ):
         assert secret not in caplog.text
@@ -497,6 +517,7 @@ async def test_from_env_accepts_the_private_key_raw_or_as_pem(clean_env, webpush
     clean_env.setenv("PUSH_VAPID_PRIVATE_KEY", key_text)
     clean_env.setenv("PUSH_VAPID_SUBJECT", SUBJECT)
     clean_env.setenv("PUSH_WEBPUSH_CA_FILE", webpush_server.ca_file)
+    clean_env.setenv("PUSH_WEBPUSH_ALLOW_LOCAL_ENDPOINTS", f"localhost:{webpush_server.port}")
 
     provider = WebPushProvider.from_env()
     try:
@@ -515,6 +536,7 @@ async def test_from_env_reads_a_pem_key_file_and_the_urgency(clean_env, webpush_
     clean_env.setenv("PUSH_VAPID_SUBJECT", "https://wiki.example.org/push-contact")
     clean_env.setenv("PUSH_WEBPUSH_CA_FILE", webpush_server.ca_file)
     clean_env.setenv("PUSH_WEBPUSH_URGENCY", "low")
+    clean_env.setenv("PUSH_WEBPUSH_ALLOW_LOCAL_ENDPOINTS", f"localhost:{webpush_server.port}")
 
     provider = WebPushProvider.from_env()
     try:
@@ -557,6 +579,10 @@ VALID_ENV = {"PUSH_VAPID_PRIVATE_KEY": KEYS.private_key, "PUSH_VAPID_SUBJECT": S
         ("PUSH_WEBPUSH_TIMEOUT_SECONDS", "0"),
         ("PUSH_WEBPUSH_MAX_CONNECTIONS", "0"),
         ("PUSH_WEBPUSH_CA_FILE", "/nonexistent/ca.pem"),
+        ("PUSH_WEBPUSH_ALLOWED_HOSTS", "10.0.0.1"),
+        ("PUSH_WEBPUSH_ALLOWED_HOSTS", "push.example.net:8443"),
+        ("PUSH_WEBPUSH_ALLOW_LOCAL_ENDPOINTS", "localhost"),
+        ("PUSH_WEBPUSH_ALLOW_LOCAL_ENDPOINTS", "*:8090"),
     ],
     ids=lambda value: value if value is None or len(value) < 30 else value[:27] + "...",
 )

@@ -62,17 +62,17 @@ INVALID = {
     "apns_bad_environment": (bodies.apns(environment="staging"), "environment"),
     "webpush_missing_subscription": ({"provider": "webpush"}, "subscription"),
     "webpush_subscription_not_object": ({"provider": "webpush", "subscription": "x"}, "subscription"),
-    "webpush_http_endpoint": (with_endpoint("http://push.example.net/x"), "subscription.endpoint"),
+    "webpush_http_endpoint": (with_endpoint("http://fcm.googleapis.com/x"), "subscription.endpoint"),
     "webpush_endpoint_not_url": (with_endpoint("not a url"), "subscription.endpoint"),
     "webpush_endpoint_with_credentials": (
-        with_endpoint("https://user:pw@push.example.net/x"), "subscription.endpoint"
+        with_endpoint("https://user:pw@fcm.googleapis.com/x"), "subscription.endpoint"
     ),
     "webpush_endpoint_too_long": (
-        with_endpoint("https://push.example.net/" + "a" * 2048), "subscription.endpoint"
+        with_endpoint("https://fcm.googleapis.com/" + "a" * 2048), "subscription.endpoint"
     ),
-    "webpush_endpoint_lone_surrogate": (with_endpoint("https://push.example.net/\ud800"), "subscription.endpoint"),
-    "webpush_endpoint_port_zero": (with_endpoint("https://push.example.net:0/x"), "subscription.endpoint"),
-    "webpush_endpoint_port_over_65535": (with_endpoint("https://push.example.net:99999/x"), "subscription.endpoint"),
+    "webpush_endpoint_lone_surrogate": (with_endpoint("https://fcm.googleapis.com/\ud800"), "subscription.endpoint"),
+    "webpush_endpoint_port_zero": (with_endpoint("https://fcm.googleapis.com:0/x"), "subscription.endpoint"),
+    "webpush_endpoint_port_over_65535": (with_endpoint("https://fcm.googleapis.com:99999/x"), "subscription.endpoint"),
     "webpush_endpoint_host_empty_label": (with_endpoint("https://a_b..c/x"), "subscription.endpoint"),
     "webpush_endpoint_host_label_over_63": (
         with_endpoint(f"https://{'a' * 64}.example.net/x"), "subscription.endpoint"
@@ -82,7 +82,7 @@ INVALID = {
     "webpush_endpoint_host_with_tab": (with_endpoint("https://push.exam\tple.net/x"), "subscription.endpoint"),
     "webpush_endpoint_host_not_an_ipv4_address": (with_endpoint("https://999.1.1.1/x"), "subscription.endpoint"),
     "webpush_missing_keys": (
-        {"provider": "webpush", "subscription": {"endpoint": "https://push.example.net/x"}},
+        {"provider": "webpush", "subscription": {"endpoint": "https://fcm.googleapis.com/x"}},
         "subscription.keys",
     ),
     "webpush_p256dh_not_base64url": (with_keys(p256dh="not base64!"), "subscription.keys.p256dh"),
@@ -90,7 +90,7 @@ INVALID = {
     "webpush_p256dh_not_on_curve": (with_keys(p256dh=NOT_ON_CURVE), "subscription.keys.p256dh"),
     "webpush_auth_wrong_length": (with_keys(auth=bodies.b64url(b"x" * 15)), "subscription.keys.auth"),
     "webpush_missing_auth": (
-        {"provider": "webpush", "subscription": {"endpoint": "https://push.example.net/x",
+        {"provider": "webpush", "subscription": {"endpoint": "https://fcm.googleapis.com/x",
                                                  "keys": {"p256dh": bodies.webpush_keys()["p256dh"]}}},
         "subscription.keys.auth",
     ),
@@ -177,19 +177,20 @@ async def test_padded_base64url_keys_are_accepted_and_stored_unpadded(subscribe,
     assert count(engine) == 1
 
 
-REACHABLE_ENDPOINTS = {
-    "localhost_with_port": "https://localhost:8090/wpush/1",
-    "ipv4_loopback_with_port": "https://127.0.0.1:8090/wpush/1",
-    "ipv6_literal": "https://[::1]:8090/wpush/1",
-    "highest_port": "https://push.example.net:65535/wpush/1",
-    "internationalized_host": "https://push.bücher.example/wpush/1",
-    "host_with_final_dot": "https://push.example.net./wpush/1",
+ACCEPTED_ENDPOINTS = {
+    "fcm_legacy_path": "https://fcm.googleapis.com/fcm/send/dGVzdA:APA91b",
+    "fcm_webpush_path": "https://fcm.googleapis.com/wp/dGVzdA",
+    "mozilla": "https://updates.push.services.mozilla.com/wpush/v2/gAAAAABk",
+    "windows_regional_host_with_query": "https://wns2-par02p.notify.windows.com/w/?token=BQYAAAB%2f0sal0z2V",
+    "apple": "https://web.push.apple.com/QGuQyavXutnMH",
+    "host_in_capitals": "https://FCM.GoogleAPIs.com/wp/dGVzdA",
+    "host_with_final_dot": "https://fcm.googleapis.com./wp/dGVzdA",
+    "explicit_port_443": "https://updates.push.services.mozilla.com:443/wpush/v2/x",
 }
 
 
-@pytest.mark.parametrize("endpoint", REACHABLE_ENDPOINTS.values(), ids=REACHABLE_ENDPOINTS.keys())
-async def test_endpoint_on_a_host_and_port_a_request_can_reach_is_accepted(subscribe, issuer, engine, endpoint):
-    """The host rule refuses only what cannot work: the local stack and the tests use local hosts."""
+@pytest.mark.parametrize("endpoint", ACCEPTED_ENDPOINTS.values(), ids=ACCEPTED_ENDPOINTS.keys())
+async def test_endpoint_on_a_browser_push_service_is_accepted(subscribe, issuer, engine, endpoint):
     response = await subscribe.post("/", json=with_endpoint(endpoint), headers=issuer.headers("42"))
     assert response.status_code == 201
     assert count(engine) == 1

@@ -7,9 +7,11 @@ from starlette.responses import Response
 
 from shared.apps import providers_from_env
 from shared.dispatch import Dispatcher
+from shared.endpoints import EndpointRules
 from shared.providers.webpush import WebPushProvider
 
-dispatcher = Dispatcher.from_env(providers_from_env(WebPushProvider))
+# Where endpoints may lead (push services only) is the deployment's, the same for every app.
+dispatcher = Dispatcher.from_env(providers_from_env(WebPushProvider, endpoint_rules=EndpointRules.from_env()))
 
 
 @functions_framework.aio.http

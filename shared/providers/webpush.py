@@ -20,6 +20,10 @@ and verify its VAPID signature.
 Push services answer with plain HTTP statuses; :meth:`WebPushProvider.send` turns every answer
 and every network failure into a :class:`~shared.providers.base.SendResult`. Endpoints and keys
 identify a browser, so they never appear in a log line or in a result's ``reason``.
+
+Endpoints lead only to the browser push services over the public internet (:mod:`shared.endpoints`:
+the name is checked before each push, the address when a connection opens, and the connection
+goes to the address checked). A redirect is an answer like any other: never followed.
 """
 from __future__ import annotations
 
@@ -41,6 +45,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from py_vapid.jwt import sign as sign_jwt
 
 from shared.config import ConfigError, env, env_float, env_int, require_secret
+from shared.endpoints import EndpointRefused, EndpointRules
 from shared.providers.base import (
     Device,
     Outcome,
@@ -120,6 +125,7 @@ class WebPushProvider:
         urgency: str = "normal",
         max_connections: int = 16,
         vapid_public_key: str | None = None,
+        endpoint_rules: EndpointRules | None = None,
     ) -> None:
         """Validate everything now, so a bad setting fails the start-up and not the first push.
 
@@ -128,6 +134,7 @@ class WebPushProvider:
         (``PUSH_VAPID_PUBLIC_KEY``): it must be this private key's, or no push would be accepted.
         ``ca_file`` is a PEM bundle trusted in addition to the system's CAs.
         ``max_connections`` bounds the requests in flight (over all push services).
+        ``endpoint_rules`` say where endpoints may lead (default: the browser push services).
         Errors name the environment variable the value comes from in :meth:`from_env`.
         """
         self._private_key = load_private_key(vapid_private_key)
@@ -148,12 +155,14 @@ class WebPushProvider:
         self._ssl: ssl.SSLContext | None = None
         self._timeout = timeout_seconds
         self._max_connections = max_connections
+        self._rules = endpoint_rules or EndpointRules()
         self._pool: _ConnectionPool | None = None
         self._vapid_headers: dict[str, tuple[str, int]] = {}
 
     @classmethod
-    def from_env(cls) -> WebPushProvider:
-        """The provider configured by the ``PUSH_VAPID_*`` and ``PUSH_WEBPUSH_*`` settings."""
+    def from_env(cls, endpoint_rules: EndpointRules | None = None) -> WebPushProvider:
+        """The provider configured by the ``PUSH_VAPID_*`` and ``PUSH_WEBPUSH_*`` settings;
+        ``endpoint_rules`` when given (shared by every app's provider), else their own."""
         subject = env(_SUBJECT_VAR)
         if subject is None:
             raise ConfigError(
@@ -167,6 +176,7 @@ class WebPushProvider:
             timeout_seconds=env_float("PUSH_WEBPUSH_TIMEOUT_SECONDS", 10.0, minimum=0.001),
             urgency=env(_URGENCY_VAR, "normal") or "normal",
             max_connections=env_int("PUSH_WEBPUSH_MAX_CONNECTIONS", 16, minimum=1),
+            endpoint_rules=endpoint_rules or EndpointRules.from_env(),
         )
 
     @property
@@ -184,6 +194,12 @@ class WebPushProvider:
         if subscription is None:
             log.info("webpush device %s: invalid subscription", device.id)
             return SendResult(Outcome.DEAD, "invalid_subscription")
+        # SSRF guard (shared/endpoints.py), for rows stored before a rule too: not a dead
+        # subscription (no push service said so), a refused push.
+        refusal = self._rules.refusal(subscription.host, subscription.port)
+        if refusal is not None:
+            log.warning("webpush device %s: endpoint refused (%s)", device.id, refusal.reason)
+            return SendResult(Outcome.REJECTED, "endpoint_not_allowed")
         if wakeup.dry_run:
             return SendResult(Outcome.DELIVERED, "dry_run")
         payload = json.dumps({"type": wakeup.message_type}, separators=(",", ":")).encode()
@@ -203,6 +219,9 @@ class WebPushProvider:
             # TLS, sending, reading the answer.
             async with asyncio.timeout(self._timeout):
                 status, retry_after = await self._connections().request(subscription, request)
+        except EndpointRefused as refused:  # SSRF guard: its host resolved to an inward address
+            log.warning("webpush device %s: endpoint refused (%s)", device.id, refused.reason)
+            return SendResult(Outcome.REJECTED, refused.reason)
         except TimeoutError:
             result = SendResult(Outcome.TRANSIENT, "timeout")
         except httptools.HttpParserError:
@@ -235,7 +254,7 @@ class WebPushProvider:
         if self._pool is None or self._pool.loop is not loop:
             if self._ssl is None:
                 self._ssl = _ssl_context(self._ca_pem)
-            self._pool = _ConnectionPool(loop, self._ssl, self._max_connections)
+            self._pool = _ConnectionPool(loop, self._ssl, self._max_connections, self._rules)
         return self._pool
 
     def _vapid_header(self, origin: str) -> str:
@@ -351,10 +370,15 @@ class _ConnectionPool:
     """Kept-alive connections per push service, and a bound on the requests in flight."""
 
     def __init__(
-        self, loop: asyncio.AbstractEventLoop, context: ssl.SSLContext, max_connections: int
+        self,
+        loop: asyncio.AbstractEventLoop,
+        context: ssl.SSLContext,
+        max_connections: int,
+        rules: EndpointRules,
     ) -> None:
         self.loop = loop
         self._ssl = context
+        self._rules = rules
         self._slots = asyncio.Semaphore(max_connections)
         self._idle: dict[tuple[str, int], list[_Connection]] = {}
         self._closed = False
@@ -383,11 +407,24 @@ class _ConnectionPool:
             return await self._exchange(idle, await self._connect(address), request)
 
     async def _connect(self, address: tuple[str, int]) -> _Connection:
+        """A new connection to the push service, to one of the addresses its name resolves to,
+        tried in order. SSRF guard (shared/endpoints.py): every address is checked public, and
+        the connection goes to a checked address, never to the name (a second lookup could
+        answer otherwise); TLS still verifies the certificate for the name."""
         host, port = address
-        _, connection = await self.loop.create_connection(
-            lambda: _Connection(self.loop), host, port, ssl=self._ssl, server_hostname=host
-        )
-        return connection
+        failure: OSError | None = None
+        for ip in await self._rules.addresses(host, port):
+            try:
+                _, connection = await self.loop.create_connection(
+                    lambda: _Connection(self.loop), ip, port, ssl=self._ssl, server_hostname=host
+                )
+                return connection
+            except ssl.SSLError:
+                raise
+            except OSError as exc:
+                failure = exc
+        assert failure is not None
+        raise failure
 
     async def _exchange(
         self, idle: list[_Connection], connection: _Connection, request: bytes
