@@ -4,7 +4,8 @@ The wiki signs its access tokens as JWTs (RS256 or ES256). We only verify them: 
 comes from ``PUSH_AUTH_PUBLIC_KEY`` (PEM text or file) or from the JWKS at ``PUSH_AUTH_JWKS_URL``.
 Only asymmetric algorithms matching the key are accepted, so ``alg: none`` and HS256 tokens
 "signed" with the public key are refused by construction. ``exp`` is required; ``iss`` and ``aud``
-are checked when ``PUSH_AUTH_ISSUER`` / ``PUSH_AUTH_AUDIENCE`` are set; ``sub`` is the user id.
+are checked when ``PUSH_AUTH_ISSUER`` / ``PUSH_AUTH_AUDIENCE`` are set; ``sub`` is the user id,
+exactly: one with blanks around it or control characters in it is refused (:func:`is_user_id`).
 """
 from __future__ import annotations
 
@@ -93,9 +94,22 @@ class Authenticator:
         except jwt.PyJWTError:
             raise _unauthorized("invalid_token", "the access token is not valid") from None
         sub = claims.get("sub")
-        if not isinstance(sub, str) or not sub or len(sub) > MAX_USER_ID_LENGTH or not is_text(sub):
+        if not isinstance(sub, str) or not is_user_id(sub):
             raise _unauthorized("invalid_token", "the access token names no user")
         return sub
+
+
+def is_user_id(value: str) -> bool:
+    """Whether ``value`` can be a user id: 1 to 64 characters of UTF-8 text, without white
+    space around it and without control or other unprintable characters in it. A user id is
+    compared exactly everywhere (the database included, migration 0005), so ``"123 "`` would
+    be another user than ``"123"``: no wiki names one so, and a token that does is refused."""
+    return (
+        0 < len(value) <= MAX_USER_ID_LENGTH
+        and is_text(value)
+        and value.strip() == value
+        and value.isprintable()
+    )
 
 
 def load_public_key(pem: str) -> tuple[object, str]:

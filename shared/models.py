@@ -37,7 +37,9 @@ class Subscription(Base):
     ``token`` is the provider's token; for Web Push, the subscription JSON (endpoint and keys).
     ``token_sha256`` hashes what identifies the device (the token, or the Web Push endpoint) and is
     unique across all users: a device belongs to one user at a time, and lookups and clean-up
-    reports use the hash, never the token.
+    reports use the hash, never the token. ``user_id`` compares exactly on every engine: on MySQL
+    and MariaDB its collation is a NO PAD binary one (migration 0005), so ``"123 "`` is never
+    ``"123"``.
     """
 
     __tablename__ = "subscriptions"
