@@ -63,7 +63,10 @@ HEALTHCHECK --interval=30s --timeout=3s --start-period=10s \
 # garbage collector off and freezes what it built before the fork; uvicorn's worker without
 # WebSocket support (none is served; it would import wsproto in the worker); no control socket
 # (gunicornc's runtime management, unused in a container: a thread and a socket per start).
+# A request's head is bounded (bytes and time) and its body timed out by the worker's HTTP protocol
+# (shared/http_protocol.py): gunicorn's --limit-request-* options bound only gunicorn's own parser,
+# which uvicorn's worker does not use, so none is given.
 # Shell form, so $PORT (set by Knative and OpenFaaS, default 8080) and the target (the folder name
 # with underscores) are filled in at start; exec makes gunicorn PID 1, so it gets SIGTERM directly.
 # bench/run.py runs this very line.
-CMD exec gunicorn --config python:shared.gunicorn_config --worker-class shared.gunicorn_config.UvicornWorker --preload --no-control-socket --workers "${WORKERS:-1}" --timeout 0 --log-level "${GUNICORN_LOG_LEVEL:-error}" --limit-request-line 0 --bind "0.0.0.0:${PORT:-8080}" "functions_framework.aio:create_asgi_app(target='$(echo "${FUNCTION}" | tr - _)', source='/app/functions/${FUNCTION}/main.py')"
+CMD exec gunicorn --config python:shared.gunicorn_config --worker-class shared.gunicorn_config.UvicornWorker --preload --no-control-socket --workers "${WORKERS:-1}" --timeout 0 --log-level "${GUNICORN_LOG_LEVEL:-error}" --bind "0.0.0.0:${PORT:-8080}" "functions_framework.aio:create_asgi_app(target='$(echo "${FUNCTION}" | tr - _)', source='/app/functions/${FUNCTION}/main.py')"

@@ -9,6 +9,10 @@ never looks at it again: it lives as long as the process) and turns the collecto
 Python's documentation of :func:`gc.freeze` recommends for pre-forking servers: the worker's
 collections then do not touch, and so copy, the pages it shares with the master.
 
+The worker speaks HTTP through :class:`shared.http_protocol.BoundedHttpToolsProtocol`: uvicorn's
+httptools protocol with a bound on each request's head (bytes and time) and body (time), which
+uvicorn itself does not have and gunicorn's ``--limit-request-*`` options do not give it.
+
 Meant for gunicorn alone: importing it anywhere else turns that process's collector off.
 """
 from __future__ import annotations
@@ -20,6 +24,9 @@ from uvicorn_worker import UvicornWorker as _UvicornWorker
 
 gc.disable()
 
+# Imported with the collector off, like the function (--preload) after it.
+from shared.http_protocol import BoundedHttpToolsProtocol  # noqa: E402
+
 
 def pre_fork(_server: Any, _worker: Any) -> None:
     """Keep everything the master built so far out of every later collection, in the master and
@@ -29,8 +36,11 @@ def pre_fork(_server: Any, _worker: Any) -> None:
 
 
 class UvicornWorker(_UvicornWorker):
-    """uvicorn-worker's worker (uvloop and httptools, picked by "auto"), without WebSocket
-    support: no function serves WebSockets, and resolving ``ws="auto"`` imports wsproto and h11
-    in every worker as it starts. An upgrade request is then answered as plain HTTP."""
+    """uvicorn-worker's worker (uvloop, picked by "auto") speaking HTTP through the bounded
+    httptools protocol, without WebSocket support: no function serves WebSockets, and resolving
+    ``ws="auto"`` imports wsproto and h11 in every worker as it starts. An upgrade request is
+    then answered as plain HTTP."""
 
-    CONFIG_KWARGS: dict[str, Any] = {**_UvicornWorker.CONFIG_KWARGS, "ws": "none"}
+    CONFIG_KWARGS: dict[str, Any] = {
+        **_UvicornWorker.CONFIG_KWARGS, "http": BoundedHttpToolsProtocol, "ws": "none",
+    }

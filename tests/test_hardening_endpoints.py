@@ -218,17 +218,23 @@ def test_local_endpoints_are_exact_pairs_or_subscribe_does_not_start(auth_env, d
 # --- at send time: stored rows ------------------------------------------------------------
 
 
+NOT_FOUND = b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"
+
+
 class InternalService:
-    """An internal HTTPS service that answers 404 to everything, with a certificate the
-    dispatcher trusts (the probe's oracle: a 404 once deleted the row). Counts connections."""
+    """An internal HTTPS service with a certificate the dispatcher trusts, answering every
+    request with ``answer`` (by default 404: the probe's oracle, a 404 once deleted the row).
+    Counts connections."""
 
     def __init__(self, fake: FakeWebPushService) -> None:
         self.ca = fake.ca
         self.connections = 0
         self.port = 0
+        self.answer = NOT_FOUND
         self._server: asyncio.Server | None = None
 
-    async def start(self) -> InternalService:
+    async def start(self, answer: bytes = NOT_FOUND) -> InternalService:
+        self.answer = answer
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         self.ca.issue_cert("localhost", "127.0.0.1", "::1").configure_cert(context)
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=context)
@@ -239,7 +245,7 @@ class InternalService:
         self.connections += 1
         try:
             await reader.readuntil(b"\r\n\r\n")
-            writer.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+            writer.write(self.answer)
             await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
@@ -265,17 +271,22 @@ def stored_row(engine, user: str, endpoint: str) -> Subscription:
     return SubscriptionStore(engine).subscribe(user, NewSubscription("webpush", token, endpoint)).subscription
 
 
-async def test_rows_stored_before_the_rules_are_refused_unconnected_and_kept(
-    webpush_rig, function_client, engine, internal_service
-):
-    port = internal_service.port
-    refused = [stored_row(engine, "victim", endpoint) for endpoint in (
+def stored_inward_rows(engine, port: int) -> list[Subscription]:
+    """Devices of user "victim" stored before the rules, on the internal service at ``port``
+    by several names, and on the cloud's metadata service."""
+    return [stored_row(engine, "victim", endpoint) for endpoint in (
         f"https://127.0.0.1:{port}/push/x",
         f"https://localhost:{port}/push/x",
         f"https://[::ffff:127.0.0.1]:{port}/push/x",
         f"https://0x7f000001:{port}/push/x",
         "https://metadata.google.internal/computeMetadata/v1/",
     )]
+
+
+async def test_rows_stored_before_the_rules_are_refused_unconnected_and_kept(
+    webpush_rig, function_client, engine, internal_service
+):
+    refused = stored_inward_rows(engine, internal_service.port)
     allowed = webpush_rig.add(engine, "victim")  # the rig's receiver: the one local endpoint allowed
     dispatch = function_client("dispatch-webpush")
     before = scrape()
