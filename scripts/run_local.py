@@ -5,10 +5,10 @@ It starts, each in its own process and all on 127.0.0.1:
 - local receivers standing in for the push providers (the wire-protocol fakes of tests/fakes/):
   a Web Push service that decrypts and prints every wake-up it receives, an FCM and an APNs
   server. The dispatchers are configured for them: VAPID keys, a service-account JSON and an
-  APNs signing key are made in .local/. Web Push endpoints follow the production rules, with the
-  local receiver alone allowed (PUSH_WEBPUSH_ALLOW_LOCAL_ENDPOINTS). A provider whose settings you have set yourself
+  APNs signing key are made in .local/. A provider whose settings you have set yourself
   (PUSH_VAPID_PRIVATE_KEY, PUSH_FCM_CREDENTIALS, PUSH_APNS_KEY, or their _FILE forms) is left
-  to them;
+  to them. Web Push endpoints follow the production rules, with the local receiver alone let
+  through (PUSH_WEBPUSH_ALLOW_LOCAL_ENDPOINTS);
 - the six functions, each in its own functions-framework process (ASGI), as deployed, on SQLite
   in .local/;
 - the event router (scripts/local_router.py), standing in for the Knative broker: it routes
