@@ -121,9 +121,13 @@ class EndpointRules:
         """The push services plus ``PUSH_WEBPUSH_ALLOWED_HOSTS``, and the pairs of
         ``PUSH_WEBPUSH_ALLOW_LOCAL_ENDPOINTS``; a malformed entry stops the start-up, naming
         the variable."""
-        extra = tuple(_allowed_host_entry(entry) for entry in env_list(ALLOWED_HOSTS_VAR))
         local = frozenset(_local_endpoint_entry(entry) for entry in env_list(LOCAL_ENDPOINTS_VAR))
-        return cls(PUSH_SERVICES + extra, local)
+        return cls(PUSH_SERVICES + env_list(ALLOWED_HOSTS_VAR), local)
+
+    def __post_init__(self) -> None:
+        # Every listed host is checked to be a public name once, here: a listed name then
+        # needs no other check before each push.
+        object.__setattr__(self, "allowed_hosts", tuple(_allowed_host_entry(e) for e in self.allowed_hosts))
 
     def is_local(self, host: str, port: int) -> bool:
         """Whether ``host:port`` is one of the local receivers exempt from the rules."""
@@ -138,13 +142,15 @@ class EndpointRules:
         name = _ascii_name(host)
         if not name:
             return BAD_HOST
+        if port == PUSH_PORT and self._listed(name):
+            return None  # the common case, before each push: a public name (__post_init__)
         if _is_ip_literal(name):
             return IP_LITERAL
         if "." not in name or _under(name, INTERNAL_DOMAINS):
             return INTERNAL_NAME
         if port != PUSH_PORT:
             return NOT_PUSH_PORT
-        if not self._allowed(name):
+        if ANY_PUBLIC_HOST not in self.allowed_hosts:
             return NOT_ALLOWED
         return None
 
@@ -165,11 +171,10 @@ class EndpointRules:
             raise EndpointRefused("address_not_public")
         return addresses
 
-    def _allowed(self, name: str) -> bool:
+    def _listed(self, name: str) -> bool:
+        """Whether ``name`` is a listed host, or a subdomain of a ``*.`` pattern's domain."""
         for entry in self.allowed_hosts:
-            if entry == ANY_PUBLIC_HOST or entry == name:
-                return True
-            if entry.startswith("*.") and name.endswith(entry[1:]):
+            if entry == name or (entry.startswith("*.") and name.endswith(entry[1:])):
                 return True
         return False
 
