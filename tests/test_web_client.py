@@ -37,6 +37,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 from sqlalchemy import select
 
 from shared.db import get_engine
+from shared.endpoints import EndpointRules
 from shared.models import Subscription
 from shared.providers.base import Device, WakeUp
 from shared.providers.webpush import WebPushProvider
@@ -88,6 +89,12 @@ def chromium() -> tuple[str, str]:
     return chromium_paths()
 
 
+#: The stand-in push service the page makes its subscriptions on (nothing is pushed there: a push
+#: reaches the worker through DevTools). Subscribe accepts endpoints on it as a local receiver,
+#: as `make run` lets its own through (PUSH_WEBPUSH_ALLOW_LOCAL_ENDPOINTS).
+STANDIN = "localhost:8090"
+
+
 @pytest.fixture(scope="module")
 def page_origin() -> Iterator[str]:
     """examples/web/ served as files, as `make run` serves it: the page's own origin."""
@@ -132,6 +139,7 @@ def start_functions(allowed_origin: str, database_url: str, auth_public_key: str
         "PUSH_CORS_ALLOWED_ORIGINS": allowed_origin,
         "PUSH_VAPID_PUBLIC_KEY": KEYS.public_key,
         "PUSH_METRICS_ADDR": "127.0.0.1",
+        "PUSH_WEBPUSH_ALLOW_LOCAL_ENDPOINTS": STANDIN,
     }
     with deployed_all({name: {"PUSH_METRICS_PORT": str(port), **settings} for name, port in metrics.items()}) as ports:
         yield Functions(f"http://127.0.0.1:{ports['subscribe']}", f"http://127.0.0.1:{ports['unsubscribe']}", metrics)
@@ -216,8 +224,8 @@ class Page:
 
 
 @pytest.fixture
-def page(browser, page_origin, functions, webpush_server, wiki, issuer) -> Page:
-    page = Page(browser, page_origin, functions, webpush_server.origin, wiki.api_url)
+def page(browser, page_origin, functions, wiki, issuer) -> Page:
+    page = Page(browser, page_origin, functions, f"https://{STANDIN}", wiki.api_url)
     page.sign_in(issuer.token("alice"))
     return page
 
@@ -273,7 +281,8 @@ def wake_up_as_dispatched(webpush_server) -> str:
 
     async def push() -> None:
         provider = WebPushProvider(
-            vapid_private_key=KEYS.private_key, vapid_subject="mailto:push@example.org", ca_file=webpush_server.ca_file
+            vapid_private_key=KEYS.private_key, vapid_subject="mailto:push@example.org", ca_file=webpush_server.ca_file,
+            endpoint_rules=EndpointRules(local_endpoints=frozenset({("localhost", webpush_server.port)})),
         )
         try:
             await provider.send(Device(id=1, token=json.dumps(subscription)), WakeUp("checkEchoV1", 60))
@@ -334,10 +343,10 @@ def test_the_page_reads_a_refusal_across_origins(page, database_url):
 
 @SQLITE_ONLY
 def test_a_page_on_an_origin_not_allowed_is_blocked_by_the_browser(
-    browser, page_origin, database_url, issuer, webpush_server, wiki
+    browser, page_origin, database_url, issuer, wiki
 ):
     with start_functions("https://en.wikipedia.org", database_url, issuer.public_pem) as functions:
-        page = Page(browser, page_origin, functions, webpush_server.origin, wiki.api_url)
+        page = Page(browser, page_origin, functions, f"https://{STANDIN}", wiki.api_url)
         page.sign_in(issuer.token("alice"))
         outcome, text = page.click("subscribe")
         assert outcome == "error"
