@@ -8,7 +8,8 @@
   configured provider, each device with its app's credentials (``PUSH_APPS``), and prints each
   outcome: for checking credentials.
 - ``pushctl import-echo --from URL [--dry-run] [--apns-environment production|sandbox]
-  [--batch N]`` copies the push subscriptions Echo holds into ours (:mod:`shared.echo_import`).
+  [--batch N] [--refreshed-at-import] [--default-topic TOPIC]`` copies the push subscriptions
+  Echo holds into ours (:mod:`shared.echo_import`).
 - ``pushctl dev-keys DIR`` and ``pushctl dev-token --user ID``: a local signing key standing in for
   the wiki's OAuth server, so a developer can call subscribe on a laptop.
 """
@@ -110,7 +111,9 @@ def import_echo(args: argparse.Namespace) -> int:
     from shared.progress import progress
 
     try:
-        job = echo_import.from_settings(args.source, args.apns_environment, args.batch, args.dry_run)
+        job = echo_import.from_settings(
+            args.source, args.apns_environment, args.batch, args.dry_run, args.refreshed_at_import, args.default_topic
+        )
         shown = progress(job.count(), sys.stdout)
         try:
             summary = job.run(lambda eps_id, reason: shown.note(f"skipped eps_id {eps_id}: {reason}"), shown.advance)
@@ -119,9 +122,8 @@ def import_echo(args: argparse.Namespace) -> int:
     except echo_import.EchoImportError as exc:
         print(f"pushctl import-echo: {exc}", file=sys.stderr)
         return 2
-    if summary.stale:
-        print(f"note: {summary.stale} of the rows imported or updated were last refreshed longer ago than "
-              "PUSH_SUBSCRIPTION_MAX_AGE_DAYS: the next clean-up expires them")
+    if note := summary.stale_note():
+        print(note)
     print(("dry run, nothing written: " if args.dry_run else "") + summary.line())
     return 0
 
@@ -188,6 +190,11 @@ def main(argv: list[str] | None = None) -> int:
     echo.add_argument("--dry-run", action="store_true", help="report what it would do; write nothing")
     echo.add_argument("--apns-environment", choices=("production", "sandbox"), default="production")
     echo.add_argument("--batch", type=int, default=1000, metavar="N", help="Echo rows per transaction")
+    echo.add_argument(
+        "--refreshed-at-import", action="store_true",
+        help="write the import's start as the last refresh of the rows it writes, not eps_updated",
+    )
+    echo.add_argument("--default-topic", metavar="TOPIC", help="the APNs topic of Echo's rows that have none")
     echo.set_defaults(run=import_echo)
 
     keys = commands.add_parser("dev-keys", help="make a local key pair for signing dev tokens")

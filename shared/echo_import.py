@@ -21,6 +21,20 @@ crash finds its own rows unchanged. In full, for Echo's time ``E`` and ours ``O`
 - ``O <= E``, another user: the device moves to Echo's user in a new row, as a subscribe by
   another user moves it (``updated``, and counted as ``moved``).
 
+Echo never refreshes ``eps_updated``, so with that mapping every device Echo has known for longer
+than ``PUSH_SUBSCRIPTION_MAX_AGE_DAYS`` is expired by the next clean-up, live ones included.
+``refreshed_at_import`` (``--refreshed-at-import``) writes the import's start time ``S`` as the
+last refresh of the rows it imports and updates instead (a new row's creation time stays ``E``).
+The decision above still compares ``E`` with ``O``; only what is written changes. A rerun then
+finds ``O = S > E`` on the rows it wrote: one that still equals what Echo's row maps to (the
+refresh time aside) is ``unchanged`` and keeps its first ``S``, any other is ``kept``, as a
+device that registered with us since. So a rerun with the option writes nothing, and cannot
+apply new settings to those rows either.
+
+APNs rows without a topic are skipped (``missing_topic``) unless the import is given a
+``default_topic`` (``--default-topic``), checked at start by subscribe's rules, which such rows
+take (its app, too, as ``PUSH_APPS`` maps it).
+
 Rows that cannot be imported are skipped, each named (by ``eps_id``) with its reason, see
 :data:`REASONS`. Two Echo rows may name one device for us though Echo's unique hash held: APNs
 tokens are stored in lower case here, so tokens differing only in case are one device. A scan
@@ -74,7 +88,9 @@ REASONS = {
     "hash_mismatch": "eps_token_sha256 is not the SHA-256 of eps_token (not written by Echo)",
     "token_not_utf8": "eps_token is not UTF-8 text",
     "malformed_token": "the token is not one subscribe accepts for its provider",
-    "missing_topic": "an APNs row without a topic (eps_topic empty or naming no echo_push_topic row)",
+    "missing_topic": (
+        "an APNs row without a topic (eps_topic empty or naming no echo_push_topic row), and no --default-topic"
+    ),
     "malformed_topic": "the topic is not an app bundle id",
     "topic_not_allowed": "the topic is not in PUSH_APNS_ALLOWED_TOPICS",
     "invalid_user": "eps_user is 0, which is no user",
@@ -113,6 +129,8 @@ _COUNT = text("SELECT COUNT(*) FROM echo_push_subscription")
 
 _c = Subscription.__table__.c
 _COMPARED = ("user_id", "provider", "token", "topic", "environment", "app", "updated_at")
+#: What a device is subscribed to: the columns compared, but for the time of the last refresh.
+_MAPPED = _COMPARED[:-1]
 _HELD = select(_c.id, _c.token_sha256, _c.created_at, *(_c[name] for name in _COMPARED)).where(
     _c.token_sha256.in_(bindparam("digests", expanding=True))
 )
@@ -156,11 +174,15 @@ class Summary:
     kept: int = 0
     """Subscriptions we held with a later refresh than Echo's row: left as they are."""
     stale: int = 0
-    """Of the imported and updated, those already older than clean-up's maximum age."""
+    """Of the imported and updated, those last refreshed longer ago than clean-up's maximum age."""
+    defaulted: int = 0
+    """Of the imported and updated, those that took the default topic."""
     skipped: Counter[str] = field(default_factory=Counter)
+    default_topic: str | None = None
+    """The import's ``--default-topic``, if given: the summary line then counts ``defaulted``."""
 
     def add(self, other: Summary) -> None:
-        for name in ("read", "imported", "updated", "moved", "unchanged", "kept", "stale"):
+        for name in ("read", "imported", "updated", "moved", "unchanged", "kept", "stale", "defaulted"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.skipped.update(other.skipped)
 
@@ -171,6 +193,19 @@ class Summary:
             f"read {self.read}, imported {self.imported}, updated {self.updated} "
             f"(moved {self.moved}), unchanged {self.unchanged}, kept (ours newer) {self.kept}, "
             f"skipped {skipped}" + (f" ({reasons})" if reasons else "")
+            + (f", took the default topic {self.defaulted}" if self.default_topic else "")
+        )
+
+    def stale_note(self) -> str | None:
+        """What to tell the operator about the rows the next clean-up will expire, if any."""
+        if not self.stale:
+            return None
+        return (
+            f"note: {self.stale} of the rows imported or updated were last refreshed longer ago than "
+            "PUSH_SUBSCRIPTION_MAX_AGE_DAYS (by eps_updated, which Echo never refreshes): the next "
+            "clean-up expires them, live devices included. --refreshed-at-import takes the import "
+            "as their last refresh instead, which also keeps Echo's dead devices until a send finds "
+            "them gone or PUSH_SUBSCRIPTION_MAX_AGE_DAYS pass."
         )
 
 
@@ -181,6 +216,11 @@ class Mapped:
     eps_id: int
     digest: str
     values: dict[str, Any]
+    """The subscription's columns, ``updated_at`` the last refresh to write."""
+    echo_updated: datetime
+    """``eps_updated``: the time that decides against ours, and a new row's creation time."""
+    defaulted: bool = False
+    """Whether the topic is the import's default (Echo's row has none)."""
 
 
 #: Told of each row that is not imported: its eps_id and reason.
@@ -202,6 +242,8 @@ class EchoImport:
         dry_run: bool = False,
         max_age: timedelta | None = None,
         clock: Callable[[], datetime] = utcnow,
+        refreshed_at_import: bool = False,
+        default_topic: str | None = None,
     ) -> None:
         if environment not in ENVIRONMENTS:
             raise EchoImportError(f"the APNs environment must be one of {', '.join(ENVIRONMENTS)}")
@@ -213,7 +255,14 @@ class EchoImport:
         self.environment = environment
         self.batch = batch
         self.dry_run = dry_run
-        self.stale_before = clock() - max_age if max_age is not None else None
+        self.started = clock()
+        self.stale_before = self.started - max_age if max_age is not None else None
+        self.refreshed_at_import = refreshed_at_import
+        if default_topic is not None:
+            refused = self._topic_refused(default_topic)
+            if refused is not None:
+                raise EchoImportError(f"--default-topic {default_topic!r}: {REASONS[refused]}")
+        self.default_topic = default_topic
 
     def count(self) -> int:
         """How many rows Echo's table holds now (for the progress bar)."""
@@ -224,7 +273,7 @@ class EchoImport:
         """Import every row, batch by batch, in ``eps_id`` order; each row not imported is
         handed to ``on_skip`` as soon as its batch is written (dry: read)."""
         losers = self.duplicate_losers()
-        summary = Summary()
+        summary = Summary(default_topic=self.default_topic)
         after = 0
         while True:
             with _reading(self.source) as connection:
@@ -277,6 +326,7 @@ class EchoImport:
         except UnicodeDecodeError:
             return "token_not_utf8"
         topic = environment = app = None
+        defaulted = False
         if provider == "fcm":
             token = raw if valid_fcm_token(raw) else None
         else:
@@ -284,16 +334,18 @@ class EchoImport:
         if token is None:
             return "malformed_token"
         if provider == "apns":
-            if not row.topic:
+            if row.topic:
+                try:
+                    topic = row.topic.decode("utf-8")
+                except UnicodeDecodeError:
+                    return "malformed_topic"
+                refused = self._topic_refused(topic)
+                if refused is not None:
+                    return refused
+            elif self.default_topic is not None:
+                topic, defaulted = self.default_topic, True
+            else:
                 return "missing_topic"
-            try:
-                topic = row.topic.decode("utf-8")
-            except UnicodeDecodeError:
-                return "malformed_topic"
-            if not valid_apns_topic(topic):
-                return "malformed_topic"
-            if not apns_topic_allowed(topic, self.policy):
-                return "topic_not_allowed"
             environment = self.environment
             app = self.policy.apps.app_for_topic(topic) if self.policy.apps.settings else None
         if row.user <= 0:
@@ -302,9 +354,18 @@ class EchoImport:
             return "invalid_time"
         values = {
             "user_id": str(row.user), "provider": provider, "token": token, "topic": topic,
-            "environment": environment, "app": app, "updated_at": row.updated,
+            "environment": environment, "app": app,
+            "updated_at": self.started if self.refreshed_at_import else row.updated,
         }
-        return Mapped(row.eps_id, token_sha256(token), values)
+        return Mapped(row.eps_id, token_sha256(token), values, row.updated, defaulted)
+
+    def _topic_refused(self, topic: str) -> str | None:
+        """Why subscribe would refuse ``topic`` (a key of :data:`REASONS`), or ``None``."""
+        if not valid_apns_topic(topic):
+            return "malformed_topic"
+        if not apns_topic_allowed(topic, self.policy):
+            return "topic_not_allowed"
+        return None
 
     def _batch(self, rows: Sequence[EchoRow], losers: frozenset[int]) -> tuple[Summary, list[tuple[int, str]]]:
         """Map and write one batch; what it did, and the rows it skipped."""
@@ -361,15 +422,19 @@ class EchoImport:
         refreshed: list[dict[str, Any]] = []
         for item in mapped:
             ours = held.get(item.digest)
-            when = item.values["updated_at"]
-            if ours is not None and ours.updated_at > when:
-                done.kept += 1
+            if ours is not None and ours.updated_at > item.echo_updated:
+                # With the refresh at import, this is also how a rerun finds the rows it wrote.
+                if self.refreshed_at_import and _same(ours, item.values, _MAPPED):
+                    done.unchanged += 1
+                else:
+                    done.kept += 1
                 continue
-            if ours is not None and all(getattr(ours, name) == item.values[name] for name in _COMPARED):
+            if ours is not None and _same(ours, item.values, _COMPARED):
                 done.unchanged += 1
                 continue
-            if self.stale_before is not None and when < self.stale_before:
+            if self.stale_before is not None and item.values["updated_at"] < self.stale_before:
                 done.stale += 1
+            done.defaulted += item.defaulted
             if ours is None or ours.user_id != item.values["user_id"]:
                 if ours is not None:
                     doomed.append(ours.id)
@@ -377,7 +442,7 @@ class EchoImport:
                     done.moved += 1
                 else:
                     done.imported += 1
-                fresh.append({"token_sha256": item.digest, "created_at": when, **item.values})
+                fresh.append({"token_sha256": item.digest, "created_at": item.echo_updated, **item.values})
             else:
                 done.updated += 1
                 refreshed.append({"b_id": ours.id, **{f"b_{name}": item.values[name] for name in _COMPARED}})
@@ -392,7 +457,14 @@ class EchoImport:
         return done
 
 
-def from_settings(source_url: str, environment: str, batch: int, dry_run: bool) -> EchoImport:
+def from_settings(
+    source_url: str,
+    environment: str,
+    batch: int,
+    dry_run: bool,
+    refreshed_at_import: bool = False,
+    default_topic: str | None = None,
+) -> EchoImport:
     """The import ``pushctl import-echo`` runs: into ``PUSH_DATABASE_URL`` (at the code's schema),
     with subscribe's rules (``PUSH_APNS_ALLOWED_TOPICS``, ``PUSH_APPS``) and clean-up's maximum
     age (``PUSH_SUBSCRIPTION_MAX_AGE_DAYS``, to count rows it will expire)."""
@@ -403,7 +475,8 @@ def from_settings(source_url: str, environment: str, batch: int, dry_run: bool) 
         raise EchoImportError(f"PUSH_DATABASE_URL: {exc}") from None
     max_age = timedelta(days=env_int("PUSH_SUBSCRIPTION_MAX_AGE_DAYS", 270, minimum=1))
     return EchoImport(
-        source_engine(source_url), target, SubscribePolicy.from_env(), environment, batch, dry_run, max_age
+        source_engine(source_url), target, SubscribePolicy.from_env(), environment, batch, dry_run, max_age,
+        refreshed_at_import=refreshed_at_import, default_topic=default_topic,
     )
 
 
@@ -422,6 +495,11 @@ def source_engine(url: str) -> Engine:
         pool_size=1,
         connect_args={"init_command": "SET time_zone = '+00:00'", "connect_timeout": 10},
     )
+
+
+def _same(ours: Any, values: dict[str, Any], names: Iterable[str]) -> bool:
+    """Whether the row we hold has ``values`` in each column of ``names``."""
+    return all(getattr(ours, name) == values[name] for name in names)
 
 
 @contextmanager

@@ -20,11 +20,12 @@ from shared.db import get_engine
 from shared.echo_import import REASONS, EchoImport, Summary, source_engine
 from shared.models import Subscription
 from shared.progress import _Lines, progress
-from shared.subscriptions import NewSubscription, SubscriptionStore, token_sha256
+from shared.subscriptions import NewSubscription, SubscriptionStore, token_sha256, utcnow
 from shared.validation import SubscribePolicy
 from tests.echo import Echo, create_tables
 
 T0 = datetime(2024, 1, 2, 3, 4, 5)
+START = datetime(2025, 6, 1, 12, 0, 0, 123456)  # the import's start, where a test fixes it
 WIKIPEDIA = "org.wikimedia.wikipedia"
 FCM_A, FCM_B, FCM_C = "fcm-token-a:APA91b" + "a" * 140, "fcm-token-b:APA91b" + "b" * 140, "fcm-c:APA91b" + "c" * 9
 APNS_A, APNS_B = "ab" * 32, "cd" * 32
@@ -262,6 +263,100 @@ def test_an_equal_time_takes_echos_values_so_a_rerun_applies_new_settings(echo, 
     assert table(engine)[0]["environment"] == "sandbox"
 
 
+# --- the refresh at import (--refreshed-at-import) --------------------------------------------
+
+
+def test_by_default_the_next_clean_up_expires_what_echo_has_known_for_long(echo, run, engine):
+    echo.add(7, FCM_A, updated=START - timedelta(days=300))
+    summary = run(clock=lambda: START, max_age=timedelta(days=270))
+    assert summary.stale == 1
+    assert SubscriptionStore(engine).expire(START - timedelta(days=270)) == 1
+
+
+def test_refreshed_at_import_keeps_them_past_the_next_clean_up(echo, run, engine):
+    echo.add(7, FCM_A, updated=START - timedelta(days=300))
+    summary = run(clock=lambda: START, max_age=timedelta(days=270), refreshed_at_import=True)
+    assert summary.stale == 0
+    assert SubscriptionStore(engine).expire(START + timedelta(days=1) - timedelta(days=270)) == 0
+    assert SubscriptionStore(engine).expire(START + timedelta(days=271) - timedelta(days=270)) == 1
+
+
+def test_refreshed_at_import_writes_the_start_as_last_refresh_and_eps_updated_as_creation(echo, run, engine):
+    echo.add(7, FCM_A, updated=T0)
+    assert run(clock=lambda: START, refreshed_at_import=True).imported == 1
+    [row] = table(engine)
+    assert (row["created_at"], row["updated_at"]) == (T0, START)
+
+
+def test_refreshed_at_import_still_decides_by_eps_updated_against_our_refresh(echo, run, engine):
+    newer = ours(engine, "8", fcm(FCM_A), T0 + timedelta(days=1))  # after Echo's row, before START
+    older = ours(engine, "7", fcm(FCM_B), T0 - timedelta(days=1))
+    moving = ours(engine, "9", fcm(FCM_C), T0 - timedelta(days=1))
+    echo.add(7, FCM_A, updated=T0)  # another user's, and ours is newer: kept
+    echo.add(7, FCM_B, updated=T0)  # same user, ours older: refreshed in place
+    echo.add(7, FCM_C, updated=T0)  # another user's, ours older: moves
+    summary = run(clock=lambda: START, refreshed_at_import=True)
+    assert (summary.kept, summary.updated, summary.moved, summary.imported) == (1, 2, 1, 0)
+    rows = {row["token"]: (row["id"], row["user_id"], row["created_at"], row["updated_at"]) for row in table(engine)}
+    assert rows[FCM_A] == (newer.id, "8", newer.created_at, newer.updated_at)
+    assert rows[FCM_B] == (older.id, "7", older.created_at, START)
+    assert rows[FCM_C][1:] == ("7", T0, START) and rows[FCM_C][0] != moving.id
+
+
+def test_refreshed_at_import_after_a_default_import_refreshes_its_rows(echo, run, engine):
+    echo.add(7, FCM_A, updated=T0)
+    echo.add(8, APNS_A, "apns", WIKIPEDIA, updated=T0)
+    run()
+    summary = run(clock=lambda: START, refreshed_at_import=True)
+    assert (summary.updated, summary.unchanged) == (2, 0)
+    assert {(row["created_at"], row["updated_at"]) for row in table(engine)} == {(T0, START)}
+
+
+def test_a_rerun_with_refreshed_at_import_keeps_the_first_runs_values_and_settings(echo, run, engine):
+    """The rows the first run wrote are newer than Echo's now: a rerun with other settings leaves
+    them as they are (kept), as it would a device that registered with us since."""
+    echo.add(8, APNS_A, "apns", WIKIPEDIA, updated=T0)
+    run(clock=lambda: START, refreshed_at_import=True)
+    before = table(engine)
+    summary = run(clock=lambda: START + timedelta(hours=1), refreshed_at_import=True, environment="sandbox")
+    assert (summary.kept, summary.updated, summary.unchanged) == (1, 0, 0)
+    assert table(engine) == before and before[0]["environment"] == "production"
+
+
+# --- the default topic (--default-topic) --------------------------------------------------------
+
+
+def test_apns_rows_without_a_topic_take_the_default_topic(echo, run, engine):
+    without = echo.add(1, APNS_A, "apns", None)
+    dangling = echo.add(2, APNS_B, "apns", 200)  # names no echo_push_topic row
+    echo.add(3, "11" * 32, "apns", "org.wikimedia.commons")
+    echo.add(4, FCM_A)
+    summary = run(default_topic=WIKIPEDIA)
+    assert (summary.imported, summary.defaulted, run.skipped) == (4, 2, [])
+    topics = {row["user_id"]: (row["topic"], row["environment"]) for row in table(engine)}
+    assert topics == {
+        "1": (WIKIPEDIA, "production"), "2": (WIKIPEDIA, "production"),
+        "3": ("org.wikimedia.commons", "production"), "4": (None, None),
+    }
+    assert {without, dangling}.isdisjoint(dict(run.skipped))
+
+
+def test_the_default_topic_takes_the_app_push_apps_maps_it_to(echo, run, engine, monkeypatch):
+    monkeypatch.setenv("PUSH_APPS", json.dumps(
+        {"wikipedia": {"apns": {"key_id": "K", "team_id": "T", "topics": [WIKIPEDIA]}}}
+    ))
+    echo.add(1, APNS_A, "apns", None)
+    run(SubscribePolicy.from_env(), default_topic=WIKIPEDIA)
+    assert table(engine)[0]["app"] == "wikipedia"
+
+
+def test_a_row_whose_own_topic_is_refused_does_not_take_the_default(echo, run, engine, monkeypatch):
+    monkeypatch.setenv("PUSH_APNS_ALLOWED_TOPICS", WIKIPEDIA)
+    refused = echo.add(1, APNS_A, "apns", "org.example.elsewhere")
+    summary = run(SubscribePolicy.from_env(), default_topic=WIKIPEDIA)
+    assert run.skipped == [(refused, "topic_not_allowed")] and summary.defaulted == 0
+
+
 # --- idempotent, resumable, dry ---------------------------------------------------------------
 
 
@@ -281,36 +376,55 @@ def every_case(echo: Echo, engine) -> None:
         echo.add(100 + n % 6, fcm_token_n(n), updated=T0 + timedelta(hours=n))
 
 
-def test_a_second_run_changes_nothing(echo, run, engine):
+#: The options each run of every_case is tried with, and what that run counts: imported, updated,
+#: moved, unchanged, kept, took the default topic. With the refresh at import, the device user 7
+#: subscribed with us since Echo stored it holds what Echo's row maps to (refresh time aside):
+#: unchanged rather than kept. With a default topic, Echo's APNs row without one is imported.
+OPTIONS = {
+    "defaults": ({}, (21, 2, 1, 0, 1, 0)),
+    "refreshed-at-import": ({"refreshed_at_import": True}, (21, 2, 1, 1, 0, 0)),
+    "default-topic": ({"default_topic": WIKIPEDIA}, (22, 2, 1, 0, 1, 1)),
+    "both": ({"refreshed_at_import": True, "default_topic": WIKIPEDIA}, (22, 2, 1, 1, 0, 1)),
+}
+each_option_set = pytest.mark.parametrize("options, counts", OPTIONS.values(), ids=OPTIONS.keys())
+
+
+def tally(summary: Summary) -> tuple[int, ...]:
+    return (summary.imported, summary.updated, summary.moved, summary.unchanged, summary.kept, summary.defaulted)
+
+
+@each_option_set
+def test_a_second_run_changes_nothing(echo, run, engine, options, counts):
     every_case(echo, engine)
-    first = run(batch=3)
+    first = run(batch=3, clock=lambda: START, **options)
     after_first = table(engine)
-    second = run(batch=3)
+    second = run(batch=3, clock=lambda: START + timedelta(hours=1), **options)
     assert table(engine) == after_first
-    assert (second.imported, second.updated) == (0, 0)
-    assert second.unchanged == first.imported + first.updated
+    assert (second.imported, second.updated, second.defaulted, second.kept) == (0, 0, 0, first.kept)
+    assert second.unchanged == first.imported + first.updated + first.unchanged
     assert second.skipped == first.skipped and run.skipped
 
 
-def test_a_dry_run_writes_nothing_and_counts_what_the_run_does(echo, run, engine):
+@each_option_set
+def test_a_dry_run_writes_nothing_and_counts_what_the_run_does(echo, run, engine, options, counts):
     every_case(echo, engine)
     before = table(engine)
-    dry = run(dry_run=True, batch=4)
+    dry = run(dry_run=True, batch=4, **options)
     dry_skipped = run.skipped
     assert table(engine) == before
-    real = run(batch=4)
+    real = run(batch=4, **options)
     assert dry == real and dry_skipped == run.skipped
-    assert (real.imported, real.updated, real.moved, real.kept) == (21, 2, 1, 1)
+    assert tally(real) == counts
 
 
 class Crash(Exception):
     pass
 
 
-def reference(echo, run, engine) -> list[dict]:
+def reference(echo, run, engine, **options) -> list[dict]:
     """The table one uninterrupted run makes; left empty again for the run under test."""
     every_case(echo, engine)
-    run(batch=3)
+    run(batch=3, **options)
     done = table(engine, with_ids=False)
     with engine.begin() as connection:
         connection.execute(Subscription.__table__.delete())
@@ -319,8 +433,11 @@ def reference(echo, run, engine) -> list[dict]:
     return done
 
 
-def test_a_crash_between_batches_then_a_rerun_gives_the_same_rows(echo, run, engine):
-    expected = reference(echo, run, engine)
+@pytest.mark.parametrize("options", [{}, {"refreshed_at_import": True}], ids=["defaults", "refreshed-at-import"])
+def test_a_crash_between_batches_then_a_rerun_gives_the_same_rows(echo, run, engine, options):
+    """With the refresh at import, the rows written before the crash keep the first run's start
+    as their refresh, and the rerun writes its own start on the rest."""
+    expected = reference(echo, run, engine, clock=lambda: START, **options)
     batches = []
 
     def crash_after_two(size: int) -> None:
@@ -329,10 +446,18 @@ def test_a_crash_between_batches_then_a_rerun_gives_the_same_rows(echo, run, eng
             raise Crash
 
     with pytest.raises(Crash):
-        run(batch=3, on_batch=crash_after_two)
-    assert 0 < len(table(engine)) < len(expected)
-    run(batch=3)
-    assert table(engine, with_ids=False) == expected
+        run(batch=3, on_batch=crash_after_two, clock=lambda: START, **options)
+    after_crash = {row["token_sha256"]: row for row in table(engine, with_ids=False)}
+    assert 0 < len(after_crash) < len(expected)
+    later = START + timedelta(hours=1)
+    run(batch=3, clock=lambda: later, **options)
+    after = table(engine, with_ids=False)
+    assert [row for row in after if row["token_sha256"] in after_crash] == list(after_crash.values())
+    if options:
+        assert any(row["updated_at"] == later for row in after)
+        for row in after:
+            row["updated_at"] = START if row["updated_at"] == later else row["updated_at"]
+    assert after == expected
 
 
 def test_a_crash_inside_a_batchs_transaction_writes_none_of_it_then_a_rerun_completes(echo, run, engine):
@@ -388,6 +513,58 @@ def test_the_command_notes_rows_clean_up_will_expire(echo, echo_url, engine, cap
     echo.add(2, FCM_B, updated=datetime.now() - timedelta(days=1))
     assert pushctl(["import-echo", "--from", echo_url]) == 0
     assert "note: 1 of the rows imported or updated" in capsys.readouterr().out
+
+
+def test_the_note_names_the_option_that_keeps_them(echo, echo_url, engine, capsys, monkeypatch):
+    monkeypatch.setenv("PUSH_SUBSCRIPTION_MAX_AGE_DAYS", "30")
+    echo.add(1, FCM_A, updated=datetime.now() - timedelta(days=31))
+    assert pushctl(["import-echo", "--from", echo_url, "--dry-run"]) == 0
+    note = capsys.readouterr().out.splitlines()[-2]
+    assert note.startswith("note: 1 of the rows") and "--refreshed-at-import" in note and "dead devices" in note
+
+
+def test_the_command_with_refreshed_at_import_writes_the_run_as_last_refresh(
+    echo, echo_url, engine, capsys, monkeypatch
+):
+    monkeypatch.setenv("PUSH_SUBSCRIPTION_MAX_AGE_DAYS", "30")
+    echo.add(1, FCM_A, updated=T0)
+    before = utcnow()
+    assert pushctl(["import-echo", "--from", echo_url, "--refreshed-at-import"]) == 0
+    assert "note:" not in capsys.readouterr().out
+    [row] = table(engine)
+    assert row["created_at"] == T0 and before <= row["updated_at"] <= utcnow()
+
+
+def test_the_command_counts_the_rows_that_took_the_default_topic(echo, echo_url, engine, capsys):
+    echo.add(1, APNS_A, "apns", None)
+    echo.add(2, APNS_B, "apns", WIKIPEDIA)
+    assert pushctl(["import-echo", "--from", echo_url, "--default-topic", WIKIPEDIA]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "read 2, imported 2, updated 0 (moved 0), unchanged 0, kept (ours newer) 0, skipped 0, "
+        "took the default topic 1"
+    )
+
+
+@pytest.mark.parametrize(
+    "topic, allowed, message",
+    [
+        ("not a bundle id", "", "--default-topic 'not a bundle id': the topic is not an app bundle id"),
+        (
+            "org.example.other", WIKIPEDIA,
+            "--default-topic 'org.example.other': the topic is not in PUSH_APNS_ALLOWED_TOPICS",
+        ),
+    ],
+    ids=["malformed", "not-allowed"],
+)
+def test_the_command_refuses_a_default_topic_subscribe_would_refuse(
+    echo, echo_url, engine, capsys, monkeypatch, topic, allowed, message
+):
+    monkeypatch.setenv("PUSH_APNS_ALLOWED_TOPICS", allowed)
+    echo.add(1, FCM_A)
+    assert pushctl(["import-echo", "--from", echo_url, "--default-topic", topic]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"pushctl import-echo: {message}\n"
+    assert captured.out == "" and table(engine) == []
 
 
 @pytest.mark.parametrize(
