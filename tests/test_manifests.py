@@ -1,20 +1,25 @@
-"""The deployment manifests (knative/, stack.yml), checked without a cluster.
+"""The deployment manifests (knative/, openfaas/, stack.yml), checked without a cluster.
 
 Every document validates against the reference JSON Schemas in tests/manifest_schemas (public
-data from the Knative CRDs and OpenFaaS's stack format; its README names their source and
-version), chosen by its apiVersion and kind; stack.yml against
-openfaas/stack_v1.json. Then the rules no schema checks, one test each, each with a companion
-test showing its checker catches a bad document.
+data from Kubernetes' OpenAPI, the Knative CRDs and OpenFaaS's stack format; its README names
+their source and version), chosen by its apiVersion and kind; stack.yml against
+openfaas/stack_v1.json; and every combination of knative/'s components, built with
+`kubectl kustomize`, validates too. Then the rules no schema checks, one test each, each with a
+companion test showing its checker catches a bad document.
 """
 from __future__ import annotations
 
 import ast
 import copy
+import itertools
 import json
+import math
+import os
 import re
 import shlex
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -28,6 +33,7 @@ from shared.metrics import DEFAULT_PORT as DEFAULT_METRICS_PORT
 
 REPO = Path(__file__).resolve().parent.parent
 KNATIVE = REPO / "knative"
+OPENFAAS = REPO / "openfaas"
 STACK = REPO / "stack.yml"
 SCHEMAS = REPO / "tests" / "manifest_schemas"
 FUNCTIONS = sorted(p.name for p in (REPO / "functions").iterdir() if (p / "main.py").exists())
@@ -51,7 +57,8 @@ Document = dict[str, Any]
 
 
 def kustomize_files(folder: Path) -> tuple[set[Path], set[Path]]:
-    """(resource files, other kustomize inputs) of the kustomizations under ``folder``."""
+    """(resource files, other kustomize inputs: kustomizations, configurations, patch files) of
+    the kustomization and components under ``folder``."""
     resources, others = set(), set()
     for kustomization in folder.rglob("kustomization.yaml"):
         spec = yaml.safe_load(kustomization.read_text())
@@ -60,19 +67,43 @@ def kustomize_files(folder: Path) -> tuple[set[Path], set[Path]]:
             resources.add((kustomization.parent / entry).resolve())
         for entry in spec.get("configurations", []):
             others.add((kustomization.parent / entry).resolve())
+        for patch in spec.get("patches", []):
+            if "path" in patch:
+                others.add((kustomization.parent / patch["path"]).resolve())
     return resources, others
 
 
+def yaml_documents(paths: Iterable[Path]) -> list[tuple[str, Document]]:
+    return [
+        (f"{path.relative_to(REPO)}#{index}", document)
+        for path in sorted(paths)
+        for index, document in enumerate(yaml.safe_load_all(path.read_text()))
+        if document is not None
+    ]
+
+
 def load_knative() -> list[tuple[str, Document]]:
-    """(where, document) for every document of every resource file under knative/."""
-    documents = []
-    for path in sorted(KNATIVE.rglob("*.yaml")):
-        if path.name == "kustomization.yaml" or path.resolve() in kustomize_files(KNATIVE)[1]:
-            continue
-        for index, document in enumerate(yaml.safe_load_all(path.read_text())):
-            if document is not None:
-                documents.append((f"{path.relative_to(REPO)}#{index}", document))
-    return documents
+    """(where, document) for every resource of knative/'s kustomization and of all its
+    components: the whole deployment with every option on (patches are checked after a build)."""
+    return yaml_documents(kustomize_files(KNATIVE)[0])
+
+
+def load_openfaas() -> list[tuple[str, Document]]:
+    """The Kubernetes manifests shipped for OpenFaaS (openfaas/)."""
+    return yaml_documents(OPENFAAS.glob("*.yaml"))
+
+
+def kustomization() -> Document:
+    return yaml.safe_load((KNATIVE / "kustomization.yaml").read_text())
+
+
+def component_folders() -> list[str]:
+    """The folders of knative/ holding a kustomize Component, relative to knative/."""
+    return sorted(
+        path.parent.relative_to(KNATIVE).as_posix()
+        for path in KNATIVE.rglob("kustomization.yaml")
+        if yaml.safe_load(path.read_text()).get("kind") == "Component"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -127,14 +158,30 @@ def env(service: Document) -> dict[str, Any]:
 # --- schemas --------------------------------------------------------------------------------
 
 
+def honour_preserved_fields(schema: Any) -> Any:
+    """The schema as the API server applies it: an object marked
+    ``x-kubernetes-preserve-unknown-fields`` keeps fields it does not list (Knative's delivery
+    spec is one, for its feature-gated fields), whatever ``additionalProperties`` the conversion to
+    JSON Schema gave it."""
+    if isinstance(schema, dict):
+        relaxed = {key: honour_preserved_fields(value) for key, value in schema.items()}
+        if relaxed.get("x-kubernetes-preserve-unknown-fields") is True:
+            relaxed.pop("additionalProperties", None)
+        return relaxed
+    if isinstance(schema, list):
+        return [honour_preserved_fields(value) for value in schema]
+    return schema
+
+
 def schema_problems(document: Document, schemas: Path) -> list[str]:
-    """Why ``document`` does not validate against its schema (apiVersion + kind); [] if it does."""
+    """Why ``document`` does not validate against its schema (apiVersion + kind); [] if it does.
+    Kubernetes' core group (apiVersion ``v1``) is the folder ``core``."""
     api_version, kind_ = kind(document)
     group, _, version = api_version.rpartition("/")
-    path = schemas / group / f"{kind_.lower()}_{version}.json"
-    if not group or not path.is_file():
+    path = schemas / (group or "core") / f"{kind_.lower()}_{version}.json"
+    if not version or not kind_ or not path.is_file():
         return [f"no schema for apiVersion {api_version!r} kind {kind_!r} (looked for {path})"]
-    schema = json.loads(path.read_text())
+    schema = honour_preserved_fields(json.loads(path.read_text()))
     validator_class = jsonschema.validators.validator_for(schema, default=jsonschema.Draft7Validator)
     return [
         f"{'/'.join(map(str, error.absolute_path)) or '<root>'}: {error.message}"
@@ -151,6 +198,11 @@ def test_every_knative_document_validates_against_its_schema(where, document, sc
     assert schema_problems(document, schemas) == []
 
 
+@pytest.mark.parametrize("where,document", load_openfaas(), ids=lambda value: value if isinstance(value, str) else "")
+def test_every_openfaas_manifest_validates_against_its_schema(where, document, schemas):
+    assert schema_problems(document, schemas) == []
+
+
 def test_stack_yml_validates_against_the_openfaas_schema(stack, schemas):
     schema = json.loads((schemas / "openfaas" / "stack_v1.json").read_text())
     errors = [e.message for e in jsonschema.Draft7Validator(schema).iter_errors(stack)]
@@ -161,7 +213,18 @@ def test_the_schema_check_catches_unknown_fields_and_kinds(knative, schemas):
     service = copy.deepcopy(services(d for _, d in knative)["subscribe"])
     service["spec"]["template"]["spec"]["containerConcurency"] = 10  # misspelt
     assert any("containerConcurency" in p for p in schema_problems(service, schemas))
-    assert schema_problems({"apiVersion": "v1", "kind": "ConfigMap"}, schemas)
+    assert schema_problems({"apiVersion": "v1", "kind": "Secret"}, schemas)
+    policy = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": {"name": "a"},
+              "spec": {"podSelector": {}, "ingres": []}}
+    assert any("ingres" in p for p in schema_problems(policy, schemas))
+
+
+def test_the_delivery_spec_keeps_the_fields_knative_preserves(schemas):
+    """Broker.spec.delivery is x-kubernetes-preserve-unknown-fields in Knative's CRD (timeout,
+    retryAfterMax are feature-gated): the check accepts them, as the API server does."""
+    broker = {"apiVersion": "eventing.knative.dev/v1", "kind": "Broker", "metadata": {"name": "b"},
+              "spec": {"delivery": {"retry": 1, "timeout": "PT1S", "retryAfterMax": "PT1S"}}}
+    assert schema_problems(broker, schemas) == []
 
 
 # --- annotation and label values are strings ------------------------------------------------
@@ -460,12 +523,15 @@ def test_dispatchers_reports_reach_the_broker_with_the_cleanup_trigger(documents
     assert {t["spec"]["broker"] for t in cleanup_triggers} == {"push"}
 
 
-def test_the_broker_retries_with_exponential_backoff_and_a_dead_letter_sink(documents):
+def test_the_broker_is_durable_and_dead_letters_go_to_the_cleanup_route(documents):
     (broker,) = of_kind(documents, ("eventing.knative.dev/v1", "Broker"))
-    delivery = broker["spec"]["delivery"]
-    assert delivery["retry"] >= 3 and delivery["backoffPolicy"] == "exponential"
-    assert re.fullmatch(r"PT\d+(\.\d+)?S", delivery["backoffDelay"])
-    assert delivery["deadLetterSink"]["ref"]["name"] in services(documents)
+    assert broker["metadata"]["annotations"]["eventing.knative.dev/broker.class"] == "Kafka"
+    config = broker["spec"]["config"]
+    (kafka,) = [g for g in kustomization()["configMapGenerator"] if g["name"] == config["name"]]
+    assert {"bootstrap.servers", "default.topic.replication.factor"} <= {
+        literal.split("=", 1)[0] for literal in kafka["literals"]}
+    sink = broker["spec"]["delivery"]["deadLetterSink"]
+    assert (sink["ref"]["name"], sink["uri"]) == ("cleanup-invalid-tokens", "/dead-letters")
 
 
 def test_the_daily_ping_goes_to_cleanup(documents):
@@ -534,7 +600,15 @@ def test_every_knative_manifest_is_listed_in_a_kustomization():
     resources, others = kustomize_files(KNATIVE)
     files = {p.resolve() for p in KNATIVE.rglob("*.yaml")}
     assert files - others == resources
-    assert all(p.exists() for p in resources)
+    assert all(p.exists() for p in resources | others)
+
+
+def test_every_component_folder_is_offered_in_the_kustomization():
+    """Each component is named in kustomization.yaml (listed or commented out), so an operator
+    finds every option in the one file."""
+    text = (KNATIVE / "kustomization.yaml").read_text()
+    for folder in component_folders():
+        assert re.search(rf"^\s*(# )?- {re.escape(folder)}$", text, re.MULTILINE), folder
 
 
 # --- Knative settings the README asks for ---------------------------------------------------
@@ -549,19 +623,41 @@ def test_dispatchers_and_cleanup_are_cluster_local_and_the_api_public(documents)
             assert visibility == "cluster-local", name
 
 
-def test_dispatcher_timeout_is_above_the_deadline_and_below_the_lease(documents):
-    for name in DISPATCHERS:
-        service = services(documents)[name]
-        timeout = service["spec"]["template"]["spec"]["timeoutSeconds"]
-        variables = env(service)
-        assert int(variables["PUSH_DISPATCH_DEADLINE_SECONDS"]) < timeout < int(variables["PUSH_DELIVERY_LEASE_SECONDS"])
+@pytest.mark.parametrize("function", FUNCTIONS)
+def test_every_function_scales_to_zero_and_probes_readyz_as_knative_recommends(documents, function):
+    """No periodSeconds on the readiness probe: Knative then probes aggressively while a replica
+    starts (a scale from zero answers sooner); a period turns that off."""
+    service = services(documents)[function]
+    assert annotations(service)["autoscaling.knative.dev/min-scale"] == "0"
+    probe = container(service)["readinessProbe"]
+    assert probe["httpGet"]["path"] == "/readyz"
+    assert "periodSeconds" not in probe
 
 
 @pytest.mark.parametrize("function", FUNCTIONS)
-def test_every_function_scales_to_zero_and_probes_readyz(documents, function):
+def test_every_function_reads_its_settings_from_a_required_config(documents, function):
+    (source,) = container(services(documents)[function])["envFrom"]
+    assert source["configMapRef"]["name"] == "push-config"
+    assert not source["configMapRef"].get("optional")
+
+
+@pytest.mark.parametrize("function", FUNCTIONS)
+def test_every_function_runs_on_a_read_only_root_with_a_writable_tmp(documents, stack, function):
     service = services(documents)[function]
-    assert annotations(service)["autoscaling.knative.dev/min-scale"] == "0"
-    assert container(service)["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container(service)["securityContext"]["readOnlyRootFilesystem"] is True
+    mounts = {m["mountPath"]: m["name"] for m in container(service)["volumeMounts"]}
+    volumes = {v["name"]: v for v in service["spec"]["template"]["spec"]["volumes"]}
+    assert "emptyDir" in volumes[mounts["/tmp"]]
+    assert stack["functions"][function]["readonly_root_filesystem"] is True
+
+
+def test_the_shipped_config_names_the_token_issuer_and_audience(stack):
+    (config,) = [g for g in kustomization()["configMapGenerator"] if g["name"] == "push-config"]
+    assert {"PUSH_AUTH_ISSUER", "PUSH_AUTH_AUDIENCE"} <= {literal.split("=", 1)[0] for literal in config["literals"]}
+    for name in ("subscribe", "unsubscribe"):
+        environment = stack["functions"][name]["environment"]
+        assert environment["PUSH_AUTH_ISSUER"] == "${PUSH_AUTH_ISSUER:-}"
+        assert environment["PUSH_AUTH_AUDIENCE"] == "${PUSH_AUTH_AUDIENCE:-}"
 
 
 def needed_secrets(function: str, stack: Document) -> set[str]:
@@ -580,10 +676,11 @@ def secret_file_problems(service: Document, needed: set[str]) -> list[str]:
             problems.append(f"{variable['name']} comes from a Secret as an environment variable, not as a file")
     if env(service).get("PUSH_SECRETS_DIR") != SECRETS_DIR:
         problems.append(f"PUSH_SECRETS_DIR is not {SECRETS_DIR}")
-    mounts = function.get("volumeMounts", [])
+    volumes = {v["name"]: v for v in service["spec"]["template"]["spec"].get("volumes", [])}
+    # Scratch space (the emptyDir at /tmp) is not where secrets are.
+    mounts = [m for m in function.get("volumeMounts", []) if "emptyDir" not in volumes.get(m["name"], {})]
     problems += [f"{m['name']} is mounted at {m['mountPath']}, not {SECRETS_DIR}" for m in mounts if m["mountPath"] != SECRETS_DIR]
     problems += [f"{m['name']} is mounted writable" for m in mounts if not m.get("readOnly")]
-    volumes = {v["name"]: v for v in service["spec"]["template"]["spec"].get("volumes", [])}
     files: dict[str, Document] = {}  # file name in SECRETS_DIR -> the secret source giving it
     for mount in mounts:
         for source in volumes.get(mount["name"], {}).get("projected", {}).get("sources", []):
@@ -672,7 +769,28 @@ def test_prometheus_scrapes_the_metrics_port_on_both_platforms(documents, stack,
     assert int(entry["annotations"]["prometheus.io/port"]) == metrics_port(entry.get("environment", {}))
 
 
-# --- shutdown: a dispatcher drains its events before the platform kills it --------------------
+# --- timing: the numbers derive from one another (docs/deploy.md, "Timing") -------------------
+#
+# D = PUSH_DISPATCH_DEADLINE_SECONDS: sends still running then count as transient.
+# M = ANSWER_MARGIN_SECONDS: after the deadline, the outcomes' write may wait for a pooled
+#     connection (shared/db.py, pool_timeout 10 s) and a dead-token report for K_SINK (5 s): an
+#     event is answered within D + M.
+# G = gunicorn's graceful timeout: on SIGTERM, how long an event in flight may still run: >= D + M.
+# Q = queue-proxy's drain: Knative sends SIGTERM to the function only after queue-proxy has had
+#     no new request for 30 s (knative.dev/serving, pkg/queue/sharedmain/main.go,
+#     drainSleepDuration), and kills the pod timeoutSeconds (T) after it began stopping
+#     (terminationGracePeriodSeconds = timeoutSeconds, pkg/reconciler/revision/resources/deploy.go):
+#     an event that arrived just before the drain needs Q + G <= T.
+# T = timeoutSeconds is also the longest request the revision lets run: the claim leases
+#     (PUSH_DELIVERY_LEASE_SECONDS, PUSH_PENDING_LEASE_SECONDS) must outlast it, so no claim of a
+#     live invocation lapses, and the broker's delivery.timeout must be above it, so the broker
+#     does not retry an event that is still being worked on.
+# OpenFaaS Pro: no queue-proxy; the pod gets write_timeout + 2 s after SIGTERM (faas-netes, the
+#     operator): G < write_timeout + 2, and write_timeout is the longest request (gateway
+#     upstream_timeout, queue-worker ack_wait are set from it), so the leases outlast it.
+
+QUEUE_PROXY_DRAIN_SECONDS = 30
+ANSWER_MARGIN_SECONDS = 15
 
 
 def graceful_timeout(environment: dict[str, Any]) -> int:
@@ -693,49 +811,277 @@ def go_seconds(duration: str) -> float:
     return sum(float(n) * {"h": 3600, "m": 60, "s": 1, "ms": 0.001}[u] for n, u in parts)
 
 
-def drain_problems(documents: Iterable[Document], stack: Document) -> list[str]:
-    """Dispatchers whose drain on shutdown is shorter than PUSH_DISPATCH_DEADLINE_SECONDS (an
-    event in flight is cut off) or not shorter than the pod's terminationGracePeriodSeconds (the
-    kubelet kills it first). Knative sets that grace period to the revision's timeoutSeconds;
-    faas-netes and the OpenFaaS operator to write_timeout + 2 s (30 s without it)."""
+def iso_seconds(duration: str) -> float:
+    """An ISO 8601 duration as Knative's delivery spec writes them (``PT120S``, ``PT1M30S``)."""
+    match = re.fullmatch(r"PT(?:(\d+(?:\.\d+)?)H)?(?:(\d+(?:\.\d+)?)M)?(?:(\d+(?:\.\d+)?)S)?", duration)
+    if not match or duration == "PT":
+        raise ValueError(f"not an ISO 8601 duration: {duration!r}")
+    hours, minutes, seconds = (float(group or 0) for group in match.groups())
+    return hours * 3600 + minutes * 60 + seconds
+
+
+def broker_delivery(documents: Iterable[Document]) -> Document:
+    (broker,) = of_kind(documents, ("eventing.knative.dev/v1", "Broker"))
+    return broker["spec"]["delivery"]
+
+
+def timing_problems(documents: Iterable[Document], stack: Document) -> list[str]:
+    """The rules above, for every dispatcher on both platforms."""
+    documents = list(documents)
     problems = []
+    delivery_timeout = iso_seconds(broker_delivery(documents).get("timeout", "PT0S"))
     knative_services = services(documents)
     for name in DISPATCHERS:
         service = knative_services[name]
         environment = stack["functions"][name].get("environment", {})
+        write_timeout = go_seconds(environment.get("write_timeout", "30s"))
         platforms = [
-            ("knative", env(service), service["spec"]["template"]["spec"]["timeoutSeconds"]),
-            ("stack.yml", environment, go_seconds(environment.get("write_timeout", "30s")) + 2),
+            ("knative", env(service), service["spec"]["template"]["spec"]["timeoutSeconds"],
+             service["spec"]["template"]["spec"]["timeoutSeconds"] - QUEUE_PROXY_DRAIN_SECONDS),
+            ("stack.yml", environment, write_timeout, write_timeout + 2),
         ]
-        for where, variables, grace in platforms:
-            deadline, drain = int(variables["PUSH_DISPATCH_DEADLINE_SECONDS"]), graceful_timeout(variables)
-            if drain < deadline:
-                problems.append(f"{where} {name}: drains {drain} s, less than the {deadline} s deadline")
-            if drain >= grace:
-                problems.append(f"{where} {name}: drains {drain} s, not less than the {grace:g} s grace period")
+        for where, variables, longest, left_for_gunicorn in platforms:
+            deadline = int(variables["PUSH_DISPATCH_DEADLINE_SECONDS"])
+            drain = graceful_timeout(variables)
+            answered = deadline + ANSWER_MARGIN_SECONDS
+            if drain < answered:
+                problems.append(f"{where} {name}: drains {drain} s, less than the {answered} s an event may take")
+            if drain > left_for_gunicorn:
+                problems.append(f"{where} {name}: drains {drain} s, more than the {left_for_gunicorn:g} s the pod is given")
+            if longest < answered:
+                problems.append(f"{where} {name}: requests are cut at {longest:g} s, before the {answered} s an event may take")
+            for lease in ("PUSH_DELIVERY_LEASE_SECONDS", "PUSH_PENDING_LEASE_SECONDS"):
+                if int(variables[lease]) <= longest:
+                    problems.append(f"{where} {name}: {lease} {variables[lease]} is not above the {longest:g} s a request may run")
+        timeout = service["spec"]["template"]["spec"]["timeoutSeconds"]
+        if delivery_timeout <= timeout:
+            problems.append(f"knative {name}: the broker's delivery timeout {delivery_timeout:g} s is not above timeoutSeconds {timeout}")
     return problems
 
 
-def test_dispatchers_drain_for_the_deadline_within_the_grace_period(documents, stack):
-    assert drain_problems(documents, stack) == []
+def test_the_dispatchers_timing_adds_up_on_both_platforms(documents, stack):
+    assert timing_problems(documents, stack) == []
 
 
-def test_the_drain_check_catches_gunicorns_default_graceful_timeout(documents, stack):
+def test_the_timing_check_catches_each_broken_rule(documents, stack):
     knative = [copy.deepcopy(d) for d in documents]
-    service = services(knative)["dispatch-apns"]
-    container(service)["env"] = [e for e in container(service)["env"] if e["name"] != "GUNICORN_CMD_ARGS"]
+    apns = services(knative)["dispatch-apns"]
+    container(apns)["env"] = [e for e in container(apns)["env"] if e["name"] != "GUNICORN_CMD_ARGS"]
+    services(knative)["dispatch-fcm"]["spec"]["template"]["spec"]["timeoutSeconds"] = 90
+    broker_delivery(knative)["timeout"] = "PT100S"
     openfaas = copy.deepcopy(stack)
-    openfaas["functions"]["dispatch-fcm"]["environment"] = {
-        k: v for k, v in stack["functions"]["dispatch-fcm"]["environment"].items() if k != "GUNICORN_CMD_ARGS"
-    }
     openfaas["functions"]["dispatch-webpush"]["environment"] = {
         **stack["functions"]["dispatch-webpush"]["environment"], "write_timeout": "60s"
     }
-    assert sorted(drain_problems(knative, openfaas)) == [
-        "knative dispatch-apns: drains 30 s, less than the 60 s deadline",
-        "stack.yml dispatch-fcm: drains 30 s, less than the 60 s deadline",
-        "stack.yml dispatch-webpush: drains 75 s, not less than the 62 s grace period",
+    problems = timing_problems(knative, openfaas)
+    assert "knative dispatch-apns: drains 30 s, less than the 75 s an event may take" in problems
+    assert "knative dispatch-fcm: drains 75 s, more than the 60 s the pod is given" in problems
+    assert "stack.yml dispatch-webpush: drains 75 s, more than the 62 s the pod is given" in problems
+    assert "stack.yml dispatch-webpush: requests are cut at 60 s, before the 75 s an event may take" in problems
+    assert "knative dispatch-webpush: the broker's delivery timeout 100 s is not above timeoutSeconds 105" in problems
+
+
+def test_the_flush_tick_triggers_wait_as_long_as_the_broker(documents):
+    """A flush may run as long as an event: its Trigger's own delivery timeout is the Broker's."""
+    for trigger in of_kind(documents, ("eventing.knative.dev/v1", "Trigger")):
+        delivery = trigger["spec"].get("delivery")
+        if delivery is not None:
+            assert delivery["timeout"] == broker_delivery(documents)["timeout"], trigger["metadata"]["name"]
+
+
+# --- retries outlast an outage; what still fails is kept --------------------------------------
+#
+# How each platform spaces its retries (n = 1, 2, ...): the Kafka broker waits backoffDelay * n
+# (linear) or backoffDelay * 2^n (exponential) before retry n (eventing-kafka-broker,
+# WebClientCloudEventSender.computeRetryPolicy); OpenFaaS Pro's queue-worker doubles from min_wait
+# up to max_wait. scripts/local_router.py follows the Kafka broker (tests/test_local_router.py).
+
+OUTAGE_SECONDS = 3600
+#: The longest gap between two retries: a recovered provider is noticed within it.
+MAX_GAP_SECONDS = 600
+
+
+def kafka_waits(delivery: Document) -> list[float]:
+    delay = iso_seconds(delivery["backoffDelay"])
+    if delivery.get("backoffPolicy", "exponential") == "linear":
+        return [delay * n for n in range(1, delivery["retry"] + 1)]
+    return [delay * 2 ** n for n in range(1, delivery["retry"] + 1)]
+
+
+def openfaas_waits(annotations_: Document) -> list[float]:
+    low, high = go_seconds(annotations_["com.openfaas.retry.min_wait"]), go_seconds(annotations_["com.openfaas.retry.max_wait"])
+    return [min(low * 2 ** (n - 1), high) for n in range(1, int(annotations_["com.openfaas.retry.attempts"]))]
+
+
+def retry_problems(where: str, waits: list[float]) -> list[str]:
+    problems = []
+    if sum(waits) < OUTAGE_SECONDS:
+        problems.append(f"{where}: retries end {sum(waits):g} s after the first failure, before an hour")
+    if max(waits, default=0) > MAX_GAP_SECONDS:
+        problems.append(f"{where}: {max(waits):g} s between two retries")
+    return problems
+
+
+def test_the_broker_retries_outlast_an_hour_long_outage(documents, stack):
+    problems = retry_problems("broker", kafka_waits(broker_delivery(documents)))
+    for name in DISPATCHERS:
+        problems += retry_problems(f"stack.yml {name}", openfaas_waits(stack["functions"][name]["annotations"]))
+    assert problems == []
+
+
+def test_the_retry_check_catches_the_old_four_minute_schedule():
+    old = {"retry": 7, "backoffPolicy": "exponential", "backoffDelay": "PT2S"}
+    assert retry_problems("broker", kafka_waits(old)) == ["broker: retries end 508 s after the first failure, before an hour"]
+    assert retry_problems("x", kafka_waits({**old, "retry": 12})) == ["x: 8192 s between two retries"]
+
+
+def test_the_delivery_spec_names_only_fields_knative_knows(documents):
+    """delivery is not checked by the CRD's schema (it keeps unknown fields): a misspelt field
+    would be silently ignored."""
+    known = {"retry", "backoffPolicy", "backoffDelay", "deadLetterSink", "timeout", "retryAfterMax"}
+    deliveries = [broker_delivery(documents)] + [
+        t["spec"]["delivery"] for t in of_kind(documents, ("eventing.knative.dev/v1", "Trigger")) if "delivery" in t["spec"]
     ]
+    assert all(set(delivery) <= known for delivery in deliveries)
+
+
+# --- database connections: the manifests' maximum fits the database ------------------------------
+#
+# Each replica keeps at most PUSH_DATABASE_POOL_SIZE + PUSH_DATABASE_MAX_OVERFLOW connections; a
+# rollout may run the old and the new revision's replicas side by side (ROLLOUT); plus the Jobs
+# (pushctl migrate, pushctl dead-letters). docs/deploy.md states the same formula and number.
+
+STATED_MAX_CONNECTIONS = 500
+ROLLOUT = 2
+JOB_CONNECTIONS = 2
+CODE_DEFAULT_POOL = 10
+
+
+def pool_of(variables: dict[str, Any], config: dict[str, str]) -> int:
+    merged = {**config, **{k: str(v) for k, v in variables.items()}}
+    return int(merged.get("PUSH_DATABASE_POOL_SIZE") or CODE_DEFAULT_POOL) + int(merged.get("PUSH_DATABASE_MAX_OVERFLOW") or 0)
+
+
+def most_connections(documents: Iterable[Document], stack: Document) -> dict[str, int]:
+    (config,) = [g for g in kustomization()["configMapGenerator"] if g["name"] == "push-config"]
+    shared = dict(literal.split("=", 1) for literal in config["literals"])
+    knative = sum(
+        int(annotations(s)["autoscaling.knative.dev/max-scale"]) * pool_of(env(s), shared)
+        for name, s in services(documents).items() if name in FUNCTIONS
+    )
+    openfaas = sum(
+        int(f["labels"]["com.openfaas.scale.max"]) * pool_of(f.get("environment", {}), {})
+        for f in stack["functions"].values()
+    )
+    return {where: total * ROLLOUT + JOB_CONNECTIONS for where, total in (("knative", knative), ("openfaas", openfaas))}
+
+
+def test_the_most_connections_the_manifests_open_fit_the_stated_max_connections(documents, stack):
+    assert max(most_connections(documents, stack).values()) <= STATED_MAX_CONNECTIONS
+    deploy = (REPO / "docs" / "deploy.md").read_text()
+    assert f"max_connections` of at least {STATED_MAX_CONNECTIONS}" in deploy
+
+
+def test_the_connection_check_counts_the_code_default_pool(documents, stack):
+    """Without the pool sizes the shipped config sets, every replica keeps the code's 10."""
+    knative = [copy.deepcopy(d) for d in documents]
+    for service in services(knative).values():
+        container(service)["env"] = [e for e in container(service)["env"] if e["name"] != "PUSH_DATABASE_POOL_SIZE"]
+    assert most_connections(knative, stack)["knative"] == 47 * CODE_DEFAULT_POOL * ROLLOUT + JOB_CONNECTIONS
+
+
+# --- who can reach what (network policies, public routes) --------------------------------------
+
+
+def policies_for(documents: Iterable[Document], role: str, direction: str) -> list[Document]:
+    """The NetworkPolicies that select the pods of ``role`` and govern ``direction``."""
+    chosen = []
+    for policy in of_kind(documents, ("networking.k8s.io/v1", "NetworkPolicy")):
+        selector = policy["spec"]["podSelector"]
+        labels = {"push.wikimedia.org/role": role}
+        matches = all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items()) and all(
+            labels.get(e["key"]) in e["values"] for e in selector.get("matchExpressions", []) if e["operator"] == "In"
+        )
+        if matches and direction in policy["spec"].get("policyTypes", []):
+            chosen.append(policy)
+    return chosen
+
+
+def ingress_sources(documents: Iterable[Document], role: str, port: int) -> set[str]:
+    """Who may open ``port`` on a pod of ``role``: namespace names, or "anyone"."""
+    sources: set[str] = set()
+    for policy in policies_for(documents, role, "Ingress"):
+        for rule in policy["spec"].get("ingress", []):
+            if rule.get("ports") and port not in {p["port"] for p in rule["ports"]}:
+                continue
+            if not rule.get("from"):
+                sources.add("anyone")
+            for peer in rule.get("from", []):
+                names = peer.get("namespaceSelector", {}).get("matchLabels", {})
+                sources.add(names.get("kubernetes.io/metadata.name", "anyone"))
+    return sources
+
+
+def egress_ports(documents: Iterable[Document], role: str) -> set[Any]:
+    ports: set[Any] = set()
+    for policy in policies_for(documents, role, "Egress"):
+        for rule in policy["spec"].get("egress", []):
+            ports |= {p["port"] for p in rule.get("ports", [])} or {f"any port to {rule['to']}"}
+    return ports
+
+
+ROLES = {"subscribe": "api", "unsubscribe": "api", "cleanup-invalid-tokens": "cleanup"} | {d: "dispatcher" for d in DISPATCHERS}
+NETWORK_LAYER = {"kourier-system", "knative-serving", "knative-eventing", "mediawiki"}
+
+
+def test_everything_is_closed_unless_a_policy_opens_it(documents):
+    (deny,) = [p for p in of_kind(documents, ("networking.k8s.io/v1", "NetworkPolicy")) if not p["spec"]["podSelector"]]
+    assert set(deny["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+    assert not deny["spec"].get("ingress") and not deny["spec"].get("egress")
+
+
+@pytest.mark.parametrize("function", FUNCTIONS)
+def test_each_function_is_reachable_only_as_its_role_allows(documents, function):
+    service = services(documents)[function]
+    role = service["spec"]["template"]["metadata"]["labels"]["push.wikimedia.org/role"]
+    assert role == ROLES[function]
+    expected = {"anyone"} if role == "api" else NETWORK_LAYER
+    assert ingress_sources(documents, role, 8012) == expected
+    assert ingress_sources(documents, role, metrics_port(env(service))) == {"monitoring"}
+    assert ingress_sources(documents, role, 8080) == set()  # only through queue-proxy
+
+
+@pytest.mark.parametrize("role", ["api", "dispatcher", "cleanup"])
+def test_functions_reach_only_dns_the_database_https_and_the_broker(documents, role):
+    expected = {53, 3306} | ({443} if role != "cleanup" else set())
+    ports = egress_ports(documents, role)
+    broker = {p for p in ports if isinstance(p, str)}
+    assert ports - broker == expected
+    assert broker == ({"any port to [{'namespaceSelector': {'matchLabels': {'kubernetes.io/metadata.name': 'knative-eventing'}}}]"}
+                      if role == "dispatcher" else set())
+
+
+def test_the_reachability_check_catches_a_policy_open_to_all(documents):
+    opened = copy.deepcopy(documents) + [{
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": {"name": "oops"},
+        "spec": {"podSelector": {"matchLabels": {"push.wikimedia.org/role": "dispatcher"}},
+                 "policyTypes": ["Ingress", "Egress"], "ingress": [{}], "egress": [{"ports": [{"port": 22}]}]},
+    }]
+    assert "anyone" in ingress_sources(opened, "dispatcher", 8012)
+    assert 22 in egress_ports(opened, "dispatcher")
+
+
+def test_openfaas_exposes_only_subscribe_and_unsubscribe():
+    documents = [d for _, d in load_openfaas()]
+    (ingress,) = of_kind(documents, ("networking.k8s.io/v1", "Ingress"))
+    paths = {path["path"] for rule in ingress["spec"]["rules"] for path in rule["http"]["paths"]}
+    assert paths == {"/function/subscribe", "/function/unsubscribe"}
+    assert all(path["pathType"] == "Exact" for rule in ingress["spec"]["rules"] for path in rule["http"]["paths"])
+    (policy,) = of_kind(documents, ("networking.k8s.io/v1", "NetworkPolicy"))
+    (selector,) = policy["spec"]["podSelector"]["matchExpressions"]
+    assert set(selector["values"]) == set(FUNCTIONS)
+    assert [p["namespaceSelector"]["matchLabels"] for r in policy["spec"]["ingress"] for p in r["from"]] == [
+        {"kubernetes.io/metadata.name": "openfaas"}, {"kubernetes.io/metadata.name": "monitoring"}]
 
 
 # --- the two platforms agree ----------------------------------------------------------------
@@ -836,7 +1182,9 @@ def resolve_field(document: Any, field_path: str) -> Any:
     """A kustomize replacement fieldPath (``a.b.[name=x].0.c``) in ``document``; KeyError if absent."""
     node = document
     for segment in re.findall(r"\[[^\]]*\]|[^.\[\]]+", field_path):
-        if segment.startswith("["):
+        if segment.startswith("[") and "=" not in segment:  # a map key with dots: [a.b/c]
+            node = node[segment[1:-1]]
+        elif segment.startswith("["):
             key, _, value = segment[1:-1].partition("=")
             matches = [item for item in node if isinstance(item, dict) and str(item.get(key)) == value]
             if not matches:
@@ -849,12 +1197,15 @@ def resolve_field(document: Any, field_path: str) -> Any:
     return node
 
 
-def selected(select: Document, service: Document) -> bool:
-    if select.get("kind") != "Service" or select.get("group") != "serving.knative.dev":
+def selected(select: Document, document: Document) -> bool:
+    """Whether a kustomize replacement's ``select`` (group, kind, name, labelSelector) picks it."""
+    api_version, kind_ = kind(document)
+    group = api_version.rpartition("/")[0]
+    if select.get("kind") != kind_ or select.get("group", group) != group:
         return False
-    if "name" in select and select["name"] != service["metadata"]["name"]:
+    if "name" in select and select["name"] != document["metadata"]["name"]:
         return False
-    labels = service["metadata"].get("labels", {})
+    labels = document["metadata"].get("labels", {})
     for clause in filter(None, [c.strip() for c in re.split(r",(?![^(]*\))", select.get("labelSelector", ""))]):
         if " in " in clause:
             key, values = clause.split(" in ", 1)
@@ -867,55 +1218,125 @@ def selected(select: Document, service: Document) -> bool:
     return True
 
 
-def test_secret_name_replacements_land_on_the_secrets_they_name(documents):
-    """Each replacement in kustomization.yaml points at a Secret reference holding the default
-    name it replaces, and every Secret reference of every Service is covered by one."""
-    kustomization = yaml.safe_load((KNATIVE / "kustomization.yaml").read_text())
-    (generator,) = [g for g in kustomization["configMapGenerator"] if g["name"] == "push-secret-names"]
-    defaults = dict(literal.split("=", 1) for literal in generator["literals"])
+def test_parameter_replacements_land_on_the_values_they_replace(documents):
+    """Each replacement in kustomization.yaml points at a field holding the default it replaces
+    (a Secret's name, a namespace, the database's CIDR), and every Secret reference of every
+    Service is covered by one."""
+    spec = kustomization()
+    defaults = {
+        generator["name"]: dict(literal.split("=", 1) for literal in generator["literals"])
+        for generator in spec["configMapGenerator"]
+        if generator.get("options", {}).get("annotations", {}).get("config.kubernetes.io/local-config")
+    }
     targeted: set[tuple[str, str]] = set()
-    for replacement in kustomization["replacements"]:
-        key = replacement["source"]["fieldPath"].removeprefix("data.")
+    for replacement in spec["replacements"]:
+        source = replacement["source"]
+        key = source["fieldPath"].removeprefix("data.")
         for target in replacement["targets"]:
-            chosen = [s for s in services(documents).values() if selected(target["select"], s)]
-            assert chosen, f"{key}: the select matches no Service"
-            for service in chosen:
+            chosen = [d for d in documents if selected(target["select"], d)]
+            assert chosen, f"{key}: the select matches nothing"
+            for document in chosen:
                 for field_path in target["fieldPaths"]:
-                    assert resolve_field(service, field_path) == defaults[key], (service["metadata"]["name"], field_path)
-                    targeted.add((service["metadata"]["name"], resolve_field(service, field_path)))
+                    value = resolve_field(document, field_path)
+                    assert value == defaults[source["name"]][key], (document["metadata"]["name"], field_path)
+                    if kind(document) == SERVICE:
+                        targeted.add((document["metadata"]["name"], value))
     references = {(name, secret) for name, s in services(documents).items() for secret in knative_secrets(s)}
     assert references == targeted
 
 
+def kubectl() -> str | None:
+    """kubectl on the PATH (a Debian package on the development machines), or the one `make
+    tools` installs into the virtualenv where the machine has none."""
+    for candidate in (shutil.which("kubectl"), str(Path(sys.executable).parent / "kubectl")):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
 @pytest.fixture(scope="module")
 def kustomize() -> list[str]:
-    if shutil.which("kustomize"):
-        return ["kustomize", "build"]
-    if shutil.which("kubectl"):
-        return ["kubectl", "kustomize"]
-    pytest.skip("neither kustomize nor kubectl is installed")
+    found = kubectl()
+    if found is None:
+        message = "kubectl is not installed: `make tools` installs it"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    return [found, "kustomize"]
+
+
+def build(kustomize: list[str], folder: Path) -> list[Document]:
+    result = subprocess.run([*kustomize, str(folder)], check=False, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return [d for d in yaml.safe_load_all(result.stdout) if d]
+
+
+def with_components(tmp_path: Path, chosen: Iterable[str], edit: Any = None) -> Path:
+    """A copy of knative/ whose kustomization lists exactly the ``chosen`` components."""
+    overlay = tmp_path / "knative"
+    shutil.copytree(KNATIVE, overlay)
+    spec = kustomization()
+    spec["components"] = list(chosen)
+    if edit is not None:
+        edit(spec)
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    return overlay
+
+
+PROVIDER_COMPONENTS = [f"providers/{name.removeprefix('dispatch-')}" for name in DISPATCHERS]
+#: Every subset of the providers, with and without the privacy delay; then the other options.
+COMBINATIONS = [
+    providers + delay
+    for size in range(len(PROVIDER_COMPONENTS) + 1)
+    for providers in map(list, itertools.combinations(PROVIDER_COMPONENTS, size))
+    for delay in ([], ["privacy-delay"])
+] + [PROVIDER_COMPONENTS + ["brokers/rabbitmq", "retry-after"]]
+
+
+@pytest.mark.parametrize("chosen", COMBINATIONS, ids=lambda chosen: "+".join(chosen) or "no-components")
+def test_every_combination_of_components_builds_and_validates(kustomize, schemas, tmp_path, chosen):
+    built = build(kustomize, with_components(tmp_path, chosen))
+    problems = [f"{d['kind']} {d['metadata']['name']}: {p}" for d in built for p in schema_problems(d, schemas)]
+    assert problems == []
+    deployed = set(services(built))
+    wanted = {f"dispatch-{c.removeprefix('providers/')}" for c in chosen if c.startswith("providers/")}
+    assert deployed == {"subscribe", "unsubscribe", "cleanup-invalid-tokens"} | wanted
+    assert dangling_subscribers(built) == []
+    assert {d["metadata"].get("namespace") for d in built if d["kind"] != "Namespace"} == {"push"}
+    assert [d["metadata"]["name"] for d in built if d["kind"] == "Namespace"] == ["push"]
+    assert "local-config" not in yaml.safe_dump_all(built)
+    ticks = [d for d in built if d["kind"] == "PingSource" and d["metadata"]["name"] == "flush-pending"]
+    assert len(ticks) == ("privacy-delay" in chosen)
+    (broker,) = of_kind(built, ("eventing.knative.dev/v1", "Broker"))
+    rabbit = "brokers/rabbitmq" in chosen
+    assert broker["metadata"]["annotations"]["eventing.knative.dev/broker.class"] == ("RabbitMQBroker" if rabbit else "Kafka")
+    assert ("retryAfterMax" in broker["spec"]["delivery"]) == ("retry-after" in chosen)
+    config_maps = {d["metadata"]["name"] for d in built if d["kind"] == "ConfigMap"}
+    assert ("push-kafka-broker-config" in config_maps) != rabbit
 
 
 def test_the_kustomization_builds_with_the_parameters_applied(kustomize, tmp_path):
-    overlay = tmp_path / "knative"
-    shutil.copytree(KNATIVE, overlay)
-    text = (overlay / "kustomization.yaml").read_text()
-    text = text.replace("namespace: push\n", "namespace: push-test\n")
-    text = text.replace("fcm-credentials-secret=push-fcm-credentials", "fcm-credentials-secret=other-fcm")
-    text = text.replace("# components:\n#   - privacy-delay", "components:\n  - privacy-delay")
-    (overlay / "kustomization.yaml").write_text(text)
-    result = subprocess.run([*kustomize, str(overlay)], check=False, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    built = [d for d in yaml.safe_load_all(result.stdout) if d]
-    assert {d["metadata"].get("namespace") for d in built} == {"push-test"}
-    assert "push-secret-names" not in result.stdout, "the local-config parameters must not be deployed"
+    def parameters(spec: Document) -> None:
+        spec["namespace"] = "push-test"
+        for generator in spec["configMapGenerator"]:
+            generator["literals"] = [
+                {"fcm-credentials-secret=push-fcm-credentials": "fcm-credentials-secret=other-fcm",
+                 "echo-namespace=mediawiki": "echo-namespace=echo",
+                 "database-cidr=10.0.0.0/8": "database-cidr=192.0.2.0/24"}.get(literal, literal)
+                for literal in generator["literals"]
+            ]
+
+    built = build(kustomize, with_components(tmp_path, PROVIDER_COMPONENTS + ["privacy-delay"], parameters))
+    assert {d["metadata"].get("namespace") for d in built if d["kind"] != "Namespace"} == {"push-test"}
+    assert [d["metadata"]["name"] for d in built if d["kind"] == "Namespace"] == ["push-test"]
     built_services = services(built)
     assert container(built_services["dispatch-fcm"])["image"].startswith("registry.example.org/push-functions/dispatch-fcm:")
     assert "other-fcm" in knative_secrets(built_services["dispatch-fcm"])
-    (config,) = [d for d in built if d["kind"] == "ConfigMap"]
+    (config,) = [d for d in built if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("push-config")]
     assert config["data"]["PUSH_PRIVACY_DELAY"]
     assert container(built_services["subscribe"])["envFrom"][0]["configMapRef"]["name"] == config["metadata"]["name"]
-    assert len([d for d in built if d["kind"] == "PingSource"]) == 1 + len(DISPATCHERS)
+    policies = yaml.safe_dump_all(of_kind(built, ("networking.k8s.io/v1", "NetworkPolicy")))
+    assert "kubernetes.io/metadata.name: echo" in policies and "192.0.2.0/24" in policies
 
 
 def test_the_database_url_is_read_from_its_mounted_secret_file(stack, tmp_path, monkeypatch):
