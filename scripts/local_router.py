@@ -1,19 +1,26 @@
 """A local stand-in for the Knative broker, for `make run`: routes CloudEvents to the functions
-exactly as the Triggers in knative/ say.
+exactly as the Triggers in knative/ say, and retries and dead-letters them as the broker does.
 
-It reads every Trigger under knative/ (so the local wiring is the production wiring) and the
-Broker's delivery settings (retries and backoff). Each CloudEvent posted to it (binary or
-structured mode) is answered 202 at once, then delivered in binary mode, like the broker, to
-the local URL of every Service whose Trigger filter matches the event's attributes. A delivery
-answered 5xx, 404, 408, 409 or 429, or not answered at all, is retried with the Broker's backoff
-(the broker's rules); what still fails is logged as dead-lettered. A 2xx answer carrying a
-CloudEvent (ce- headers, as the dispatchers' dead-token reports when no K_SINK is bound) is
-routed again through the same Triggers, which is how those reports reach cleanup-invalid-tokens.
+It reads the resources of knative/'s kustomization and of every component (each provider's
+Triggers among them: the local wiring is the production wiring) and the Broker's delivery spec.
+Each CloudEvent posted to it (binary or structured mode) is answered 202 at once, then delivered
+in binary mode, like the broker, to the local URL of every Service whose Trigger filter matches
+the event's attributes, each attempt cut off after the spec's `timeout`. A delivery answered
+5xx, 404, 408, 409 or 429, or not answered at all, is retried as the Kafka broker spaces its
+retries (backoffDelay x n for linear, x 2^n for exponential, before retry n; a Trigger's own
+delivery fields override the Broker's); a 429 or 503 waits at least its Retry-After, capped at
+retryAfterMax, as a broker with the retry-after component does. What still fails goes to the
+dead-letter sink (cleanup-invalid-tokens' /dead-letters, which keeps it in the database) with
+Knative's error attributes (knativeerrordest, knativeerrorcode, knativeerrordata). A 2xx answer
+carrying a CloudEvent (ce- headers, as the dispatchers' dead-token reports when no K_SINK is
+bound) is routed again through the same Triggers, which is how those reports reach
+cleanup-invalid-tokens.
 
     python scripts/local_router.py --port 8080 \\
-        --service dispatch-fcm=http://127.0.0.1:8083/ ... [--manifests knative]
+        --service dispatch-fcm=http://127.0.0.1:8083/ ... [--manifests knative] [--time-scale 1]
 
-It depends on nothing of this repository but the manifests (PyYAML reads them).
+--time-scale multiplies every wait (backoff and Retry-After) so tests can live through an hour
+of retries in seconds. It depends on nothing of this repository but the manifests (PyYAML).
 """
 from __future__ import annotations
 
@@ -25,8 +32,10 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -35,10 +44,53 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 RETRYABLE = {404, 408, 409, 429}
+#: The answers whose Retry-After a broker honouring it reads.
+RETRY_AFTER_STATUSES = {429, 503}
 REQUIRED = ("specversion", "id", "source", "type")
 MAX_BODY = 1024 * 1024
+#: How much of a failed answer's body goes into knativeerrordata (Knative's limit).
+ERROR_DATA_MAX = 1024
 #: CloudEvents attributes that are not ce- headers in binary mode.
 CONTENT_TYPE = "datacontenttype"
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """A delivery spec: retries, backoff, the per-attempt timeout, Retry-After's cap and the
+    dead-letter sink (its local URL)."""
+
+    retry: int = 3
+    backoff_policy: str = "exponential"
+    backoff_delay: float = 1.0
+    timeout: float = 600.0
+    retry_after_max: float | None = None
+    dead_letter: str | None = None
+
+    def delay(self, attempt: int, retry_after: float | None = None) -> float:
+        """Seconds before retry number ``attempt`` (1-based), as the Kafka broker computes them;
+        at least ``retry_after`` (capped at retryAfterMax) when the broker honours it."""
+        if self.backoff_policy == "linear":
+            backoff = self.backoff_delay * attempt
+        else:
+            backoff = self.backoff_delay * 2 ** attempt
+        if retry_after is not None and self.retry_after_max is not None:
+            return max(backoff, min(retry_after, self.retry_after_max))
+        return backoff
+
+    def merged(self, spec: dict[str, Any], services: dict[str, str]) -> Delivery:
+        """This delivery with a Trigger's own fields in place of these (the Kafka broker's rule:
+        field by field)."""
+        changes: dict[str, Any] = {}
+        if "retry" in spec:
+            changes["retry"] = int(spec["retry"])
+        if "backoffPolicy" in spec:
+            changes["backoff_policy"] = spec["backoffPolicy"]
+        for key, name in (("backoffDelay", "backoff_delay"), ("timeout", "timeout"), ("retryAfterMax", "retry_after_max")):
+            if key in spec:
+                changes[name] = iso_seconds(spec[key])
+        if spec.get("deadLetterSink"):
+            changes["dead_letter"] = destination_url(spec["deadLetterSink"], services)
+        return replace(self, **changes)
 
 
 @dataclass(frozen=True)
@@ -47,25 +99,10 @@ class Route:
     attributes: dict[str, str]
     subscriber: str
     url: str
+    delivery: Delivery = Delivery()
 
     def matches(self, event: Event) -> bool:
         return all(event.attributes.get(key) == value for key, value in self.attributes.items())
-
-
-@dataclass(frozen=True)
-class Delivery:
-    """The Broker's delivery spec: retries, backoff and the dead-letter sink's name."""
-
-    retry: int = 3
-    backoff_policy: str = "exponential"
-    backoff_delay: float = 1.0
-    dead_letter: str | None = None
-
-    def delay(self, attempt: int) -> float:
-        """Seconds before retry number ``attempt`` (1-based)."""
-        if self.backoff_policy == "linear":
-            return self.backoff_delay * attempt
-        return self.backoff_delay * 2 ** (attempt - 1)
 
 
 @dataclass
@@ -123,19 +160,51 @@ def parse_event(headers: dict[str, str], body: bytes) -> Event:
     return event
 
 
+def kustomizations(folder: Path) -> list[dict[str, Any]]:
+    """``folder``'s kustomization and every component's under it, each with its folder."""
+    return [
+        {**(yaml.safe_load(path.read_text()) or {}), "folder": path.parent}
+        for path in sorted(folder.rglob("kustomization.yaml"))
+    ]
+
+
 def manifest_documents(folder: Path) -> list[dict[str, Any]]:
+    """The resources the kustomizations under ``folder`` list (patches are not resources)."""
     documents = []
-    for path in sorted(folder.rglob("*.yaml")):
-        if path.name == "kustomization.yaml":
-            continue
-        documents += [d for d in yaml.safe_load_all(path.read_text()) if isinstance(d, dict)]
+    for spec in kustomizations(folder):
+        for entry in spec.get("resources", []):
+            path = spec["folder"] / entry
+            documents += [d for d in yaml.safe_load_all(path.read_text()) if isinstance(d, dict)]
     return documents
 
 
+def retry_after_max(folder: Path) -> float | None:
+    """retryAfterMax as the retry-after component (or the Broker itself) sets it."""
+    for spec in kustomizations(folder):
+        for patch in spec.get("patches", []):
+            for operation in yaml.safe_load(patch.get("patch", "")) or []:
+                if isinstance(operation, dict) and operation.get("path") == "/spec/delivery/retryAfterMax":
+                    return iso_seconds(operation["value"])
+    return None
+
+
+def destination_url(destination: dict[str, Any], services: dict[str, str]) -> str | None:
+    """A Knative Destination's local URL: the Service's, with ``uri`` resolved against it."""
+    name = (destination.get("ref") or {}).get("name")
+    uri = destination.get("uri") or ""
+    if name is None:
+        return uri if re.match(r"https?://", uri) else None
+    base = services.get(name)
+    return urllib.parse.urljoin(base, uri) if base and uri else base
+
+
 def load_routes(folder: Path, services: dict[str, str]) -> tuple[list[Route], Delivery]:
-    """The Triggers under ``folder`` as routes to the local ``services`` URLs, and the Broker's
-    delivery settings."""
+    """The Triggers under ``folder`` as routes to the local ``services`` URLs, each with its
+    delivery spec (the Broker's, with the Trigger's own fields in place), and the Broker's."""
     documents = manifest_documents(folder)
+    delivery = Delivery(retry_after_max=retry_after_max(folder))
+    for broker in (d for d in documents if d.get("kind") == "Broker"):
+        delivery = delivery.merged((broker.get("spec") or {}).get("delivery") or {}, services)
     routes = []
     for trigger in (d for d in documents if d.get("kind") == "Trigger"):
         name = trigger["metadata"]["name"]
@@ -150,16 +219,7 @@ def load_routes(folder: Path, services: dict[str, str]) -> tuple[list[Route], De
             print(f"router: Trigger {name}: no local URL for {target!r}; its events are dropped", flush=True)
             continue
         attributes = {k: str(v) for k, v in (spec.get("filter", {}).get("attributes") or {}).items()}
-        routes.append(Route(name, attributes, target, url))
-    delivery = Delivery()
-    for broker in (d for d in documents if d.get("kind") == "Broker"):
-        spec = (broker.get("spec") or {}).get("delivery") or {}
-        delivery = Delivery(
-            retry=int(spec.get("retry", delivery.retry)),
-            backoff_policy=spec.get("backoffPolicy", delivery.backoff_policy),
-            backoff_delay=iso_seconds(spec.get("backoffDelay", "PT1S")),
-            dead_letter=((spec.get("deadLetterSink") or {}).get("ref") or {}).get("name"),
-        )
+        routes.append(Route(name, attributes, target, url, delivery.merged(spec.get("delivery") or {}, services)))
     return routes, delivery
 
 
@@ -173,12 +233,13 @@ def iso_seconds(duration: str) -> float:
 
 
 class Router:
-    def __init__(self, routes: list[Route], delivery: Delivery, timeout: float = 120.0,
-                 max_hops: int = 4) -> None:
+    def __init__(self, routes: list[Route], delivery: Delivery, max_hops: int = 4, time_scale: float = 1.0,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
         self.routes = routes
         self.delivery = delivery
-        self.timeout = timeout
         self.max_hops = max_hops
+        self.time_scale = time_scale
+        self.sleep = sleep
 
     def accept(self, event: Event, hops: int = 0) -> int:
         """Start delivering ``event`` to every matching route; how many matched."""
@@ -190,11 +251,21 @@ class Router:
         return len(matched)
 
     def deliver(self, route: Route, event: Event, hops: int) -> None:
+        delivered, status, body = self.send(route.subscriber, route.url, route.delivery, event, hops)
+        if delivered:
+            return
+        if status is not None and status < 500 and status not in RETRYABLE:
+            return  # refused for good: not dead-lettered, as the broker does
+        self.dead_letter(route, event, status, body)
+
+    def send(self, name: str, url: str, delivery: Delivery, event: Event, hops: int
+             ) -> tuple[bool, int | None, bytes]:
+        """Post ``event`` until it is taken or the retries run out: (taken, last status, body)."""
         headers, body = event.binary()
-        for attempt in range(self.delivery.retry + 1):
-            if attempt:
-                time.sleep(self.delivery.delay(attempt))
-            status, reply_headers, reply_body, error = self.post(route.url, headers, body)
+        status: int | None = None
+        reply_body = b""
+        for attempt in range(delivery.retry + 1):
+            status, reply_headers, reply_body, error = self.post(url, headers, body, delivery.timeout)
             outcome = error or f"HTTP {status}"
             if status is not None and 200 <= status < 300:
                 reply = None
@@ -205,34 +276,59 @@ class Router:
                     # The broker's rule: a 2xx whose body is neither empty nor an event failed.
                     outcome = f"HTTP {status} with a body that is not a CloudEvent"
                 else:
-                    log(f"{event.describe()} -> {route.subscriber}: {outcome}"
-                        + (f", replied {reply.describe()}" if reply else ""))
+                    log(f"{event.describe()} -> {name}: {outcome}" + (f", replied {reply.describe()}" if reply else ""))
                     if reply is not None:
                         if hops >= self.max_hops:
                             log(f"{reply.describe()}: too many reply hops; dropped")
                         else:
                             self.accept(reply, hops + 1)
-                    return
+                    return True, status, reply_body
             elif status is not None and status < 500 and status not in RETRYABLE:
-                log(f"{event.describe()} -> {route.subscriber}: {outcome}, refused for good"
+                log(f"{event.describe()} -> {name}: {outcome}, refused for good"
                     f"{': ' + reply_body[:200].decode(errors='replace') if reply_body else ''}")
-                return
-            if attempt < self.delivery.retry:
-                log(f"{event.describe()} -> {route.subscriber}: {outcome}; retry {attempt + 1} of "
-                    f"{self.delivery.retry} in {self.delivery.delay(attempt + 1):g} s")
-        log(f"{event.describe()} -> {route.subscriber}: still failing after {self.delivery.retry} "
-            f"retries; dead-lettered (to {self.delivery.dead_letter or 'nowhere'} in a cluster)")
+                return False, status, reply_body
+            if attempt < delivery.retry:
+                retry_after = retry_after_seconds(reply_headers) if status in RETRY_AFTER_STATUSES else None
+                wait = delivery.delay(attempt + 1, retry_after)
+                log(f"{event.describe()} -> {name}: {outcome}; retry {attempt + 1} of {delivery.retry} in {wait:g} s"
+                    + (f" (scaled to {wait * self.time_scale:g} s)" if self.time_scale != 1 else ""))
+                self.sleep(wait * self.time_scale)
+        return False, status, reply_body
 
-    def post(self, url: str, headers: dict[str, str], body: bytes
+    def dead_letter(self, route: Route, event: Event, status: int | None, body: bytes) -> None:
+        """What failed every retry goes to the dead-letter sink, as the broker sends it there:
+        with the error attributes, and with the same retries."""
+        sink = route.delivery.dead_letter
+        if sink is None:
+            log(f"{event.describe()} -> {route.subscriber}: still failing after {route.delivery.retry} retries; "
+                "no dead-letter sink: lost")
+            return
+        errors = {
+            "knativeerrordest": route.url,
+            "knativeerrorcode": str(status if status is not None else -1),
+            "knativeerrordata": base64.b64encode(body[:ERROR_DATA_MAX]).decode(),
+        }
+        letter = Event({**event.attributes, **errors}, event.data)
+        taken, *_ = self.send("dead-letter sink", sink, route.delivery, letter, self.max_hops)
+        log(f"{event.describe()} -> {route.subscriber}: still failing after {route.delivery.retry} retries; "
+            + ("dead-lettered" if taken else "the dead-letter sink did not take it either: lost"))
+
+    def post(self, url: str, headers: dict[str, str], body: bytes, timeout: float
              ) -> tuple[int | None, dict[str, str], bytes, str | None]:
         request = urllib.request.Request(url, data=body, headers=headers, method="POST")
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
                 return response.status, dict(response.headers.items()), response.read(), None
         except urllib.error.HTTPError as error:
             return error.code, dict(error.headers.items()), error.read(), None
         except (OSError, urllib.error.URLError) as error:
             return None, {}, b"", f"not reachable ({getattr(error, 'reason', error)})"
+
+
+def retry_after_seconds(headers: dict[str, str]) -> float | None:
+    """A Retry-After header's seconds (the dispatchers send whole seconds); None if absent."""
+    value = {k.lower(): v for k, v in headers.items()}.get("retry-after", "")
+    return float(value) if value.strip().isdigit() else None
 
 
 def log(message: str) -> None:
@@ -294,16 +390,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--manifests", type=Path, default=REPO / "knative", help="where the Triggers are")
     parser.add_argument("--service", action="append", default=[], metavar="NAME=URL",
                         help="the local URL of a Knative Service a Trigger names (repeat)")
+    parser.add_argument("--time-scale", type=float, default=1.0,
+                        help="multiply every wait by this (tests compress an hour of retries)")
     args = parser.parse_args(argv)
     routes, delivery = load_routes(args.manifests, parse_services(args.service))
-    router = Router(routes, delivery)
+    router = Router(routes, delivery, time_scale=args.time_scale)
     server = ThreadingHTTPServer((args.host, args.port), make_handler(router))
     server.daemon_threads = True
     for route in routes:
         filters = ", ".join(f"{k}={v}" for k, v in route.attributes.items()) or "every event"
         log(f"Trigger {route.trigger}: {filters} -> {route.subscriber} ({route.url})")
     log(f"listening on http://{args.host}:{server.server_address[1]}/ "
-        f"({delivery.retry} retries, {delivery.backoff_policy} from {delivery.backoff_delay:g} s)")
+        f"({delivery.retry} retries, {delivery.backoff_policy} from {delivery.backoff_delay:g} s; "
+        f"dead letters to {delivery.dead_letter})")
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -7,8 +7,10 @@
   sends no CloudEvent headers): delete subscriptions not refreshed for ``PUSH_SUBSCRIPTION_MAX_AGE_DAYS``
   (default 270, the age after which FCM itself considers a token stale), delivery records past
   their retention and rate counters of past windows.
+- any event at ``POST /dead-letters`` (the broker's dead-letter sink): keep it for
+  ``pushctl dead-letters`` (:mod:`shared.dead_letters`).
 
-Both are idempotent: a redelivered event deletes nothing more.
+All are idempotent: a redelivered event deletes nothing more, and a dead letter is kept once.
 """
 from __future__ import annotations
 
@@ -22,8 +24,10 @@ from starlette.responses import Response
 from shared import logs, metrics
 from shared.config import env_int
 from shared.db import SchemaGate, get_engine
+from shared.dead_letters import DeadLetterStore
 from shared.deliveries import DeliveryLedger
 from shared.events import (
+    NOTIFICATION_REQUESTED,
     PING,
     SUBSCRIPTION_INVALID,
     data_object,
@@ -37,6 +41,10 @@ from shared.ratelimits import RateLimiter
 from shared.subscriptions import Clock, SubscriptionStore, utcnow
 
 log = logging.getLogger(__name__)
+
+DEAD_LETTERS_PATH = "/dead-letters"
+#: Event types named in the dead-letter counter's label; any other is counted as "other".
+KNOWN_TYPES = frozenset({NOTIFICATION_REQUESTED, SUBSCRIPTION_INVALID, PING})
 
 
 class Cleanup:
@@ -52,6 +60,7 @@ class Cleanup:
         self.max_age = max_age
         self.clock = clock
         self.schema = SchemaGate(store.engine)
+        self.dead_letters = DeadLetterStore(store.engine, clock)
 
     @classmethod
     def from_env(cls) -> Cleanup:
@@ -64,13 +73,16 @@ class Cleanup:
             max_age=timedelta(days=env_int("PUSH_SUBSCRIPTION_MAX_AGE_DAYS", 270, minimum=1)),
         )
         metrics.SUBSCRIPTION_TOTALS.count = cleanup.store.count_by_provider
+        metrics.DEAD_LETTER_TOTAL.count = cleanup.dead_letters.count
         return cleanup
 
     async def handle(self, request: Request) -> Response:
-        return await serve(request, self._handle, self.schema.ready, "cleanup-invalid-tokens")
+        return await serve(request, self._handle, self.schema.ready, "cleanup-invalid-tokens", internal=True)
 
     async def _handle(self, request: Request) -> Response:
         require_method(request, ("POST",))
+        if request.url.path == DEAD_LETTERS_PATH:
+            return await self._keep_dead_letter(request)
         if not is_cloud_event(request):
             await read_body(request)  # a cron connector's tick: whatever it sends is not used
             await run_in_threadpool(self.expire)
@@ -90,6 +102,21 @@ class Cleanup:
             raise ApiError(
                 400, "unsupported_event_type", f"this function takes {SUBSCRIPTION_INVALID} and {PING}"
             )
+        return Response(status_code=202)
+
+    async def _keep_dead_letter(self, request: Request) -> Response:
+        """Any event the broker gave up on: kept (ticks only counted), answered 202 once stored,
+        so the broker moves on only when the letter is safe."""
+        event = await read_cloud_event(request)
+        logs.event_id.set(str(event["id"])[:128])
+        kept = await run_in_threadpool(self.dead_letters.keep, event)
+        event_type = event["type"] if event["type"] in KNOWN_TYPES else "other"
+        metrics.DEAD_LETTERS_RECEIVED.labels(event_type, "false" if event["type"] == PING else "true").inc()
+        log.warning(
+            "dead letter received",
+            extra={"type": event_type, "destination": event.get("knativeerrordest"),
+                   "code": event.get("knativeerrorcode"), "new": kept},
+        )
         return Response(status_code=202)
 
     def expire(self) -> tuple[int, int]:

@@ -10,6 +10,10 @@
 - ``pushctl import-echo --from URL [--dry-run] [--apns-environment production|sandbox]
   [--batch N] [--refreshed-at-import] [--default-topic TOPIC]`` copies the push subscriptions
   Echo holds into ours (:mod:`shared.echo_import`).
+- ``pushctl dead-letters list`` shows the events the broker gave up on (kept by clean-up), and
+  ``pushctl dead-letters replay --to URL`` posts them again (to the broker's URL, say) and deletes
+  each one the URL takes: safe, since a redelivered event never wakes a device twice
+  (:mod:`shared.dead_letters`).
 - ``pushctl dev-keys DIR`` and ``pushctl dev-token --user ID``: a local signing key standing in for
   the wiki's OAuth server, so a developer can call subscribe on a laptop.
 """
@@ -128,6 +132,61 @@ def import_echo(args: argparse.Namespace) -> int:
     return 0
 
 
+def dead_letters_list(args: argparse.Namespace) -> int:
+    from shared.db import check_schema
+    from shared.dead_letters import DeadLetterStore
+
+    engine = get_engine()
+    check_schema(engine)
+    found = 0
+    for letter in DeadLetterStore(engine).letters(limit=args.limit):
+        found += 1
+        failed = f" replays failed: {letter.replay_attempts} ({letter.last_replay_error})" if letter.replay_attempts else ""
+        print(f"{letter.id}\t{letter.received_at:%Y-%m-%dT%H:%M:%SZ}\t{letter.event_type}\tid={letter.event_id}"
+              f"\tcode={letter.error_code}\tdest={letter.destination}{failed}")
+    print(f"{found} dead letter(s)", file=sys.stderr)
+    return 0
+
+
+def dead_letters_replay(args: argparse.Namespace) -> int:
+    """Post each dead letter to ``--to`` in binary mode, as the broker would; delete it on 2xx."""
+    import urllib.error
+    import urllib.request
+
+    from shared.db import check_schema
+    from shared.dead_letters import DeadLetterStore
+    from shared.http import internal_headers
+
+    engine = get_engine()
+    check_schema(engine)
+    store = DeadLetterStore(engine)
+    replayed = failed = 0
+    for letter in store.letters(limit=args.limit, ids=args.id):
+        attributes = letter.replay_attributes()
+        headers = {f"ce-{k}": v for k, v in attributes.items() if k != "datacontenttype"}
+        headers["Content-Type"] = attributes.get("datacontenttype", "application/json")
+        request = urllib.request.Request(
+            args.to, data=letter.data, headers=headers | internal_headers(), method="POST"
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=args.timeout) as response:
+                status, error = response.status, None
+        except urllib.error.HTTPError as exc:
+            status, error = exc.code, f"HTTP {exc.code}"
+        except OSError as exc:
+            status, error = None, f"not reachable: {getattr(exc, 'reason', exc)}"
+        if status is not None and 200 <= status < 300:
+            store.replayed(letter.id)
+            replayed += 1
+            print(f"{letter.id}: {letter.event_type} id={letter.event_id}: HTTP {status}, replayed")
+        else:
+            store.replay_failed(letter.id, error or f"HTTP {status}")
+            failed += 1
+            print(f"{letter.id}: {letter.event_type} id={letter.event_id}: {error}, kept")
+    print(f"{replayed} replayed, {failed} kept", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def dev_keys(args: argparse.Namespace) -> int:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -196,6 +255,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     echo.add_argument("--default-topic", metavar="TOPIC", help="the APNs topic of Echo's rows that have none")
     echo.set_defaults(run=import_echo)
+    letters = commands.add_parser("dead-letters", help="the events the broker gave up on")
+    letter_commands = letters.add_subparsers(dest="action", required=True)
+    listing = letter_commands.add_parser("list", help="show the dead letters, oldest first")
+    listing.add_argument("--limit", type=int, default=None, help="show at most this many")
+    listing.set_defaults(run=dead_letters_list)
+    replay = letter_commands.add_parser("replay", help="post the dead letters again; delete those taken")
+    replay.add_argument("--to", required=True, help="where to post them: the broker's URL (kubectl get broker)")
+    replay.add_argument("--id", type=int, action="append", help="only this dead letter (repeat)")
+    replay.add_argument("--limit", type=int, default=None, help="replay at most this many")
+    replay.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for each answer")
+    replay.set_defaults(run=dead_letters_replay)
 
     keys = commands.add_parser("dev-keys", help="make a local key pair for signing dev tokens")
     keys.add_argument("dir", help="folder for auth-private.pem and auth-public.pem")

@@ -48,7 +48,7 @@ from shared.events import (
     parse_notification,
     read_cloud_event,
 )
-from shared.http import ApiError, read_json, require_method, serve
+from shared.http import ApiError, internal_headers, read_json, require_method, serve
 from shared.logs import configure_logging
 from shared.policy import DeliveryPolicy, Due, PendingStore
 from shared.providers.base import Device, Outcome, Provider, SendResult, WakeUp
@@ -182,7 +182,7 @@ class Dispatcher:
         return dispatcher
 
     async def handle(self, request: Request) -> Response:
-        return await serve(request, self._handle, self.schema.ready, self.function)
+        return await serve(request, self._handle, self.schema.ready, self.function, internal=True)
 
     async def _handle(self, request: Request) -> Response:
         require_method(request, ("POST",))
@@ -487,7 +487,9 @@ class Dispatcher:
             self._sink_client = httpx.AsyncClient(timeout=5.0)
         headers, body = binary_http(invalid_tokens_event(self.source, self.provider.name, dead))
         try:
-            response = await self._sink_client.post(self.sink_url, headers=headers, content=body)
+            response = await self._sink_client.post(
+                self.sink_url, headers=headers | internal_headers(), content=body
+            )
         except httpx.HTTPError as exc:
             log.warning("could not post dead-token report to K_SINK: %s", type(exc).__name__)
             return False

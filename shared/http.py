@@ -3,11 +3,20 @@
 Functions are functions-framework ``aio.http`` targets, so one handler receives every path; the
 platform probes (OpenFaaS's ``/_/health`` and ``/_/ready``, Knative's readiness path) are answered
 here before the function's own logic runs.
+
+The internal functions (the dispatchers, clean-up) can require a shared secret: when
+``PUSH_INTERNAL_TOKEN`` is configured (a secret setting: on OpenFaaS, the secret
+``push-internal-token``), every request but the platform's probes must carry it in
+``X-Push-Internal-Token``, or is refused with 401. Callers that post to those functions
+(a dispatcher's dead-token reports, ``pushctl dead-letters replay``) send it the same way
+(:func:`internal_headers`).
 """
 from __future__ import annotations
 
+import hmac
 import json
 import logging
+import os
 import re
 import time
 import uuid
@@ -18,6 +27,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from shared import logs, metrics
+from shared.config import secret
 from shared.db import DatabaseUnavailable, SchemaBehind
 
 if TYPE_CHECKING:
@@ -33,6 +43,8 @@ DATABASE_RETRY_AFTER = 5
 #: too, but not every server in front of a function does, and in-process callers none).
 MAX_HEADERS = 100
 MAX_HEADER_BYTES = 16 * 1024
+INTERNAL_TOKEN_SETTING = "PUSH_INTERNAL_TOKEN"
+INTERNAL_TOKEN_HEADER = "X-Push-Internal-Token"
 
 
 class ApiError(Exception):
@@ -121,6 +133,39 @@ def require_method(request: Request, allowed: tuple[str, ...]) -> None:
 
 Handler = Callable[[Request], Awaitable[Response]]
 
+_internal_token: tuple[tuple[str, ...], bytes | None] | None = None
+
+
+def internal_token() -> bytes | None:
+    """``PUSH_INTERNAL_TOKEN`` (read as every secret is, :func:`shared.config.secret`), or None.
+    Read once per process, and again only if the settings naming it change."""
+    global _internal_token
+    where = tuple(os.environ.get(name, "") for name in (
+        INTERNAL_TOKEN_SETTING, f"{INTERNAL_TOKEN_SETTING}_FILE", "PUSH_SECRETS_DIR"))
+    if _internal_token is None or _internal_token[0] != where:
+        value = secret(INTERNAL_TOKEN_SETTING)
+        _internal_token = (where, value.encode() if value else None)
+    return _internal_token[1]
+
+
+def internal_headers() -> dict[str, str]:
+    """What a request to an internal function carries when the shared secret is configured."""
+    token = internal_token()
+    return {INTERNAL_TOKEN_HEADER: token.decode()} if token else {}
+
+
+def _not_internal(request: Request) -> ApiError | None:
+    """401 when the shared secret is configured and the request does not carry it (compared in
+    constant time: the answer's timing tells nothing of the secret)."""
+    expected = internal_token()
+    if expected is None or request.url.path in READY_PATHS:
+        return None
+    given = request.headers.get(INTERNAL_TOKEN_HEADER, "").encode("latin-1", "replace")
+    if hmac.compare_digest(given, expected):
+        return None
+    return ApiError(401, "unauthorized", f"this function takes requests only with {INTERNAL_TOKEN_HEADER}")
+
+
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
@@ -131,12 +176,14 @@ async def serve(
     ready: Callable[[], Awaitable[None]],
     function: str,
     cors: CorsPolicy | None = None,
+    internal: bool = False,
 ) -> Response:
     """Answer the platform's probes, then run ``handler``, turning refusals into JSON errors,
     and measure it: duration, count and errors by status class, requests in flight.
 
     ``ready`` raises when the function cannot serve (schema behind, database down): the readiness
-    probe then fails, and so does every request, with a 503 that says why.
+    probe then fails, and so does every request, with a 503 that says why. An ``internal``
+    function refuses requests without the shared secret, when one is configured.
 
     ``cors`` (browser-facing functions only): preflights are answered before any other work, and
     every answer, errors included, carries the CORS headers the caller's origin is allowed.
@@ -144,7 +191,7 @@ async def serve(
     metrics.serve_metrics()  # started by the first request, in the process that serves it
     if request.url.path in HEALTH_PATHS:
         return JSONResponse({"status": "ok"})
-    too_large = _head_too_large(request)
+    refused = _head_too_large(request) or (_not_internal(request) if internal else None)
     given = request.headers.get("x-request-id", "")
     rid = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
     logs.request_id.set(rid)
@@ -153,8 +200,8 @@ async def serve(
     in_flight = metrics.IN_FLIGHT.labels(function)
     in_flight.inc()
     try:
-        if too_large:
-            response = too_large.response()
+        if refused:
+            response = refused.response()
         elif cors is not None and cors.is_preflight(request):
             response = cors.preflight(request)
         else:

@@ -92,6 +92,11 @@ INVALID_DELETED = Counter(
 EXPIRED = Counter(
     "push_expired_subscriptions_total", "Subscriptions deleted for not being refreshed.", []
 )
+DEAD_LETTERS_RECEIVED = Counter(
+    "push_dead_letters_received_total",
+    "Events the broker gave up on, by event type; kept=false for ticks, which are not kept.",
+    ["event_type", "kept"],
+)
 
 
 def status_class(status: int) -> str:
@@ -157,8 +162,34 @@ class PendingTotals(Collector):
         yield age
 
 
+class DeadLetterTotal(Collector):
+    """``push_dead_letters``: the dead letters kept in the database and not yet replayed, read
+    when scraped (by clean-up, which keeps them) and cached like :class:`SubscriptionTotals`."""
+
+    def __init__(self, ttl: float = 30.0) -> None:
+        self.ttl = ttl
+        self.count: Callable[[], int] | None = None
+        self._lock = threading.Lock()
+        self._cached = 0
+        self._at = float("-inf")
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        if self.count is None:
+            return
+        with self._lock:
+            if time.monotonic() - self._at > self.ttl:
+                try:
+                    self._cached = self.count()
+                    self._at = time.monotonic()
+                except Exception:  # noqa: BLE001 - a scrape must not fail on a database outage
+                    log.warning("could not count dead letters for metrics")
+            yield GaugeMetricFamily("push_dead_letters", "Dead letters kept, not yet replayed.", value=self._cached)
+
+
 SUBSCRIPTION_TOTALS = SubscriptionTotals()
 REGISTRY.register(SUBSCRIPTION_TOTALS)
+DEAD_LETTER_TOTAL = DeadLetterTotal()
+REGISTRY.register(DEAD_LETTER_TOTAL)
 PENDING_TOTALS = PendingTotals()
 REGISTRY.register(PENDING_TOTALS)
 
@@ -215,6 +246,7 @@ def serve_metrics() -> int | None:
             multiprocess.MultiProcessCollector(registry)
             registry.register(SUBSCRIPTION_TOTALS)
             registry.register(PENDING_TOTALS)
+            registry.register(DEAD_LETTER_TOTAL)
         try:
             server, _thread = start_http_server(port, addr=addr, registry=registry)
             _served = (pid, server.server_address[1])

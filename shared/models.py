@@ -14,6 +14,7 @@ from sqlalchemy import (
     DateTime,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
     UniqueConstraint,
@@ -144,3 +145,35 @@ class ProviderToken(Base):
     key_id: Mapped[str] = mapped_column(String(32), primary_key=True)
     token: Mapped[str] = mapped_column(Text, nullable=False)
     issued_at: Mapped[datetime] = mapped_column(Timestamp, nullable=False)
+
+
+class DeadLetter(Base):
+    """An event the broker gave up on after every retry, kept until it is replayed.
+
+    The broker posts it to clean-up's ``/dead-letters`` route with Knative's error attributes
+    (``knativeerrordest``: the subscriber that failed, ``knativeerrorcode``, ``knativeerrordata``).
+    ``key_sha256`` hashes the event's source, id and that destination: a dead letter posted twice
+    is kept once, while the same event failing at two dispatchers is kept once per dispatcher.
+    ``attributes`` is the event's attributes as JSON (the error attributes included), ``data`` its
+    body as received; ``pushctl dead-letters replay`` posts them again and deletes what was taken.
+    """
+
+    __tablename__ = "dead_letters"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    key_sha256: Mapped[str] = mapped_column(String(64), nullable=False)
+    event_id: Mapped[str] = mapped_column(String(255), nullable=False)
+    event_type: Mapped[str] = mapped_column(String(255), nullable=False)
+    destination: Mapped[str | None] = mapped_column(Text)
+    error_code: Mapped[int | None] = mapped_column(Integer)
+    attributes: Mapped[str] = mapped_column(Text, nullable=False)
+    data: Mapped[bytes] = mapped_column(LargeBinary().with_variant(mysql.LONGBLOB(), "mysql", "mariadb"), nullable=False)
+    received_at: Mapped[datetime] = mapped_column(Timestamp, nullable=False)
+    replay_attempts: Mapped[int] = mapped_column(Integer, nullable=False)
+    last_replay_error: Mapped[str | None] = mapped_column(String(255))
+
+    __table_args__ = (
+        UniqueConstraint("key_sha256", name="uq_dead_letters_key_sha256"),
+        Index("ix_dead_letters_received_at", "received_at"),
+        {"sqlite_autoincrement": True},
+    )

@@ -2,6 +2,7 @@
 does, and routes reply events back through itself."""
 from __future__ import annotations
 
+import base64
 import importlib.util
 import json
 import sys
@@ -73,10 +74,22 @@ def receivers():
         receiver.server.server_close()
 
 
+class Waits(list):
+    """The router's sleeps, recorded (and shortened to nothing)."""
+
+    def __call__(self, seconds: float) -> None:
+        self.append(seconds)
+
+
 @pytest.fixture
-def router(receivers):
-    routes, _ = local_router.load_routes(REPO / "knative", {n: r.url for n, r in receivers.items()})
-    return local_router.Router(routes, local_router.Delivery(retry=2, backoff_delay=0.01))
+def waits() -> Waits:
+    return Waits()
+
+
+@pytest.fixture
+def router(receivers, waits):
+    routes, delivery = local_router.load_routes(REPO / "knative", {n: r.url for n, r in receivers.items()})
+    return local_router.Router(routes, delivery, sleep=waits)
 
 
 def event(type_: str, id_: str = "e1", data: dict | None = None) -> local_router.Event:
@@ -94,9 +107,39 @@ def test_the_routes_are_the_knative_triggers(receivers):
     assert by_type == {
         NOTIFICATION_REQUESTED: {"dispatch-fcm", "dispatch-apns", "dispatch-webpush"},
         SUBSCRIPTION_INVALID: {"cleanup-invalid-tokens"},
+        "dev.knative.sources.ping": {"dispatch-fcm", "dispatch-apns", "dispatch-webpush"},
     }
-    assert delivery.retry == 7 and delivery.backoff_policy == "exponential" and delivery.backoff_delay == 2
-    assert [delivery.delay(n) for n in (1, 2, 3)] == [2, 4, 8]
+    assert (delivery.retry, delivery.backoff_policy, delivery.backoff_delay, delivery.timeout) == (20, "linear", 30, 120)
+    assert delivery.dead_letter == receivers["cleanup-invalid-tokens"].url + "dead-letters"
+
+
+def test_retries_are_spaced_as_the_kafka_broker_spaces_them():
+    """eventing-kafka-broker's computeRetryPolicy: linear waits delay x n, exponential delay x 2^n,
+    before retry n."""
+    linear = local_router.Delivery(retry=3, backoff_policy="linear", backoff_delay=30)
+    assert [linear.delay(n) for n in (1, 2, 3)] == [30, 60, 90]
+    exponential = local_router.Delivery(retry=3, backoff_policy="exponential", backoff_delay=2)
+    assert [exponential.delay(n) for n in (1, 2, 3)] == [4, 8, 16]
+
+
+def test_retry_after_is_honoured_up_to_retry_after_max():
+    delivery = local_router.Delivery(backoff_policy="linear", backoff_delay=30, retry_after_max=600)
+    assert delivery.delay(1, retry_after=300) == 300  # longer than the backoff: waited for
+    assert delivery.delay(1, retry_after=5000) == 600  # capped
+    assert delivery.delay(3, retry_after=5) == 90  # shorter than the backoff: the backoff
+    assert local_router.Delivery(backoff_delay=30, backoff_policy="linear").delay(1, retry_after=300) == 30
+
+
+def test_the_router_reads_retry_after_max_from_the_retry_after_component():
+    _, delivery = local_router.load_routes(REPO / "knative", {})
+    assert delivery.retry_after_max == 600
+
+
+def test_a_flush_tick_trigger_keeps_its_own_retries_and_the_brokers_dead_letter_sink(receivers):
+    routes, _ = local_router.load_routes(REPO / "knative", {n: r.url for n, r in receivers.items()})
+    (tick,) = [r for r in routes if r.trigger == "flush-tick-to-dispatch-fcm"]
+    assert (tick.delivery.retry, tick.delivery.backoff_policy, tick.delivery.backoff_delay) == (2, "linear", 10)
+    assert tick.delivery.dead_letter == receivers["cleanup-invalid-tokens"].url + "dead-letters"
 
 
 def test_an_event_reaches_every_matching_function_in_binary_mode(router, receivers):
@@ -117,6 +160,34 @@ def test_503_and_429_are_retried_and_400_is_not(router, receivers):
     receivers["dispatch-fcm"].wait(3)
     time.sleep(0.2)
     assert len(receivers["dispatch-apns"].received) == 1
+
+
+def test_the_router_waits_for_retry_after_as_the_schedule_allows(router, receivers, waits):
+    receivers["dispatch-fcm"].answers = [(503, {"Retry-After": "300"}, b""), (429, {"Retry-After": "5"}, b""), (202, {}, b"")]
+    router.deliver(next(r for r in router.routes if r.trigger == "notification-to-dispatch-fcm"),
+                   event(NOTIFICATION_REQUESTED), 0)
+    assert waits == [300, 60]
+
+
+def test_what_fails_every_retry_goes_to_the_dead_letter_sink_with_the_error(router, receivers, waits):
+    receivers["dispatch-webpush"].answers = [(503, {}, b'{"error": {"code": "retry"}}')] * 21
+    route = next(r for r in router.routes if r.trigger == "notification-to-dispatch-webpush")
+    router.deliver(route, event(NOTIFICATION_REQUESTED, "dead-1"), 0)
+    assert len(receivers["dispatch-webpush"].received) == 21  # the first try and 20 retries
+    assert sum(waits) == 30 * sum(range(1, 21))  # 105 minutes of the broker's schedule
+    (letter_headers, letter_body) = receivers["cleanup-invalid-tokens"].received[-1]
+    assert letter_headers["ce-id"] == "dead-1" and letter_headers["ce-type"] == NOTIFICATION_REQUESTED
+    assert letter_headers["ce-knativeerrorcode"] == "503"
+    assert letter_headers["ce-knativeerrordest"] == route.url
+    assert base64.b64decode(letter_headers["ce-knativeerrordata"]) == b'{"error": {"code": "retry"}}'
+    assert json.loads(letter_body)["users"] == ["1"]
+
+
+def test_an_event_refused_for_good_is_not_dead_lettered(router, receivers):
+    receivers["dispatch-apns"].answers = [(400, {}, b"{}")]
+    router.deliver(next(r for r in router.routes if r.trigger == "notification-to-dispatch-apns"),
+                   event(NOTIFICATION_REQUESTED), 0)
+    assert receivers["cleanup-invalid-tokens"].received == []
 
 
 def test_a_2xx_with_a_body_that_is_not_an_event_is_retried(router, receivers):
