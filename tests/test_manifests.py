@@ -30,6 +30,7 @@ import yaml
 
 from shared.events import NOTIFICATION_REQUESTED, SUBSCRIPTION_INVALID
 from shared.metrics import DEFAULT_PORT as DEFAULT_METRICS_PORT
+from tests.conftest import IN_CI
 
 REPO = Path(__file__).resolve().parent.parent
 KNATIVE = REPO / "knative"
@@ -1259,7 +1260,7 @@ def kustomize() -> list[str]:
     found = kubectl()
     if found is None:
         message = "kubectl is not installed: `make tools` installs it"
-        if os.environ.get("CI", "").lower() == "true":
+        if IN_CI:
             pytest.fail(message, pytrace=False)
         pytest.skip(message)
     return [found, "kustomize"]
