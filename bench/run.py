@@ -43,7 +43,7 @@ TOPIC = "org.wikimedia.wikipedia"
 PROVIDERS = ("apns", "fcm", "webpush")
 FUNCTIONS = ("subscribe", "unsubscribe", "dispatch-fcm", "dispatch-apns", "dispatch-webpush",
              "cleanup-invalid-tokens")
-SECTIONS = ("fakes", "clients", "dispatch", "latency", "coldstart", "subscribe", "scale")
+SECTIONS = ("fakes", "clients", "dispatch", "latency", "coldstart", "subscribe", "flush", "scale")
 HOT_USERS = 1000
 """Users the load targets; each has 3 devices of every provider (9,000 rows). Filler rows of
 other users bring the table to the size a figure names (10k or 1M)."""
@@ -673,6 +673,71 @@ def section_subscribe(procs: Procs, env: dict, work: Path, quick: bool) -> None:
     fn.stop()
 
 
+def queue_pending(provider: str) -> int:
+    """Every hot device of ``provider`` gets a pending wake-up, due now (the privacy delay's
+    queue after a burst): how many."""
+    now = datetime.now(timezone.utc).replace(tzinfo=None)
+    with db_connect() as conn, conn.cursor() as cur:
+        cur.execute(f"TRUNCATE TABLE {DB_NAME}.pending_pushes")
+        cur.execute(
+            f"INSERT INTO {DB_NAME}.pending_pushes (subscription_id, message_type, provider, ttl_seconds, "
+            "created_at, due_at, version) SELECT id, 'checkEchoV1', provider, 3600, %s, %s, 1 "
+            f"FROM {DB_NAME}.subscriptions WHERE provider = %s AND user_id LIKE 'hot%%'", (now, now, provider))
+        return cur.rowcount
+
+
+def count_pending() -> int:
+    with db_connect() as conn, conn.cursor() as cur:
+        cur.execute(f"SELECT COUNT(*) FROM {DB_NAME}.pending_pushes")
+        return cur.fetchone()[0]
+
+
+def post_tick(fn: Function) -> tuple[int, float]:
+    """One privacy-delay tick, as the PingSource's event reaches a dispatcher: status, seconds."""
+    import http.client
+
+    headers = {"ce-specversion": "1.0", "ce-type": "dev.knative.sources.ping", "ce-source": "/bench/flush",
+               "ce-id": secrets.token_hex(8), "ce-pushtick": "flush", "Content-Type": "application/json"}
+    started = time.perf_counter()
+    connection = http.client.HTTPConnection("127.0.0.1", fn.port, timeout=120)
+    connection.request("POST", "/", body=b'{"message": "flush"}', headers=headers)
+    status = connection.getresponse().status
+    connection.close()
+    return status, time.perf_counter() - started
+
+
+def section_flush(procs: Procs, env: dict, providers: list[str], quick: bool, dispatch_rates: dict) -> None:
+    """How fast the privacy delay's queue drains: every hot device of a provider has a wake-up
+    due, and ticks are posted one after another (as a PingSource would, minus the minute between
+    them) until none is left. The flush goes round after round within one tick, so the queue
+    should drain at about the rate the dispatcher sends large events (many devices at once)."""
+    for provider in providers:
+        fn = Function(procs, dict(env, PUSH_PRIVACY_DELAY="0-0"), f"dispatch-{provider}")
+        fn.start()
+        post_tick(fn)  # connections and tokens open before measuring
+        runs = []
+        for _ in range(2 if quick else 3):
+            queued = queue_pending(provider)
+            cpu_before, ticks, seconds = cpu_seconds(fn.pids), [], 0.0
+            while count_pending() and len(ticks) < 20:
+                status, took = post_tick(fn)
+                ticks.append(status)
+                seconds += took
+            runs.append({"pushes_per_second": round(queued / seconds, 1), "queued": queued, "ticks": len(ticks),
+                         "statuses": ticks, "left": count_pending(),
+                         "cpu_ms_per_push": round((cpu_seconds(fn.pids) - cpu_before) / queued * 1000, 4)})
+        rates = sorted(run["pushes_per_second"] for run in runs)
+        median = rates[len(rates) // 2]
+        # The dispatch section's figures of this run, when it ran: a flush round is like a large
+        # event (many devices sent at once), so 100x3 is the rate to compare with.
+        reference = {shape: round(rate, 1) for shape, rate in dispatch_rates.get(provider, {}).items()}
+        emit("flush_pushes_per_second", median, "pushes/s", provider,
+             measured="wake-ups due / seconds of the ticks that sent them; median of the runs",
+             runs=runs, spread=[rates[0], rates[-1]], dispatch_pushes_per_second=reference or None,
+             ratio_to_dispatch_100x3=round(median / reference["100x3"], 2) if "100x3" in reference else None)
+        fn.stop()
+
+
 def write_jwts(work: Path, users: int = 2000) -> None:
     import jwt
 
@@ -739,6 +804,9 @@ def main() -> int:
         base = {}
         if only & {"dispatch", "latency"}:
             base = section_dispatch(procs, env, work, fakes, args.quick, only, providers, 10_000)
+        if "flush" in only:
+            log("privacy-delay flush")
+            section_flush(procs, env, providers, args.quick, base)
         if "coldstart" in only:
             log("cold starts")
             section_coldstart(procs, env, args.quick)

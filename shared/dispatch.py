@@ -63,8 +63,11 @@ log = logging.getLogger(__name__)
 DEFAULT_RETRY_AFTER = 30
 CHECKPOINT_SECONDS = 0.1
 OVERLOAD_RETRY_AFTER = 5
-#: Due wake-ups one flush claims and sends at most; the rest wait for the next tick.
-FLUSH_LIMIT = 5000
+#: Due wake-ups one round of a flush claims and sends; a flush takes round after round.
+FLUSH_BATCH = 1000
+#: A flush starts no new round with less than this share of its deadline left: a round started
+#: then would mostly be cut off, and its wake-ups handed back for a later tick.
+FLUSH_LAST_ROUND_SHARE = 0.2
 #: What a device over its per-event-type limit gets: nothing sent, recorded as done.
 LIMITED = SendResult(Outcome.REJECTED, "limited")
 #: What a device gets when its provider raised instead of answering (a bug, or an unsendable token).
@@ -316,20 +319,34 @@ class Dispatcher:
             )
 
     async def flush(self) -> DispatchReport:
-        """Send the pending wake-ups that are due (privacy delay); transient failures stay pending
-        for a later tick.
+        """Send the pending wake-ups that are due (privacy delay), round after round, until none
+        is due or the flush's deadline is near; transient failures stay pending for a later tick.
 
-        Every (message type, TTL) group is sent at once, so the whole flush shares one deadline
-        and ends within the claim's lease (``PUSH_PENDING_LEASE_SECONDS``, kept above it): no
-        later tick claims a wake-up this flush may still send. As for events, what was sent is
-        recorded as the sends go on, so a flush that dies midway does not send it again.
+        Every tick drains the queue rather than sending a share of it, so the queue empties at
+        the rate the dispatcher sends, and a tick that never came (a PingSource tick is not
+        retried for ever) is made up by the next. The whole flush shares one deadline
+        (``PUSH_DISPATCH_DEADLINE_SECONDS`` from the tick), so it ends within its claims' lease
+        (``PUSH_PENDING_LEASE_SECONDS``, kept above it): no later tick claims a wake-up this flush
+        may still send.
         """
         report = DispatchReport()
         if self.pending is None:
             return report
-        token, due = await run_in_threadpool(self.pending.claim_due, self.provider.name, FLUSH_LIMIT)
+        deadline = time.monotonic() + self.settings.deadline_seconds
+        last_round = self.settings.deadline_seconds * FLUSH_LAST_ROUND_SHARE
+        while deadline - time.monotonic() > last_round:
+            claimed = await self._flush_round(report, deadline - time.monotonic())
+            if claimed < FLUSH_BATCH:
+                break
+        return report
+
+    async def _flush_round(self, report: DispatchReport, seconds: float) -> int:
+        """Claim up to :data:`FLUSH_BATCH` due wake-ups and send them within ``seconds``: every
+        (message type, TTL) group at once. As for events, what was sent is recorded as the
+        sends go on, so a flush that dies midway does not send it again. How many were claimed."""
+        token, due = await run_in_threadpool(self.pending.claim_due, self.provider.name, FLUSH_BATCH)
         if not due:
-            return report
+            return 0
         rows = await run_in_threadpool(self.store.by_ids, [d.subscription_id for d in due])
         gone = [d.subscription_id for d in due if d.subscription_id not in rows]
         if gone:
@@ -353,7 +370,7 @@ class Dispatcher:
 
         results = await asyncio.gather(*(
             self._send_all([rows[sub_id] for sub_id in items], WakeUp(message_type, ttl), report,
-                           checkpoint_of(items))
+                           checkpoint_of(items), deadline_seconds=seconds)
             for (message_type, ttl), items in groups.items()
         ))
         sent: list[Due] = []
@@ -367,7 +384,7 @@ class Dispatcher:
             self.pending.finish, token, sent, retry,
             timedelta(seconds=report.retry_after or DEFAULT_RETRY_AFTER),
         )
-        return report
+        return len(due)
 
     async def _record(self, key: str, claims: Claims, outcomes: Outcomes) -> None:
         try:
@@ -385,8 +402,10 @@ class Dispatcher:
         wakeup: WakeUp,
         report: DispatchReport,
         checkpoint: Callable[[Outcomes], Awaitable[None]] | None = None,
+        deadline_seconds: float | None = None,
     ) -> Outcomes:
-        """Send to every device, at most ``concurrency`` at once, until the deadline.
+        """Send to every device, at most ``concurrency`` at once, until the deadline (the
+        dispatch deadline, or ``deadline_seconds`` when given: what is left of a flush's).
 
         With ``checkpoint``, final outcomes are handed over in small batches while the other sends
         go on, so a process killed mid-event has recorded what it already sent and the
@@ -428,7 +447,7 @@ class Dispatcher:
         tasks = [asyncio.create_task(send(s)) for s in subscriptions]
         recorder = asyncio.create_task(record_as_we_go()) if checkpoint and tasks else None
         if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=self.settings.deadline_seconds)
+            _, pending = await asyncio.wait(tasks, timeout=deadline_seconds or self.settings.deadline_seconds)
             for task in pending:
                 task.cancel()
             if pending:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import partial
 
-from sqlalchemy import Connection, Engine, and_, delete, func, select, update
+from sqlalchemy import Connection, Engine, delete, func, select, tuple_, update
 
 from shared.config import ConfigError, env, env_float, secret
 from shared.db import insert_ignore, read_session, run_transaction, unavailable_as_503
@@ -92,6 +92,13 @@ def _pending_lease_seconds() -> float:
     return lease
 
 
+def _keys_in(items: Iterable[Due] | Iterable[tuple[int, str]]):
+    """``(subscription_id, message_type) IN (...)`` for these pending wake-ups or keys."""
+    table = PendingPush.__table__
+    keys = [(i.subscription_id, i.message_type) if isinstance(i, Due) else tuple(i) for i in items]
+    return tuple_(table.c.subscription_id, table.c.message_type).in_(keys)
+
+
 @dataclass(frozen=True)
 class Due:
     """A pending wake-up a flush claimed: send it, then :meth:`PendingStore.finish` it."""
@@ -154,7 +161,8 @@ class PendingStore:
         table = PendingPush.__table__
 
         def claim_batch(connection: Connection, size: int) -> int:
-            """How many due rows the SELECT found (some may have gone to a racing flush)."""
+            """How many due rows the SELECT found (some may have gone to a racing flush: the
+            UPDATE takes only those still free)."""
             now = self.clock()
             free = (table.c.claim.is_(None)) | (table.c.claimed_until < now)
             keys = connection.execute(
@@ -163,10 +171,10 @@ class PendingStore:
                 .order_by(table.c.due_at)
                 .limit(size)
             ).all()
-            for sub_id, message_type in keys:
+            if keys:
                 connection.execute(
                     update(table)
-                    .where(table.c.subscription_id == sub_id, table.c.message_type == message_type, free)
+                    .where(_keys_in(keys), free)
                     .values(claim=token, claimed_until=now + self.lease)
                 )
             return len(keys)
@@ -195,18 +203,23 @@ class PendingStore:
         sent, retry = list(sent), list(retry)
 
         def work(connection: Connection) -> None:
+            # A statement per kind of change, not per row: a flush's rounds finish a thousand
+            # wake-ups at a time, and row-by-row statements once took most of a flush's time.
             now = self.clock()
-            for due in sent:
-                key = and_(table.c.subscription_id == due.subscription_id,
-                           table.c.message_type == due.message_type, table.c.claim == token)
-                if not connection.execute(delete(table).where(key, table.c.version == due.version)).rowcount:
-                    connection.execute(update(table).where(key).values(
-                        claim=None, claimed_until=None, version=1, created_at=now, due_at=self._due_at(now)))
-            for due in retry:
+            mine = table.c.claim == token
+            if sent:
+                versions = tuple_(table.c.subscription_id, table.c.message_type, table.c.version)
+                connection.execute(delete(table).where(
+                    mine, versions.in_([(d.subscription_id, d.message_type, d.version) for d in sent])))
+                joined = connection.execute(  # an event joined it meanwhile: it waits anew
+                    select(table.c.subscription_id, table.c.message_type).where(mine, _keys_in(sent))).all()
+                for sub_id, message_type in joined:
+                    connection.execute(update(table).where(
+                        mine, table.c.subscription_id == sub_id, table.c.message_type == message_type,
+                    ).values(claim=None, claimed_until=None, version=1, created_at=now, due_at=self._due_at(now)))
+            if retry:
                 connection.execute(
-                    update(table)
-                    .where(table.c.subscription_id == due.subscription_id,
-                           table.c.message_type == due.message_type, table.c.claim == token)
+                    update(table).where(mine, _keys_in(retry))
                     .values(claim=None, claimed_until=None, created_at=now, due_at=now + retry_after)
                 )
 

@@ -257,9 +257,9 @@ class HeldBack:
         pass
 
 
-def fcm_device(engine) -> int:
+def fcm_device(engine, user: str = "alice") -> int:
     token = bodies.fcm_token()
-    return SubscriptionStore(engine).subscribe("alice", NewSubscription("fcm", token, token)).subscription.id
+    return SubscriptionStore(engine).subscribe(user, NewSubscription("fcm", token, token)).subscription.id
 
 
 def flushing(engine, provider, store: PendingStore) -> Dispatcher:
@@ -433,6 +433,61 @@ async def test_a_flush_records_each_sent_wake_up_while_others_are_still_in_fligh
     assert [(item.subscription_id, item.claim is not None) for item in pending(engine)] == [(held, True)]
     provider.release.set()
     assert (await flush).delivered == 2
+
+
+class Counting:
+    """A provider that delivers every send after ``seconds``, and remembers whom it sent to."""
+
+    name = "fcm"
+
+    def __init__(self, seconds: float = 0.0) -> None:
+        self.seconds = seconds
+        self.sent: list[int] = []
+
+    async def send(self, device: Device, wakeup: WakeUp) -> SendResult:
+        await asyncio.sleep(self.seconds)
+        self.sent.append(device.id)
+        return SendResult(Outcome.DELIVERED)
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_a_flush_sends_everything_due_round_after_round(engine, monkeypatch):
+    """More is due than one round claims (two missed ticks' worth, say): one tick sends it all."""
+    monkeypatch.setattr("shared.dispatch.FLUSH_BATCH", 3)
+    clock = Clock(datetime(2026, 1, 1, 10, 0, 0))
+    store = PendingStore(engine, PrivacyDelay(0, 0), clock=clock)
+    devices = [fcm_device(engine) for _ in range(8)]
+    store.enqueue("fcm", devices, "checkEchoV1", 3600)
+    clock.now += timedelta(seconds=1)
+    provider = Counting()
+    report = await flushing(engine, provider, store).flush()
+    assert report.delivered == 8
+    assert sorted(provider.sent) == sorted(devices)
+    assert pending(engine) == []
+
+
+async def test_a_flush_starts_no_round_once_its_deadline_is_near(engine, monkeypatch):
+    """Rounds of two sends taking 0.3 s each, under a 1 s deadline: the flush stops after a few
+    rounds, what it did not reach stays pending unclaimed for the next tick, nothing twice."""
+    monkeypatch.setattr("shared.dispatch.FLUSH_BATCH", 2)
+    clock = Clock(datetime(2026, 1, 1, 10, 0, 0))
+    store = PendingStore(engine, PrivacyDelay(0, 0), clock=clock)
+    devices = [fcm_device(engine, f"user-{n}") for n in range(20)]  # a user keeps at most 10
+    store.enqueue("fcm", devices, "checkEchoV1", 3600)
+    clock.now += timedelta(seconds=1)
+    provider = Counting(seconds=0.3)
+    dispatcher = Dispatcher(
+        provider, SubscriptionStore(engine), DeliveryLedger(engine), NotificationPolicy(),
+        DispatchSettings(deadline_seconds=1.0), pending=store,
+    )
+    report = await dispatcher.flush()
+    assert 0 < report.delivered < len(devices)
+    assert len(provider.sent) == len(set(provider.sent)) == report.delivered
+    left = pending(engine)
+    assert sorted(item.subscription_id for item in left) == sorted(set(devices) - set(provider.sent))
+    assert all(item.claim is None for item in left)
 
 
 def test_a_flushs_claim_lasts_push_pending_lease_seconds(engine, monkeypatch):
