@@ -17,6 +17,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -103,53 +104,71 @@ def status_class(status: int) -> str:
     return f"{status // 100}xx"
 
 
-class SubscriptionTotals(Collector):
-    """``push_subscriptions`` per provider, counted in the database when scraped and cached for
-    ``ttl`` seconds, so frequent scrapes (or many of them at once) cost one query."""
+class _Cached:
+    """A figure read from the database at scrape time and kept for ``ttl`` seconds, so frequent
+    scrapes (or many at once) cost one query; a failed read keeps the last figure (a scrape must
+    not fail on a database outage)."""
+
+    def __init__(self, ttl: float, empty: Any, what: str) -> None:
+        self.ttl = ttl
+        self.what = what
+        self._lock = threading.Lock()
+        self._cached = empty
+        self._at = float("-inf")
+
+    def get(self, read: Callable[[], Any] | None) -> Any:
+        with self._lock:
+            if read is not None and time.monotonic() - self._at > self.ttl:
+                try:
+                    self._cached = read()
+                    self._at = time.monotonic()
+                except Exception:  # noqa: BLE001 - see the class docstring
+                    log.warning("could not read %s for metrics", self.what)
+            return self._cached
+
+
+class _CachedCollector(Collector):
+    """A collector whose figures come from the database through a :class:`_Cached`."""
+
+    def __init__(self, ttl: float, empty: Any, what: str) -> None:
+        self._cache = _Cached(ttl, empty, what)
+
+    @property
+    def ttl(self) -> float:
+        return self._cache.ttl
+
+    @ttl.setter
+    def ttl(self, seconds: float) -> None:
+        self._cache.ttl = seconds
+
+
+class SubscriptionTotals(_CachedCollector):
+    """``push_subscriptions`` per provider, counted in the database when scraped."""
 
     def __init__(self, ttl: float = 30.0) -> None:
-        self.ttl = ttl
+        super().__init__(ttl, {}, "subscriptions")
         self.count: Callable[[], dict[str, int]] | None = None
-        self._lock = threading.Lock()
-        self._cached: dict[str, int] = {}
-        self._at = float("-inf")
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         family = GaugeMetricFamily("push_subscriptions", "Stored subscriptions per provider.", labels=["provider"])
-        with self._lock:
-            if self.count is not None and time.monotonic() - self._at > self.ttl:
-                try:
-                    self._cached = self.count()
-                    self._at = time.monotonic()
-                except Exception:  # noqa: BLE001 - a scrape must not fail on a database outage
-                    log.warning("could not count subscriptions for metrics")
-            for provider in ("fcm", "apns", "webpush"):
-                family.add_metric([provider], self._cached.get(provider, 0))
+        cached = self._cache.get(self.count)
+        for provider in ("fcm", "apns", "webpush"):
+            family.add_metric([provider], cached.get(provider, 0))
         yield family
 
 
-class PendingTotals(Collector):
+class PendingTotals(_CachedCollector):
     """``push_pending`` and ``push_pending_oldest_age_seconds`` per provider, when the privacy
-    delay is on: read from the database at scrape time, cached like :class:`SubscriptionTotals`."""
+    delay is on: read from the database at scrape time."""
 
     def __init__(self, ttl: float = 15.0) -> None:
-        self.ttl = ttl
+        super().__init__(ttl, {}, "pending pushes")
         self.stats: Callable[[], dict[str, tuple[int, float]]] | None = None
-        self._lock = threading.Lock()
-        self._cached: dict[str, tuple[int, float]] = {}
-        self._at = float("-inf")
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         if self.stats is None:
             return
-        with self._lock:
-            if time.monotonic() - self._at > self.ttl:
-                try:
-                    self._cached = self.stats()
-                    self._at = time.monotonic()
-                except Exception:  # noqa: BLE001 - a scrape must not fail on a database outage
-                    log.warning("could not read pending pushes for metrics")
-            cached = dict(self._cached)
+        cached = dict(self._cache.get(self.stats))
         count = GaugeMetricFamily("push_pending", "Wake-ups waiting for their privacy delay.", labels=["provider"])
         age = GaugeMetricFamily(
             "push_pending_oldest_age_seconds", "Age of the oldest pending wake-up.", labels=["provider"]
@@ -162,28 +181,19 @@ class PendingTotals(Collector):
         yield age
 
 
-class DeadLetterTotal(Collector):
+class DeadLetterTotal(_CachedCollector):
     """``push_dead_letters``: the dead letters kept in the database and not yet replayed, read
-    when scraped (by clean-up, which keeps them) and cached like :class:`SubscriptionTotals`."""
+    when scraped (by clean-up, which keeps them)."""
 
     def __init__(self, ttl: float = 30.0) -> None:
-        self.ttl = ttl
+        super().__init__(ttl, 0, "dead letters")
         self.count: Callable[[], int] | None = None
-        self._lock = threading.Lock()
-        self._cached = 0
-        self._at = float("-inf")
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         if self.count is None:
             return
-        with self._lock:
-            if time.monotonic() - self._at > self.ttl:
-                try:
-                    self._cached = self.count()
-                    self._at = time.monotonic()
-                except Exception:  # noqa: BLE001 - a scrape must not fail on a database outage
-                    log.warning("could not count dead letters for metrics")
-            yield GaugeMetricFamily("push_dead_letters", "Dead letters kept, not yet replayed.", value=self._cached)
+        yield GaugeMetricFamily("push_dead_letters", "Dead letters kept, not yet replayed.",
+                                value=self._cache.get(self.count))
 
 
 SUBSCRIPTION_TOTALS = SubscriptionTotals()

@@ -98,12 +98,12 @@ async def test_a_dead_lettered_tick_is_counted_not_kept(cleanup, engine):
     }
 
 
-async def test_the_kept_dead_letters_are_a_gauge_for_the_alert(cleanup, engine):
-    await cleanup.post("/dead-letters", **dead_letter())
-    await cleanup.post("/dead-letters", **dead_letter(id_="e-2"))
+async def test_the_kept_dead_letters_are_a_gauge_for_the_alert(cleanup, engine, monkeypatch):
     from shared import metrics
 
-    metrics.DEAD_LETTER_TOTAL._at = float("-inf")  # read afresh, not the cached figure
+    monkeypatch.setattr(metrics.DEAD_LETTER_TOTAL, "ttl", 0.0)  # read afresh at each scrape
+    await cleanup.post("/dead-letters", **dead_letter())
+    await cleanup.post("/dead-letters", **dead_letter(id_="e-2"))
     assert scrape()[("push_dead_letters", frozenset())] == 2
 
 
@@ -115,41 +115,6 @@ async def test_what_is_not_a_cloudevent_is_refused_and_not_kept(cleanup, engine)
 
 
 # --- pushctl dead-letters ------------------------------------------------------------------------
-
-
-class Receiver:
-    """An HTTP endpoint standing in for the broker's ingress: records requests, answers ``status``."""
-
-    def __init__(self, status: int = 202) -> None:
-        self.status = status
-        self.received: list[tuple[dict[str, str], bytes]] = []
-        receiver = self
-
-        class Handler(local_router.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                receiver.received.append(({k.lower(): v for k, v in self.headers.items()}, body))
-                self.send_response(receiver.status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    started = Receiver()
-    yield started
-    started.close()
 
 
 def keep(engine, id_: str = "e-1", **errors: str) -> None:
@@ -166,31 +131,31 @@ def test_list_shows_each_dead_letter(engine, capsys):
     assert f"{NOTIFICATION_REQUESTED}\tid=e-1\tcode=503\tdest={ERRORS['knativeerrordest']}" in out
 
 
-def test_replay_posts_the_event_as_first_sent_and_deletes_it(engine, receiver, capsys):
+def test_replay_posts_the_event_as_first_sent_and_deletes_it(engine, sink, capsys):
     keep(engine)
-    assert pushctl(["dead-letters", "replay", "--to", receiver.url]) == 0
-    ((headers, body),) = receiver.received
+    assert pushctl(["dead-letters", "replay", "--to", sink.url]) == 0
+    ((headers, data),) = sink.events
     assert (headers["ce-id"], headers["ce-type"], headers["ce-source"]) == ("e-1", NOTIFICATION_REQUESTED, "/test")
     assert not [name for name in headers if name.startswith("ce-knativeerror")]
     assert headers["content-type"] == "application/json"
-    assert json.loads(body)["users"] == ["7"]
+    assert data["users"] == ["7"]
     assert kept(engine) == []
 
 
-def test_a_replay_that_is_not_taken_keeps_the_letter_and_fails(engine, receiver, capsys):
+def test_a_replay_that_is_not_taken_keeps_the_letter_and_fails(engine, sink, capsys):
     keep(engine)
-    receiver.status = 503
-    assert pushctl(["dead-letters", "replay", "--to", receiver.url]) == 1
+    sink.status = 503
+    assert pushctl(["dead-letters", "replay", "--to", sink.url]) == 1
     (letter,) = kept(engine)
     assert (letter.replay_attempts, letter.last_replay_error) == (1, "HTTP 503")
     assert "replays failed: 1 (HTTP 503)" in (pushctl(["dead-letters", "list"]), capsys.readouterr().out)[1]
 
 
-def test_replay_sends_the_shared_secret_when_one_is_set(engine, receiver, monkeypatch):
+def test_replay_sends_the_shared_secret_when_one_is_set(engine, sink, monkeypatch):
     monkeypatch.setenv("PUSH_INTERNAL_TOKEN", "s3cret-for-internal-calls")
     keep(engine)
-    assert pushctl(["dead-letters", "replay", "--to", receiver.url]) == 0
-    assert receiver.received[0][0]["x-push-internal-token"] == "s3cret-for-internal-calls"
+    assert pushctl(["dead-letters", "replay", "--to", sink.url]) == 0
+    assert sink.events[0][0]["x-push-internal-token"] == "s3cret-for-internal-calls"
 
 
 # --- the local broker through an outage -------------------------------------------------------------
