@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -27,8 +26,6 @@ from shared.db import insert_ignore, read_session, run_transaction, unavailable_
 from shared.events import PING
 from shared.models import DeadLetter
 from shared.subscriptions import Clock, utcnow
-
-log = logging.getLogger(__name__)
 
 #: The attributes Knative adds to a dead-lettered event; a replay leaves them out.
 ERROR_ATTRIBUTES = ("knativeerrordest", "knativeerrorcode", "knativeerrordata")

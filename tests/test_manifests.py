@@ -13,7 +13,6 @@ import ast
 import copy
 import itertools
 import json
-import math
 import os
 import re
 import shlex
