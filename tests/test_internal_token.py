@@ -4,6 +4,8 @@ it in X-Push-Internal-Token, refuse the others with 401 and a JSON error, and se
 where they post to an internal function. Platform probes and the public functions never need it."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from shared.models import DeadLetter
@@ -110,3 +112,65 @@ async def test_a_dispatchers_dead_token_report_carries_the_secret(
     assert (await function_client("dispatch-webpush").post("/", **request)).status_code == 202
     [(headers, _data)] = sink.events
     assert headers["x-push-internal-token"] == TOKEN
+
+
+def test_the_deployed_cleanup_answers_401_without_the_secret_and_serves_it_with(tmp_path, monkeypatch):
+    """clean-up started by the image's own command line (the Dockerfile's CMD, gunicorn and its
+    uvicorn worker), the secret given as OpenFaaS gives it: a file in PUSH_SECRETS_DIR."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.error
+    import urllib.request
+
+    from shared.cli import main as pushctl
+    from tests.conftest import REPO
+    from tests.test_images import DOCKERFILE, dockerfile_instructions, image_command
+
+    url = f"sqlite:///{tmp_path / 'push.sqlite3'}"
+    monkeypatch.setenv("PUSH_DATABASE_URL", url)
+    assert pushctl(["migrate"]) == 0
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    (secrets / "push-internal-token").write_text(TOKEN)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = image_command(dockerfile_instructions(DOCKERFILE.read_text())).replace("/app/functions/", f"{REPO}/functions/")
+    environment = {
+        **{k: v for k, v in os.environ.items() if k != "PUSH_INTERNAL_TOKEN"},
+        "FUNCTION": "cleanup-invalid-tokens", "PORT": str(port), "PUSH_DATABASE_URL": url,
+        "PUSH_SECRETS_DIR": str(secrets), "PUSH_METRICS_PORT": "off",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    server = subprocess.Popen(["sh", "-c", command], env=environment, cwd=REPO,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def post(headers: dict[str, str]) -> tuple[int, bytes]:
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/", data=ping["content"], method="POST",
+                                         headers={**ping["headers"], **headers})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as answer:
+                return answer.status, answer.read()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read()
+
+    ping = events.ping()
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/_/health", timeout=1):
+                    break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "clean-up did not start"
+                time.sleep(0.1)
+        status, body = post({})
+        assert status == 401 and json.loads(body)["error"]["code"] == "unauthorized"
+        assert post(WITH_TOKEN)[0] == 202
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
