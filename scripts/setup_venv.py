@@ -8,6 +8,7 @@ Usage: ``python3 scripts/setup_venv.py VENV STAMP INPUT...`` (the Makefile's sta
 from __future__ import annotations
 
 import fcntl
+import os
 import subprocess
 import sys
 import venv
@@ -31,7 +32,9 @@ def main(argv: list[str]) -> int:
             return 0
         stamp.unlink(missing_ok=True)
         print(f"setting up {env_dir} (a few minutes the first time)...", flush=True)
-        venv.create(env_dir, with_pip=True)
+        # Symlinks, as `python -m venv` makes them on POSIX: copying onto an existing
+        # virtualenv's symlinked interpreter fails (SameFileError).
+        venv.create(env_dir, with_pip=True, symlinks=os.name != "nt")
         python = str(env_dir / "bin" / "python")
         subprocess.run([python, "-m", "pip", "install", "--quiet", "--upgrade", "pip"], check=True)
         subprocess.run(
