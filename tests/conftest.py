@@ -27,7 +27,8 @@ from sqlalchemy.engine import make_url
 from shared.cli import main as pushctl
 from shared.db import get_engine
 from shared.models import Base
-from tests.fakes.apns import apns_server  # noqa: F401 - fixtures for the whole suite
+from tests.connect_proxy import connect_proxy  # noqa: F401 - fixtures for the whole suite
+from tests.fakes.apns import apns_server  # noqa: F401
 from tests.fakes.fcm import fcm_server  # noqa: F401
 from tests.fakes.sink import sink  # noqa: F401
 from tests.fakes.webpush import webpush_server  # noqa: F401

@@ -469,10 +469,17 @@ async def test_store_outage_keeps_the_shared_token_until_it_is_nearly_an_hour_ol
     assert bearer(fake.requests[-1]) != shared
 
 
-def test_provider_without_a_store_keeps_signing_per_connection(fake) -> None:
+async def test_provider_without_a_store_signs_one_token_for_all_its_connections(fake) -> None:
     provider = make_provider(fake, None)
+    try:
+        await provider.send(device(environment="production"), WAKEUP)
+        await provider.send(device(environment="sandbox"), WAKEUP)
+    finally:
+        await provider.aclose()
+
     assert provider._shared_token is None
-    assert all(p.shared_token is None for p in provider._protocols.values())
+    assert len(fake.provider_tokens) == 1
+    assert fake.connections_made == 2
 
 
 def test_every_app_provider_gets_the_shared_store(fake, monkeypatch) -> None:

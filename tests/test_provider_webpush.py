@@ -29,6 +29,7 @@ from shared.endpoints import EndpointRules
 from shared.providers.base import Device, Outcome, SendResult, WakeUp
 from shared.providers.webpush import WebPushProvider
 from shared.vapid import generate_vapid_keys
+from tests.connect_proxy import ConnectProxy
 from tests.fakes.webpush import HANG, Answer, FakeWebPushService
 
 KEYS = generate_vapid_keys()
@@ -624,3 +625,27 @@ def test_generated_vapid_keys_are_a_raw_private_key_and_its_uncompressed_public_
         serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
     ) == public
     assert "=" not in keys.private_key + keys.public_key
+
+
+# --- forward proxies -------------------------------------------------------------------------
+
+
+async def test_pushes_go_through_the_https_proxy_the_environment_names(
+        webpush_server, connect_proxy: ConnectProxy, monkeypatch):
+    monkeypatch.setenv("HTTPS_PROXY", connect_proxy.url)
+    subscription = webpush_server.subscribe()
+    provider = make_provider(webpush_server)
+    try:
+        result = await provider.send(device(subscription), wakeup())
+    finally:
+        await provider.aclose()
+
+    assert result.outcome is Outcome.DELIVERED
+    assert connect_proxy.tunnels == [f"localhost:{webpush_server.port}"]
+    assert webpush_server.pushes[0].message() == {"type": "notification"}
+
+
+def test_a_proxy_url_that_is_not_http_is_a_config_error(webpush_server, monkeypatch):
+    monkeypatch.setenv("HTTPS_PROXY", "socks5://127.0.0.1:1080")
+    with pytest.raises(ConfigError, match="HTTPS_PROXY"):
+        make_provider(webpush_server)

@@ -259,6 +259,10 @@ class FakeApns:
         never answered, not even by :meth:`release`) and new streams are ignored."""
         self._in_server(lambda connection: connection.goaway(last_stream_id))
 
+    def drop_connections(self) -> None:
+        """Cut every connection at once, without a word (a crashed front end, a lost route)."""
+        self._in_server(lambda connection: connection.transport.abort())
+
     def _in_server(self, action: Callable[[_Http2Server], None]) -> None:
         async def run() -> None:
             for connection in list(self._protocols):

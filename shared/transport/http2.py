@@ -1,44 +1,57 @@
-"""A small HTTP/2 client for one origin: a bounded pool of connections on asyncio and h2.
+"""The HTTP/2 client of every provider: a pool of connections to one origin on asyncio and h2.
 
-It exists for providers that make many small requests to one endpoint (FCM's ``messages:send``),
-where a general client costs more than the request: httpx, with httpcore and anyio under it, ran
-about 4,500 Python calls per request. This is the design aioapns gives the APNs provider (an
-:class:`asyncio.Protocol` per connection, h2 for the framing), with what made APNs cheap:
+APNs and FCM send through it, and Web Push to push services that agree to HTTP/2. It costs a
+fraction of a general client per request (httpx, with httpcore and anyio under it, ran about
+4,500 Python calls per request), and it does what the providers' networks require:
 
+Concurrency
+    Each connection carries as many requests as the server's SETTINGS_MAX_CONCURRENT_STREAMS
+    allows, as the server changes it (APNs starts a connection at 1 and raises it after the first
+    authenticated request; Google's front ends allow 100). Until the server's SETTINGS arrive, a
+    connection takes one request. When every stream is taken and requests wait, the pool opens
+    another connection, up to ``max_connections``: at a 50 ms round trip one connection of 100
+    streams carries at most 2,000 requests/s, so the pool grows with latency and load.
+GOAWAY (RFC 9113 section 6.8)
+    A connection that receives GOAWAY takes no new request and finishes those the server says it
+    processed; a graceful GOAWAY (last stream ID 2^31-1, then the final one) lets everything sent
+    until the final one finish. A request the server did not process (a stream above the last
+    stream ID, one refused with REFUSED_STREAM, or one never written because the connection went
+    first) is sent again, once, on another connection, inside :meth:`Http2Pool.request`: it is
+    not a failure. h2 throws away what it has queued to send when it reads a GOAWAY, so what the
+    loop turn queued is written before any frame received is read: no request is lost unsent.
+Quiet connections
+    A connection that has been quiet for ``idle_ping_after`` seconds is checked with a PING
+    before it takes a request; one that does not answer within ``ping_timeout`` is dropped, so a
+    half-open connection (a NAT or a load balancer that forgot it) costs a ping, not a request's
+    timeout.
+Limits on what a server sends
+    Server push is off (SETTINGS_ENABLE_PUSH 0); response headers are validated by h2 (a few per
+    answer, so it is cheap) and bounded by SETTINGS_MAX_HEADER_LIST_SIZE; a response body is kept
+    up to ``max_body`` bytes, past which the stream is reset and the request fails: a hostile or
+    broken endpoint (or proxy) cannot grow our memory.
 HPACK
     h2 Huffman-codes every header in pure Python. :class:`LiteralEncoder` keeps the encoded form
-    of each header it has seen (a request's headers are the same from one request to the next,
-    the bearer token changing hourly), as plain literals outside the dynamic table, so encoding a
+    of each header it has seen, as plain literals outside the dynamic table, so encoding a
     request is a join of cached bytes. ``authorization`` is marked never-indexed.
-Validation
-    h2's header validation and normalisation run a chain of generators per header; the caller
-    builds its headers once and correctly, so they are off both ways.
 Writes
     What h2 queues is written once per turn of the event loop, so the requests of one turn
     (an event's sends) leave in one TLS record and one system call.
 
-Limits: at most ``max_connections`` connections and, on each, at most ``max_streams`` requests in
-flight, or fewer if the server's ``SETTINGS_MAX_CONCURRENT_STREAMS`` says so; further requests
-wait their turn. A connection that receives GOAWAY takes no new requests (the next one opens a
-fresh connection), finishes those the server says it processed, and fails the others; one that is
-lost fails every request in flight. Failures raise :class:`OSError` (:class:`Http2Unavailable`,
-or the socket's or TLS's own), a request that outlives ``timeout`` raises :class:`TimeoutError`
-(itself an :class:`OSError`: catch it first), and nothing waits forever.
-
-Forward proxies: given a :class:`Proxy` (see :func:`proxy_from_environment`, which reads
-``HTTPS_PROXY``/``NO_PROXY`` the way curl and httpx do), each connection is an HTTP CONNECT
-tunnel through it, with TLS to the origin inside.
+Failures raise :class:`TransportError` (an :class:`OSError`), or the socket's or TLS's own
+:class:`OSError`; a request that outlives ``timeout`` raises :class:`TimeoutError` (itself an
+:class:`OSError`: catch it first), and nothing waits forever.
 """
 from __future__ import annotations
 
 import asyncio
-import base64
-import os
+import json
+import logging
+import re
 import ssl
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 from h2.config import H2Configuration
 from h2.connection import (
@@ -51,34 +64,49 @@ from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
     DataReceived,
+    PingAckReceived,
     RemoteSettingsChanged,
     ResponseReceived,
     StreamEnded,
     StreamReset,
 )
 from h2.exceptions import H2Error
-from h2.settings import SettingCodes
+from h2.settings import SettingCodes, Settings
 from hpack import Encoder
 from hpack.hpack import encode_integer
 from hpack.table import HeaderTable
 
+from shared.transport.connect import Origin, TransportError, open_connection
+from shared.transport.proxy import Proxy
+
 Header = tuple[bytes, bytes]
 
-UNCHECKED_CLIENT_CONFIG = H2Configuration(
+log = logging.getLogger(__name__)
+# hpack's debug log prints every header, device tokens in APNs paths and bearer tokens included.
+logging.getLogger("hpack").setLevel(logging.CRITICAL)
+
+CLIENT_CONFIG = H2Configuration(
     client_side=True,
     validate_outbound_headers=False,
     normalize_outbound_headers=False,
-    validate_inbound_headers=False,
+    validate_inbound_headers=True,
     normalize_inbound_headers=False,
 )
-"""A client's h2 settings with header validation and normalisation off (module docstring,
-"Validation"): for callers whose headers are built once and correctly."""
+"""Outbound headers are built once and correctly by the providers (tests pin their form), so
+h2's per-header generator chain is skipped for them; inbound ones are few and are checked."""
 _RECEIVE_WINDOW = 16 * 1024 * 1024
 """Our flow-control window, per connection and per stream: answers are small, and a window this
-large means WINDOW_UPDATE frames are rare."""
+large means WINDOW_UPDATE frames are rare. A body past ``max_body`` is refused long before."""
+_MAX_HEADER_LIST_SIZE = 16 * 1024
+"""SETTINGS_MAX_HEADER_LIST_SIZE we announce and h2's decoder enforces on answers."""
 _MAX_ENCODED_HEADERS = 256
 """Encoded headers kept per connection; past it the cache starts again (old tokens go)."""
-_TUNNEL_HEADER_LIMIT = 16 * 1024
+_MAX_STREAMS_PER_CONNECTION = 10_000
+"""Streams used at once on a connection whose server sets no limit, or a very high one."""
+DEFAULT_MAX_BODY = 64 * 1024
+"""The most of a response body kept: every provider's answers are well under a kilobyte."""
+DEFAULT_IDLE_PING_AFTER = 30.0
+DEFAULT_PING_TIMEOUT = 2.0
 
 
 class DrainingStateMachine(H2ConnectionStateMachine):
@@ -86,9 +114,8 @@ class DrainingStateMachine(H2ConnectionStateMachine):
 
     h2 closes it at once and then rejects every frame as a protocol error (python-hyper/h2#1199),
     which would drop the answers RFC 9113 section 6.8 lets the server still send, to the streams
-    up to the GOAWAY's last stream ID, and fail requests the server processed. h2 then still lets
-    new streams start: the client using it must open none on such a connection (here
-    ``_Connection.accepting``; the APNs provider's ``_EndpointProtocol`` too)."""
+    up to the GOAWAY's last stream ID. h2 then still lets new streams start: :class:`_Connection`
+    opens none on such a connection (``accepting``)."""
 
     _transitions = {
         **H2ConnectionStateMachine._transitions,
@@ -97,9 +124,9 @@ class DrainingStateMachine(H2ConnectionStateMachine):
     }
 
 
-class Http2Unavailable(ConnectionError):
-    """The request could not be made or answered: the connection failed, was lost, or the
-    server refused the stream (GOAWAY past it, RST_STREAM). Safe to retry later."""
+class NotProcessed(TransportError):
+    """The server did not process the request (GOAWAY past its stream, REFUSED_STREAM, or it
+    was never sent): sending it again cannot deliver it twice."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,91 +143,48 @@ class Response:
         return next((v for k, v in self.headers if k == name), None)
 
 
-@dataclass(frozen=True)
-class Origin:
-    """Where requests go: ``https`` (TLS, ALPN h2) or ``http`` (HTTP/2 in clear, prior
-    knowledge), host and port."""
+@dataclass
+class PoolStats:
+    """What the pool did, for tests and benchmarks."""
 
-    scheme: str
-    host: str
-    port: int
-
-    @property
-    def authority(self) -> bytes:
-        default = 443 if self.scheme == "https" else 80
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return (host if self.port == default else f"{host}:{self.port}").encode()
-
-
-@dataclass(frozen=True)
-class Proxy:
-    """A forward proxy reached in clear that opens CONNECT tunnels, with optional Basic
-    credentials (from the proxy URL's ``user:password@``)."""
-
-    host: str
-    port: int
-    authorization: str | None = None
-
-
-def proxy_from_environment(origin: Origin) -> Proxy | None:
-    """The proxy the environment names for ``origin``, as curl, requests and httpx read it:
-    ``https_proxy``/``HTTPS_PROXY`` (``http_proxy`` for an ``http`` origin), else
-    ``all_proxy``/``ALL_PROXY``; none when ``no_proxy``/``NO_PROXY`` is ``*`` or lists the host
-    or a domain above it (``example.org`` and ``.example.org`` both cover ``fcm.example.org``).
-    Raises :class:`ValueError` naming the variable when the proxy URL is not ``http://``."""
-    environ = os.environ
-    names = (f"{origin.scheme}_proxy", f"{origin.scheme.upper()}_PROXY", "all_proxy", "ALL_PROXY")
-    name = next((n for n in names if environ.get(n)), None)
-    if name is None:
-        return None
-    no_proxy = environ.get("no_proxy") or environ.get("NO_PROXY") or ""
-    host = origin.host.lower()
-    for entry in no_proxy.replace(" ", "").lower().split(","):
-        if entry.startswith("[") and "]" in entry:
-            entry = entry[1:entry.index("]")]
-        elif entry.count(":") == 1:  # host:port; the port is ignored, as curl does
-            entry = entry.partition(":")[0]
-        entry = entry.lstrip(".")
-        if entry == "*" or (entry and (host == entry or host.endswith(f".{entry}"))):
-            return None
-    url = environ[name]
-    parts = urlsplit(url if "://" in url else f"http://{url}")
-    try:
-        port = parts.port or 80
-    except ValueError:
-        port = 0
-    if parts.scheme != "http" or not parts.hostname or not port:
-        raise ValueError(f"{name} must look like http://[user:password@]host[:port]")
-    authorization = None
-    if parts.username is not None:
-        credentials = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
-        authorization = "Basic " + base64.b64encode(credentials.encode()).decode()
-    return Proxy(parts.hostname, port, authorization)
+    connections_opened: int = 0
+    retried: int = 0
+    """Requests sent again because the server had not processed them."""
+    pings: int = 0
 
 
 class Http2Pool:
     """HTTP/2 connections to one origin, opened on demand, for the event loop that first uses
-    it (connections belong to their loop). See the module docstring for the limits."""
+    it (connections belong to their loop). See the module docstring."""
 
     def __init__(
         self,
         origin: Origin,
-        ssl_context: ssl.SSLContext | None,
+        tls: ssl.SSLContext | None,
         *,
         timeout: float,
         max_connections: int,
-        max_streams: int = 100,
         proxy: Proxy | None = None,
+        encoder_per_request: frozenset[bytes] = frozenset(),
+        max_body: int = DEFAULT_MAX_BODY,
+        idle_ping_after: float = DEFAULT_IDLE_PING_AFTER,
+        ping_timeout: float = DEFAULT_PING_TIMEOUT,
     ) -> None:
-        """``ssl_context`` must offer ALPN ``h2`` (``None`` for an ``http`` origin);
-        ``timeout`` bounds each request from the moment it is made (waiting for a stream or a
-        connection included) and each connection attempt."""
+        """``tls`` must offer ALPN ``h2`` (``None`` for an ``http`` origin, HTTP/2 with prior
+        knowledge); ``timeout`` bounds each request from the moment it is made (waiting for a
+        stream, a connection, a PING, a retry included) and each connection attempt.
+        ``encoder_per_request`` names headers whose values change with every request (APNs'
+        device path): they are encoded each time, never cached."""
         self.origin = origin
-        self._ssl = ssl_context
+        self._tls = tls
         self._timeout = timeout
         self._max_connections = max_connections
-        self._max_streams = max_streams
         self._proxy = proxy
+        self._per_request = encoder_per_request
+        self.max_body = max_body
+        self.idle_ping_after = idle_ping_after
+        self.ping_timeout = ping_timeout
+        self.stats = PoolStats()
         self._connections: list[_Connection] = []
         """Connections that take new requests (not those draining after GOAWAY)."""
         self._all: set[_Connection] = set()
@@ -212,16 +196,14 @@ class Http2Pool:
 
     async def request(self, headers: list[Header], body: bytes) -> Response:
         """Send one request (``headers`` in HTTP/2 form, pseudo-headers first) and return its
-        answer. Raises :class:`TimeoutError` or another :class:`OSError` (module docstring)."""
+        answer; a request the server did not process is sent again once (module docstring).
+        Raises :class:`TimeoutError` or another :class:`OSError`."""
         async with asyncio.timeout(self._timeout):
-            connection = self._free_connection() or await self._wait_for_connection()
-            future: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
-            stream_id = connection.start(headers, body, future)
             try:
-                return await future
-            except asyncio.CancelledError:
-                connection.cancel(stream_id)
-                raise
+                return await self._attempt(headers, body)
+            except NotProcessed:
+                self.stats.retried += 1
+                return await self._attempt(headers, body)
 
     async def aclose(self) -> None:
         """Drop every connection (aborted: a TLS close_notify could wait on a peer that is
@@ -235,7 +217,25 @@ class Http2Pool:
             connection.abort()
         await asyncio.gather(*(c.lost for c in connections))
 
+    async def _attempt(self, headers: list[Header], body: bytes) -> Response:
+        connection = await self._acquire()
+        future: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
+        stream_id = connection.start(headers, body, future)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            connection.cancel(stream_id)
+            raise
+
     # -- connections ------------------------------------------------------------------------
+
+    async def _acquire(self) -> _Connection:
+        """A connection with a free stream, checked with a PING first if it was quiet."""
+        while True:
+            connection = self._free_connection() or await self._wait_for_connection()
+            if not connection.quiet_for(self.idle_ping_after):
+                return connection
+            await connection.check(self.ping_timeout)  # then look again: it may be gone
 
     def _free_connection(self) -> _Connection | None:
         for connection in self._connections:
@@ -247,7 +247,7 @@ class Http2Pool:
         loop = asyncio.get_running_loop()
         while True:
             if self._closed:
-                raise Http2Unavailable("the connection pool is closed")
+                raise TransportError("the connection pool is closed")
             connection = self._free_connection()
             if connection is not None:
                 return connection
@@ -265,10 +265,13 @@ class Http2Pool:
 
     def _grow(self) -> None:
         """Open connections, within the limit, for the requests waiting beyond what those
-        being opened will take (as many as ``max_streams`` each, until their SETTINGS say)."""
+        being opened will take. A connection's capacity is not known before its SETTINGS, so
+        one is opened at a time unless none is open: then one per 100 waiting requests (the
+        common limit), so a burst does not wait for handshakes one after the other."""
         loop = asyncio.get_running_loop()
+        per_connection = max((c.capacity for c in self._connections), default=100)
         while (len(self._connections) + self._connecting < self._max_connections
-               and len(self._waiters) > self._connecting * self._max_streams):
+               and len(self._waiters) > self._connecting * per_connection):
             self._connecting += 1
             task = loop.create_task(self._connect())
             self._connects.add(task)
@@ -278,17 +281,24 @@ class Http2Pool:
         connection = _Connection(self)
         try:
             async with asyncio.timeout(self._timeout):
-                await self._open(connection)
+                await open_connection(lambda: connection, self.origin, self._tls, self._proxy)
+                if self._tls is not None:
+                    assert connection.transport is not None
+                    ssl_object = connection.transport.get_extra_info("ssl_object")
+                    if ssl_object is None or ssl_object.selected_alpn_protocol() != "h2":
+                        raise NoHttp2("the server did not agree to HTTP/2 (ALPN h2)")
+                await connection.settings_received
         except BaseException as exc:  # whatever stops it, the waiting requests must hear of it
             connection.abort()
             self._connecting -= 1
             if not self._connections and not self._connecting:
                 # Nothing else will serve the waiting requests: they fail with this attempt.
+                failure = exc if isinstance(exc, NoHttp2) else TransportError(
+                    f"cannot connect to {self.origin.host}: {type(exc).__name__}: {exc}")
                 while self._waiters:
                     waiter = self._waiters.popleft()
                     if not waiter.done():
-                        waiter.set_exception(Http2Unavailable(
-                            f"cannot connect to {self.origin.host}: {type(exc).__name__}"))
+                        waiter.set_exception(failure)
             if not isinstance(exc, Exception):
                 raise
             return
@@ -296,44 +306,10 @@ class Http2Pool:
         if self._closed:
             connection.abort()
             return
+        self.stats.connections_opened += 1
         self._connections.append(connection)
         self._wake(connection.capacity)
         self._grow()  # if the server allows fewer streams than hoped, and requests still wait
-
-    async def _open(self, connection: _Connection) -> None:
-        loop = asyncio.get_running_loop()
-        origin, proxy, context = self.origin, self._proxy, self._ssl
-        server_hostname = origin.host if context is not None else None
-        if proxy is None:
-            transport, _ = await loop.create_connection(
-                lambda: connection, origin.host, origin.port,
-                ssl=context, server_hostname=server_hostname)
-        else:
-            raw, tunnel = await loop.create_connection(_Tunnel, proxy.host, proxy.port)
-            try:
-                await tunnel.open(origin, proxy)
-                if context is None:
-                    raw.set_protocol(connection)
-                    raw.resume_reading()
-                    transport = raw
-                else:
-                    tls = await loop.start_tls(
-                        raw, connection, context, server_hostname=server_hostname)
-                    if tls is None:
-                        raise Http2Unavailable("the TLS handshake through the proxy failed")
-                    transport = tls
-            except BaseException:
-                raw.abort()
-                raise
-            connection.connection_made(transport)
-        if context is not None:
-            ssl_object = transport.get_extra_info("ssl_object")
-            if ssl_object is None or ssl_object.selected_alpn_protocol() != "h2":
-                transport.abort()
-                raise Http2Unavailable("the server did not agree to HTTP/2 (ALPN h2)")
-        # The server's first SETTINGS (sent at once, without waiting for ours) may limit the
-        # streams: no request goes out before they are known.
-        await connection.settings_received
 
     def _wake(self, count: int) -> None:
         """Let up to ``count`` waiting requests look for a stream again."""
@@ -356,6 +332,10 @@ class Http2Pool:
         self._wake(len(self._waiters))
 
 
+class NoHttp2(TransportError):
+    """The server chose another protocol than HTTP/2 in ALPN (a Web Push service on HTTP/1.1)."""
+
+
 class _Stream:
     """One request in flight: its future and what has arrived of the answer."""
 
@@ -375,14 +355,27 @@ class _Connection(asyncio.Protocol):
         self.pool = pool
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
-        self.h2 = H2Connection(UNCHECKED_CLIENT_CONFIG)
-        self.h2.state_machine = DrainingStateMachine()
-        self.h2.encoder = LiteralEncoder()
+        h2 = self.h2 = H2Connection(CLIENT_CONFIG)
+        h2.state_machine = DrainingStateMachine()
+        h2.encoder = LiteralEncoder(pool._per_request)
+        # Initial values, sent by initiate_connection in its SETTINGS.
+        h2.local_settings = Settings(client=True, initial_values={
+            **h2.local_settings,
+            SettingCodes.ENABLE_PUSH: 0,
+            SettingCodes.INITIAL_WINDOW_SIZE: _RECEIVE_WINDOW,
+            SettingCodes.MAX_HEADER_LIST_SIZE: _MAX_HEADER_LIST_SIZE,
+        })
+        h2.decoder.max_header_list_size = _MAX_HEADER_LIST_SIZE
         self.streams: dict[int, _Stream] = {}
-        self.capacity = pool._max_streams
+        self.capacity = 1
+        """Requests this connection may carry at once: 1 until the server's SETTINGS say."""
         self.accepting = True
         self.lost: asyncio.Future[None] = self.loop.create_future()
         self.settings_received: asyncio.Future[None] = self.loop.create_future()
+        self.last_received = time.monotonic()
+        self.written_stream_id = 0
+        """The highest stream whose HEADERS were handed to the transport."""
+        self._ping: asyncio.Future[None] | None = None
         self._unsent: dict[int, memoryview] = {}
         """Request bodies (the rest of them) waiting for the server's flow-control window."""
         self._flush_scheduled = False
@@ -418,6 +411,26 @@ class _Connection(asyncio.Protocol):
         elif not self.lost.done():
             self.lost.set_result(None)
 
+    def quiet_for(self, seconds: float) -> bool:
+        """Nothing in flight and nothing heard for ``seconds``: worth a PING before use."""
+        return not self.streams and time.monotonic() - self.last_received > seconds
+
+    async def check(self, timeout: float) -> None:
+        """PING the server (one PING shared by every request that asks meanwhile); drop the
+        connection when no answer comes within ``timeout``."""
+        if self._ping is None or self._ping.done():
+            self._ping = self.loop.create_future()
+            self.pool.stats.pings += 1
+            self.h2.ping(b"\0" * 8)
+            self._flush_soon()
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(self._ping)
+        except (TimeoutError, OSError):
+            self.accepting = False
+            self.pool._retired(self)
+            self.abort()
+
     def _send_body(self, stream_id: int, body: memoryview) -> None:
         h2 = self.h2
         while body:
@@ -441,11 +454,14 @@ class _Connection(asyncio.Protocol):
         self.pool._all.add(self)
         h2 = self.h2
         h2.initiate_connection()
-        h2.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: _RECEIVE_WINDOW})
         h2.increment_flow_control_window(_RECEIVE_WINDOW - 65_535)
-        transport.write(h2.data_to_send())
+        transport.write(h2.data_to_send())  # type: ignore[attr-defined]
 
     def data_received(self, data: bytes) -> None:
+        # h2 discards what it has queued when it reads a GOAWAY: what this turn queued (new
+        # requests' HEADERS) goes out first, so it is either processed or refused in the open.
+        self._flush_now()
+        self.last_received = time.monotonic()
         try:
             events = self.h2.receive_data(data)
         except H2Error:
@@ -459,26 +475,38 @@ class _Connection(asyncio.Protocol):
         for event in events:
             kind = type(event)
             if kind is DataReceived:
-                stream = streams.get(event.stream_id)  # type: ignore[arg-type]
-                if stream is not None:
-                    stream.body += event.data  # type: ignore[operator]
+                stream_id: int = event.stream_id  # type: ignore[attr-defined]
+                stream = streams.get(stream_id)
                 self.h2.acknowledge_received_data(
-                    event.flow_controlled_length, event.stream_id)  # type: ignore[arg-type]
+                    event.flow_controlled_length, stream_id)  # type: ignore[attr-defined]
+                if stream is not None:
+                    stream.body += event.data  # type: ignore[attr-defined]
+                    if len(stream.body) > self.pool.max_body:
+                        self._refuse_answer(stream_id)
             elif kind is ResponseReceived:
-                stream = streams.get(event.stream_id)  # type: ignore[arg-type]
+                stream = streams.get(event.stream_id)  # type: ignore[attr-defined]
                 if stream is not None:
                     headers: list[Header] = event.headers  # type: ignore[attr-defined]
                     status = next((int(v) for k, v in headers if k == b":status"), 0)
                     if status >= 200:  # not an informational answer: the real one
                         stream.status, stream.headers = status, headers
             elif kind is StreamEnded:
-                self._stream_ended(event.stream_id)  # type: ignore[arg-type]
+                self._stream_ended(event.stream_id)  # type: ignore[attr-defined]
             elif kind is StreamReset:
-                self._fail(event.stream_id, "the server reset the stream")  # type: ignore[arg-type]
+                code = event.error_code  # type: ignore[attr-defined]
+                if code == ErrorCodes.REFUSED_STREAM:
+                    self._fail(event.stream_id,  # type: ignore[attr-defined]
+                               NotProcessed("the server refused the stream"))
+                else:
+                    self._fail(event.stream_id, TransportError(  # type: ignore[attr-defined]
+                        f"the server reset the stream ({_code_name(code)})"))
             elif kind is RemoteSettingsChanged:
                 self._settings_changed(event)  # type: ignore[arg-type]
+            elif kind is PingAckReceived:
+                if self._ping is not None and not self._ping.done():
+                    self._ping.set_result(None)
             elif kind is ConnectionTerminated:
-                self._goaway(event.last_stream_id or 0)  # type: ignore[attr-defined]
+                self._goaway(event)  # type: ignore[arg-type]
         if self._unsent:
             # Only now that every event is handled (a WINDOW_UPDATE or SETTINGS may have opened
             # the window): a stream the server reset in the same read is already closed in h2,
@@ -490,15 +518,28 @@ class _Connection(asyncio.Protocol):
         self.accepting = False
         self.pool._all.discard(self)
         streams, self.streams = self.streams, {}
-        for stream in streams.values():
+        for stream_id, stream in streams.items():
             if not stream.future.done():
-                stream.future.set_exception(Http2Unavailable("the connection was lost"))
-        if not self.settings_received.done():
-            self.settings_received.set_exception(Http2Unavailable("the connection was lost"))
-            self.settings_received.exception()  # retrieved here if nobody waits any more
+                failure = (TransportError("the connection was lost") if
+                           stream_id <= self.written_stream_id else
+                           NotProcessed("the connection was lost before the request was sent"))
+                stream.future.set_exception(failure)
+        for waiting in (self.settings_received, self._ping):
+            if waiting is not None and not waiting.done():
+                waiting.set_exception(TransportError("the connection was lost"))
+                waiting.exception()  # retrieved here if nobody waits any more
         self.pool._retired(self)
         if not self.lost.done():
             self.lost.set_result(None)
+
+    def _refuse_answer(self, stream_id: int) -> None:
+        """A body past the pool's limit: stop the stream and fail its request."""
+        try:
+            self.h2.reset_stream(stream_id, ErrorCodes.CANCEL)
+        except H2Error:
+            pass
+        self._fail(stream_id, TransportError(
+            f"the answer's body is over {self.pool.max_body} bytes"))
 
     def _stream_ended(self, stream_id: int) -> None:
         stream = self.streams.pop(stream_id, None)
@@ -512,13 +553,13 @@ class _Connection(asyncio.Protocol):
             stream.future.set_result(Response(stream.status, stream.headers, stream.body))
         self._stream_done()
 
-    def _fail(self, stream_id: int, why: str) -> None:
+    def _fail(self, stream_id: int, failure: TransportError) -> None:
         stream = self.streams.pop(stream_id, None)
         self._unsent.pop(stream_id, None)
         if stream is None:
             return
         if not stream.future.done():
-            stream.future.set_exception(Http2Unavailable(why))
+            stream.future.set_exception(failure)
         self._stream_done()
 
     def _stream_done(self) -> None:
@@ -528,21 +569,32 @@ class _Connection(asyncio.Protocol):
             self.transport.close()  # drained after GOAWAY
 
     def _settings_changed(self, event: RemoteSettingsChanged) -> None:
-        if not self.settings_received.done():
-            self.settings_received.set_result(None)
         changed = event.changed_settings.get(SettingCodes.MAX_CONCURRENT_STREAMS)
-        if changed is not None:
+        if changed is not None or not self.settings_received.done():
             before = self.capacity
-            self.capacity = min(self.pool._max_streams, changed.new_value)
+            # A server that sets no limit allows any number (RFC 9113 section 6.5.2).
+            self.capacity = min(self.h2.remote_settings.max_concurrent_streams,
+                                _MAX_STREAMS_PER_CONNECTION)
             if self.accepting and self.capacity > before:
                 self.pool._wake(self.capacity - before)
+        if not self.settings_received.done():
+            self.settings_received.set_result(None)
 
-    def _goaway(self, last_stream_id: int) -> None:
-        """The server takes no new streams: those after ``last_stream_id`` were not processed
-        (fail them, the caller may retry); the others may still be answered."""
+    def _goaway(self, event: ConnectionTerminated) -> None:
+        """The server takes no new streams: those after the last stream ID were not processed
+        (sent again elsewhere); the others may still be answered. A graceful GOAWAY
+        (2^31-1) fails nothing; its final one then does."""
+        last_stream_id = event.last_stream_id or 0
+        code = event.error_code
+        # A recycled connection (NO_ERROR) is routine: front ends do it every ~1,000 streams.
+        log.log(logging.INFO if code == ErrorCodes.NO_ERROR else logging.WARNING,
+                "HTTP/2 connection to %s going away: code=%s, reason=%s, last_stream_id=%s",
+                self.pool.origin.host, _code_name(code), _goaway_reason(event.additional_data),
+                last_stream_id)
         self.accepting = False
-        for stream_id in [s for s in self.streams if s > last_stream_id]:
-            self._fail(stream_id, "the server closed the connection (GOAWAY)")
+        for stream_id in [s for s in self.streams
+                          if s > last_stream_id or s > self.written_stream_id]:
+            self._fail(stream_id, NotProcessed("the server did not process the request (GOAWAY)"))
         self.pool._retired(self)
         if not self.streams and self.transport is not None:
             self.transport.close()
@@ -560,6 +612,25 @@ class _Connection(asyncio.Protocol):
         data = self.h2.data_to_send()
         if data and self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
+            self.written_stream_id = self.h2.highest_outbound_stream_id or 0
+
+
+def _code_name(code: Any) -> str:
+    return code.name if isinstance(code, ErrorCodes) else str(code)
+
+
+_GOAWAY_REASON = re.compile(r"[A-Za-z]{1,64}")
+
+
+def _goaway_reason(debug_data: bytes | None) -> str:
+    """The reason in a GOAWAY's debug data when it is a word in Apple's form
+    (``{"reason": "Shutdown"}``), else ``unknown``: never the raw data, which is not known to be
+    free of tokens."""
+    try:
+        reason = json.loads(debug_data or b"").get("reason")
+    except (ValueError, AttributeError):
+        return "unknown"
+    return reason if isinstance(reason, str) and _GOAWAY_REASON.fullmatch(reason) else "unknown"
 
 
 class LiteralEncoder(Encoder):
@@ -622,50 +693,3 @@ def _encode_header(name: bytes, value: bytes) -> bytes:
 
 def _string(data: bytes) -> bytes:
     return bytes(encode_integer(len(data), 7)) + data
-
-
-class _Tunnel(asyncio.Protocol):
-    """The proxy side of a connection until the CONNECT tunnel is open."""
-
-    def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
-        self._answer = bytearray()
-        self._done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's are no subclass
-
-    async def open(self, origin: Origin, proxy: Proxy) -> None:
-        """Ask the proxy for a tunnel to ``origin``; returns once it is open."""
-        assert self.transport is not None
-        target = origin.authority.decode()
-        if origin.port == (443 if origin.scheme == "https" else 80):
-            target = f"{target}:{origin.port}"
-        request = f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n"
-        if proxy.authorization is not None:
-            request += f"Proxy-Authorization: {proxy.authorization}\r\n"
-        self.transport.write(f"{request}\r\n".encode("latin-1"))
-        await self._done
-
-    def data_received(self, data: bytes) -> None:
-        if self._done.done():
-            return
-        self._answer += data
-        end = self._answer.find(b"\r\n\r\n")
-        if end < 0:
-            if len(self._answer) > _TUNNEL_HEADER_LIMIT:
-                self._done.set_exception(Http2Unavailable("the proxy's answer is too long"))
-            return
-        status_line = bytes(self._answer[:self._answer.find(b"\r\n")]).split()
-        if len(status_line) < 2 or not status_line[1].startswith(b"2"):
-            status = status_line[1].decode("latin-1") if len(status_line) > 1 else "?"
-            self._done.set_exception(Http2Unavailable(f"the proxy refused the tunnel ({status})"))
-        elif end + 4 < len(self._answer):
-            self._done.set_exception(Http2Unavailable("the proxy sent data before TLS"))
-        else:
-            self.transport.pause_reading()  # type: ignore[union-attr]
-            self._done.set_result(None)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self._done.done():
-            self._done.set_exception(Http2Unavailable("the proxy closed the connection"))
