@@ -1,6 +1,6 @@
 """push-functions benchmarks: `python bench/run.py [--quick] [--only NAME[,NAME]]`.
 
-Starts the provider fakes (tests/fakes, standalone), MariaDB's `push_bench` database seeded with
+Starts the provider fakes (fakes/, standalone), MariaDB's `push_bench` database seeded with
 subscriptions, each function exactly as deployed (the Dockerfile's command), and a load generator
 in another process (bench/loadgen.py); prints one JSON line per figure on stdout:
 
@@ -177,16 +177,16 @@ class Fakes:
 
     def start(self) -> None:
         w = self.work
-        log("starting the provider fakes (tests/fakes, standalone)")
+        log("starting the provider fakes (fakes/, standalone)")
         self.apns_proc = self.procs.spawn(
-            [PYTHON, "-m", "tests.fakes.apns", "--ca-out", str(w / "apns-ca.pem"),
+            [PYTHON, "-m", "fakes.apns", "--ca-out", str(w / "apns-ca.pem"),
              "--key-out", str(w / "apns.p8"), "--key-id", f"BENCH{secrets.token_hex(3).upper()}"],
             "fake-apns", stdout=subprocess.PIPE, text=True)
         self.fcm_proc = self.procs.spawn(
-            [PYTHON, "-m", "tests.fakes.fcm", "--ca-out", str(w / "fcm-ca.pem"),
+            [PYTHON, "-m", "fakes.fcm", "--ca-out", str(w / "fcm-ca.pem"),
              "--credentials-out", str(w / "fcm-sa.json")], "fake-fcm", stdout=subprocess.PIPE, text=True)
         self.webpush_proc = self.procs.spawn(
-            [PYTHON, "-m", "tests.fakes.webpush", "--ca-file", str(w / "webpush-ca.pem"),
+            [PYTHON, "-m", "fakes.webpush", "--ca-file", str(w / "webpush-ca.pem"),
              "--subscriptions", str(HOT_USERS * DEVICES_PER_USER), "--max-records", "1"],
             "fake-webpush", stdout=subprocess.PIPE, text=True)
         self.apns = read_json_line(self.apns_proc)

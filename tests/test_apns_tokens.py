@@ -15,13 +15,13 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from sqlalchemy import Engine, create_engine, event, select
 
+from fakes.apns import DEFAULT_KEY_ID, DEFAULT_TEAM_ID, FakeApns, make_p8_key
 from shared.apns_tokens import ApnsTokenStore, sign_provider_token
 from shared.config import ConfigError
 from shared.models import ProviderToken
 from shared.providers.apns import ApnsProvider
 from shared.providers.base import Device, Outcome, WakeUp
 from shared.subscriptions import utcnow
-from tests.fakes.apns import DEFAULT_KEY_ID, DEFAULT_TEAM_ID, FakeApns, make_p8_key
 
 TEAM = DEFAULT_TEAM_ID
 KEY_ID = DEFAULT_KEY_ID

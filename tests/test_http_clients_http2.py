@@ -179,7 +179,7 @@ async def test_a_proxy_refusing_the_tunnel_fails_the_request_at_once() -> None:
     pool = Http2Pool(Origin("http", "fcm.invalid", 80), None, timeout=5, max_connections=1,
                      proxy=Proxy("127.0.0.1", proxy.sockets[0].getsockname()[1]))
     try:
-        with pytest.raises(TransportError, match="cannot connect"):
+        with pytest.raises(TransportError, match="refused the tunnel \(407\)"):
             await asyncio.wait_for(pool.request([], b""), 1)
     finally:
         await pool.aclose()
@@ -351,7 +351,7 @@ class GoawayServer(asyncio.Protocol):
     instances: list[GoawayServer] = []
 
     def __init__(self, delay: float) -> None:
-        from tests.fakes import DrainingServerStateMachine
+        from fakes import DrainingServerStateMachine
 
         self.conn = H2Connection(H2Configuration(client_side=False))
         self.conn.state_machine = DrainingServerStateMachine()

@@ -16,11 +16,12 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from fakes.apns import FakeApns, make_p8_key
+from fakes.server import Network
 from shared.config import ConfigError
 from shared.providers.apns import ApnsProvider
 from shared.providers.base import Device, Outcome, SendResult, WakeUp
 from tests.connect_proxy import ConnectProxy
-from tests.fakes.apns import FakeApns, make_p8_key
 
 TOKEN = "a1" * 32
 OTHER_TOKEN = "b2" * 32
@@ -158,16 +159,21 @@ async def test_one_connection_serves_successive_sends(
     assert apns_server.connections_made == 1
 
 
-async def test_concurrent_sends_are_multiplexed_on_one_connection(
-    provider: ApnsProvider, apns_server: FakeApns  # noqa: F811
-) -> None:
+async def test_concurrent_sends_are_multiplexed_once_apple_raises_the_stream_limit() -> None:
+    """A connection starts at one stream (as Apple's do) and takes many once its first request
+    is accepted; the pool opens one spare connection meanwhile, no more."""
     tokens = [f"{n:064x}" for n in range(50)]
+    with FakeApns(network=Network(rtt=0.05, max_concurrent_streams=1)) as fake:
+        provider = make_provider(fake)
+        try:
+            results = await asyncio.gather(*(provider.send(device(t), WAKEUP) for t in tokens))
+        finally:
+            await provider.aclose()
 
-    results = await asyncio.gather(*(provider.send(device(t), WAKEUP) for t in tokens))
-
-    assert {r.outcome for r in results} == {Outcome.DELIVERED}
-    assert sorted(r.token for r in apns_server.requests) == sorted(tokens)
-    assert apns_server.connections_made == 1
+        assert {r.outcome for r in results} == {Outcome.DELIVERED}
+        assert sorted(r.token for r in fake.requests) == sorted(tokens)
+        assert fake.connections_made <= 2
+        assert fake.peak_streams > 10
 
 
 async def test_closed_provider_reconnects_on_the_next_send(

@@ -8,10 +8,10 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
+from fakes.fcm import FakeFcm
 from shared.config import ConfigError
 from shared.providers.base import Outcome, SendResult
 from shared.providers.fcm import FcmProvider
-from tests.fakes.fcm import FakeFcm
 from tests.test_provider_fcm import TOKEN, WAKEUP, device, make_provider
 
 from tests.connect_proxy import PROXY_VARIABLES, ConnectProxy

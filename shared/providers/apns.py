@@ -256,7 +256,7 @@ class ApnsProvider:
                              for name, origin in self._endpoints.items()}
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        self._tls = ClientTls(ca_file, "PUSH_APNS_CA_FILE", ("h2",))
+        self._tls = ClientTls(ca_file, "PUSH_APNS_CA_FILE")
         self._timeout = timeout_seconds
         self._max_connections = max_connections
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -324,7 +324,7 @@ class ApnsProvider:
         pool = self._pools.get(environment)
         if pool is None:
             pool = self._pools[environment] = Http2Pool(
-                self._endpoints[environment], self._tls.context, timeout=self._timeout,
+                self._endpoints[environment], self._tls.context("h2"), timeout=self._timeout,
                 max_connections=self._max_connections, proxy=self._proxies[environment],
                 encoder_per_request=_PER_REQUEST_HEADERS)
         return pool

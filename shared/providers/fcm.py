@@ -160,7 +160,7 @@ class FcmProvider:
         self.project_id = project
         self._origin, path = _origin(endpoint)
         self._path = f"{path}/v1/projects/{project}/messages:send".encode()
-        self._tls = ClientTls(ca_file, _CA_VAR, ("h2",)) if self._origin.scheme == "https" else None
+        self._tls = ClientTls(ca_file, _CA_VAR) if self._origin.scheme == "https" else None
         try:
             self._proxy = proxy_for(self._origin.scheme, self._origin.host, self._origin.port)
         except ValueError as exc:
@@ -238,7 +238,7 @@ class FcmProvider:
         new loop (``asyncio.run``) gets new ones for each; within a loop they are made once."""
         loop = asyncio.get_running_loop()
         if self._loop_state is None or self._loop_state.loop is not loop:
-            pool = Http2Pool(self._origin, None if self._tls is None else self._tls.context,
+            pool = Http2Pool(self._origin, None if self._tls is None else self._tls.context("h2"),
                              timeout=self._timeout, max_connections=self._max_connections,
                              proxy=self._proxy)
             self._loop_state = _LoopState(loop, pool, asyncio.Lock())

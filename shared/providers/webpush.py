@@ -15,6 +15,14 @@ copies the subscription, re-decodes its keys and builds its header dictionaries 
 import (with yarl, multidict and TLS contexts) was a tenth of a cold start. The tests decrypt
 every push on the receiving side and verify its VAPID signature.
 
+Real push services (``fcm.googleapis.com``, ``updates.push.services.mozilla.com``,
+``web.push.apple.com``) speak HTTP/2, so each connection offers ``h2`` in ALPN and a push service
+that agrees gets every push to it multiplexed over a few connections (:mod:`shared.transport.
+http2`); one that answers with HTTP/1.1 is remembered as such, and its pushes go over kept-alive
+HTTP/1.1 connections (:mod:`shared.transport.http1`), one request at a time each. At a 50 ms
+round trip that is the difference between 2,000 pushes/s on one connection and ~100 connections
+for the same (docs/libraries.md).
+
 Push services answer with plain HTTP statuses; :meth:`WebPushProvider.send` turns every answer
 and every network failure into a :class:`~shared.providers.base.SendResult`. Endpoints and keys
 identify a browser, so they never appear in a log line or in a result's ``reason``.
@@ -50,9 +58,10 @@ from shared.providers.base import (
     WakeUp,
     retry_after_seconds,
 )
-from shared.transport.connect import Origin
+from shared.transport.connect import Origin, Resolver
 from shared.transport.http1 import Http1Pool
-from shared.transport.proxy import proxy_for
+from shared.transport.http2 import Header, Http2Pool, NoHttp2
+from shared.transport.proxy import Proxy, proxy_for
 from shared.transport.tls import ClientTls
 from shared.vapid import (
     PRIVATE_KEY_VAR,
@@ -105,6 +114,9 @@ class _Subscription:
     """The push service's origin: the VAPID audience."""
     target: bytes
     """The request line's target and the Host header: ``/path?query HTTP/1.1\\r\\nHost: ...``."""
+    path: bytes
+    """``/path?query``, as HTTP/2's ``:path``."""
+    authority: bytes
     receiver_point: bytes
     """The browser's uncompressed P-256 point (``p256dh``), as RFC 8291 hashes it."""
     auth_secret: bytes
@@ -133,7 +145,8 @@ class WebPushProvider:
         ``vapid_public_key``, when given, is the key subscribe publishes to web pages
         (``PUSH_VAPID_PUBLIC_KEY``): it must be this private key's, or no push would be accepted.
         ``ca_file`` is a PEM bundle trusted in addition to the system's CAs.
-        ``max_connections`` bounds the requests in flight (over all push services).
+        ``max_connections`` bounds the HTTP/2 connections to each push service, and the
+        requests in flight over HTTP/1.1 (over all push services that only speak it).
         ``endpoint_rules`` say where endpoints may lead (default: the browser push services).
         Errors name the environment variable the value comes from in :meth:`from_env`.
         """
@@ -149,7 +162,7 @@ class WebPushProvider:
             choices = ", ".join(URGENCIES)
             raise ConfigError(f"{_URGENCY_VAR} must be one of {choices}, not {urgency!r}")
         self._urgency = urgency
-        self._tls = ClientTls(ca_file, _CA_VAR, ("http/1.1",))
+        self._tls = ClientTls(ca_file, _CA_VAR)
         try:  # a malformed HTTPS_PROXY fails the start-up, not the first push
             proxy_for("https", "push.example", 443)
         except ValueError as exc:
@@ -157,7 +170,7 @@ class WebPushProvider:
         self._timeout = timeout_seconds
         self._max_connections = max_connections
         self._rules = endpoint_rules or EndpointRules()
-        self._pool: Http1Pool | None = None
+        self._transports: _Transports | None = None
         self._vapid_headers: dict[str, tuple[str, int]] = {}
 
     @classmethod
@@ -205,22 +218,20 @@ class WebPushProvider:
             return SendResult(Outcome.DELIVERED, "dry_run")
         payload = json.dumps({"type": wakeup.message_type}, separators=(",", ":")).encode()
         body = _encrypt(payload, subscription)
-        head = (
-            f"Authorization: {self._vapid_header(subscription.origin)}\r\n"
-            f"TTL: {wakeup.ttl_seconds}\r\n"
-            f"Urgency: {self._urgency}\r\n"
-            f"Topic: {_topic(wakeup.message_type)}\r\n"
-            "Content-Encoding: aes128gcm\r\n"
-            "Content-Type: application/octet-stream\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n"
-        )
-        request = b"POST " + subscription.target + head.encode() + body
+        headers = [
+            (b"authorization", self._vapid_header(subscription.origin).encode()),
+            (b"ttl", b"%d" % wakeup.ttl_seconds),
+            (b"urgency", self._urgency.encode()),
+            (b"topic", _topic(wakeup.message_type).encode()),
+            (b"content-encoding", b"aes128gcm"),
+            (b"content-type", b"application/octet-stream"),
+            (b"content-length", b"%d" % len(body)),
+        ]
         try:
             # The timeout bounds the whole exchange: waiting for a connection slot, connecting,
             # TLS, sending, reading the answer.
             async with asyncio.timeout(self._timeout):
-                status, retry_after = await self._connections().request(
-                    subscription.service, request)
+                status, retry_after = await self._post(subscription, headers, body)
         except EndpointRefused as refused:  # SSRF guard: its host resolved to an inward address
             log.warning("webpush device %s: endpoint refused (%s)", device.id, refused.reason)
             return SendResult(Outcome.REJECTED, refused.reason)
@@ -242,22 +253,43 @@ class WebPushProvider:
 
     async def aclose(self) -> None:
         """Close the pooled connections; a later send opens new ones."""
-        if self._pool is not None:
-            self._pool.close()
-            self._pool = None
+        transports, self._transports = self._transports, None
+        if transports is not None and transports.loop is asyncio.get_running_loop():
+            await transports.aclose()
 
-    def _connections(self) -> Http1Pool:
-        """The connection pool of the running loop.
+    async def _post(self, subscription: _Subscription, headers: list[Header],
+                    body: bytes) -> tuple[int, str | None]:
+        """POST the push over HTTP/2 when the push service agrees to it, else HTTP/1.1; the
+        answer's status and ``Retry-After``."""
+        transports = self._connections()
+        service = subscription.service
+        if service not in transports.http1_only:
+            try:
+                response = await transports.http2(service).request([
+                    (b":method", b"POST"), (b":scheme", b"https"),
+                    (b":authority", subscription.authority), (b":path", subscription.path),
+                    *headers], body)
+            except NoHttp2:
+                transports.http1_only.add(service)
+            else:
+                retry_after = response.header(b"retry-after")
+                return response.status, (
+                    None if retry_after is None else retry_after[:64].decode("latin-1"))
+        head = b"".join(b"%s: %s\r\n" % header for header in headers)
+        request = b"POST " + subscription.target + head + b"\r\n" + body
+        return await transports.http1.request(service, request)
+
+    def _connections(self) -> _Transports:
+        """The connection pools of the running loop.
 
         Connections belong to the loop that opened them; if the process runs each invocation in
-        a new loop (``asyncio.run`` per call), the old pool is unusable and is replaced.
+        a new loop (``asyncio.run`` per call), the old pools are unusable and are replaced.
         """
         loop = asyncio.get_running_loop()
-        if self._pool is None or self._pool.loop is not loop:
-            self._pool = Http1Pool(self._tls.context, self._max_connections,
-                                   lambda o: proxy_for(o.scheme, o.host, o.port),
-                                   resolve=self._rules.addresses)
-        return self._pool
+        if self._transports is None or self._transports.loop is not loop:
+            self._transports = _Transports(self._tls, self._max_connections, self._timeout,
+                                           self._rules.addresses)
+        return self._transports
 
     def _vapid_header(self, origin: str) -> str:
         """The ``Authorization`` header for ``origin``, re-signed only when near expiry."""
@@ -270,6 +302,51 @@ class WebPushProvider:
         header = f"vapid t={token}, k={self._public_key}"
         self._vapid_headers[origin] = (header, expires)
         return header
+
+
+class _Transports:
+    """The connections of one event loop: an HTTP/2 pool per push service that speaks it, one
+    HTTP/1.1 pool for those that do not (found out by ALPN at the first connection)."""
+
+    MAX_SERVICES = 256
+    """HTTP/2 pools kept at most; past it the oldest is closed (subscribers name the push
+    service, so their number is not ours to bound)."""
+
+    def __init__(self, tls: ClientTls, max_connections: int, timeout: float,
+                 resolve: Resolver) -> None:
+        """``resolve``: the addresses a connection to a push service may go to, each checked
+        (shared/endpoints.py, the guard against endpoints that lead inward)."""
+        self.loop = asyncio.get_running_loop()
+        self._tls = tls
+        self._max_connections = max_connections
+        self._timeout = timeout
+        self._resolve = resolve
+        self.http1 = Http1Pool(tls.context("http/1.1"), max_connections, _proxy, resolve)
+        self.http1_only: set[Origin] = set()
+        self._http2: dict[Origin, Http2Pool] = {}
+        self._closing: set[asyncio.Task[None]] = set()
+
+    def http2(self, service: Origin) -> Http2Pool:
+        pool = self._http2.get(service)
+        if pool is None:
+            if len(self._http2) >= self.MAX_SERVICES:
+                oldest = self._http2.pop(next(iter(self._http2)))
+                task = self.loop.create_task(oldest.aclose())
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
+            pool = self._http2[service] = Http2Pool(
+                service, self._tls.context("h2", "http/1.1"), timeout=self._timeout,
+                max_connections=self._max_connections, proxy=_proxy(service),
+                resolve=self._resolve)
+        return pool
+
+    async def aclose(self) -> None:
+        self.http1.close()
+        await asyncio.gather(*(pool.aclose() for pool in self._http2.values()), *self._closing)
+
+
+def _proxy(service: Origin) -> Proxy | None:
+    return proxy_for(service.scheme, service.host, service.port)
 
 
 def _encrypt(payload: bytes, subscription: _Subscription) -> bytes:
@@ -344,6 +421,8 @@ def _parse_subscription(token: str) -> _Subscription | None:
         service=Origin("https", hostname, url.port or 443),
         origin=origin,
         target=f"{target} HTTP/1.1\r\nHost: {host_header}\r\n".encode(),
+        path=target.encode(),
+        authority=host_header.encode(),
         receiver_point=point,
         auth_secret=secret,
     )

@@ -7,17 +7,20 @@ fraction of a general client per request (httpx, with httpcore and anyio under i
 Concurrency
     Each connection carries as many requests as the server's SETTINGS_MAX_CONCURRENT_STREAMS
     allows, as the server changes it (APNs starts a connection at 1 and raises it after the first
-    authenticated request; Google's front ends allow 100). Until the server's SETTINGS arrive, a
-    connection takes one request. When every stream is taken and requests wait, the pool opens
-    another connection, up to ``max_connections``: at a 50 ms round trip one connection of 100
-    streams carries at most 2,000 requests/s, so the pool grows with latency and load.
+    authenticated request; Google's front ends allow 100); a connection is used once its SETTINGS
+    arrived. When every stream is taken and requests wait, the pool opens another connection, up
+    to ``max_connections``: at a 50 ms round trip one connection of 100 streams carries at most
+    2,000 requests/s, so the pool grows with latency and load. A busy pool keeps a second
+    connection open, so a recycled one does not stall requests behind a handshake.
 GOAWAY (RFC 9113 section 6.8)
     A connection that receives GOAWAY takes no new request and finishes those the server says it
     processed; a graceful GOAWAY (last stream ID 2^31-1, then the final one) lets everything sent
     until the final one finish. A request the server did not process (a stream above the last
     stream ID, one refused with REFUSED_STREAM, or one never written because the connection went
-    first) is sent again, once, on another connection, inside :meth:`Http2Pool.request`: it is
-    not a failure. h2 throws away what it has queued to send when it reads a GOAWAY, so what the
+    first) is sent again inside :meth:`Http2Pool.request`, on a connection that takes requests
+    (after a GOAWAY, another one): it is not a failure. A request is sent again once for a
+    connection going away and once for REFUSED_STREAM, so at most three times, and only ever
+    processed once. h2 throws away what it has queued to send when it reads a GOAWAY, so what the
     loop turn queued is written before any frame received is read: no request is lost unsent.
 Quiet connections
     A connection that has been quiet for ``idle_ping_after`` seconds is checked with a PING
@@ -105,7 +108,9 @@ _MAX_STREAMS_PER_CONNECTION = 10_000
 """Streams used at once on a connection whose server sets no limit, or a very high one."""
 DEFAULT_MAX_BODY = 64 * 1024
 """The most of a response body kept: every provider's answers are well under a kilobyte."""
-DEFAULT_IDLE_PING_AFTER = 30.0
+SPARE_AFTER = 32
+"""Requests in flight on a pool's only connection that make it open a second (a spare)."""
+DEFAULT_IDLE_PING_AFTER = 10.0
 DEFAULT_PING_TIMEOUT = 2.0
 
 
@@ -125,8 +130,13 @@ class DrainingStateMachine(H2ConnectionStateMachine):
 
 
 class NotProcessed(TransportError):
-    """The server did not process the request (GOAWAY past its stream, REFUSED_STREAM, or it
-    was never sent): sending it again cannot deliver it twice."""
+    """The server did not process the request: sending it again cannot deliver it twice.
+    ``refused`` tells a REFUSED_STREAM from a connection going away (GOAWAY past its stream, or
+    lost before the request was written)."""
+
+    def __init__(self, message: str, *, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,14 +206,18 @@ class Http2Pool:
 
     async def request(self, headers: list[Header], body: bytes) -> Response:
         """Send one request (``headers`` in HTTP/2 form, pseudo-headers first) and return its
-        answer; a request the server did not process is sent again once (module docstring).
+        answer; a request the server did not process is sent again (module docstring, GOAWAY).
         Raises :class:`TimeoutError` or another :class:`OSError`."""
+        retried: set[bool] = set()
         async with asyncio.timeout(self._timeout):
-            try:
-                return await self._attempt(headers, body)
-            except NotProcessed:
-                self.stats.retried += 1
-                return await self._attempt(headers, body)
+            while True:
+                try:
+                    return await self._attempt(headers, body)
+                except NotProcessed as exc:
+                    if exc.refused in retried:
+                        raise
+                    retried.add(exc.refused)
+                    self.stats.retried += 1
 
     async def aclose(self) -> None:
         """Drop every connection (aborted: a TLS close_notify could wait on a peer that is
@@ -221,6 +235,7 @@ class Http2Pool:
         connection = await self._acquire()
         future: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
         stream_id = connection.start(headers, body, future)
+        self._keep_a_spare(connection)
         try:
             return await future
         except asyncio.CancelledError:
@@ -265,36 +280,52 @@ class Http2Pool:
 
     def _grow(self) -> None:
         """Open connections, within the limit, for the requests waiting beyond what those
-        being opened will take. A connection's capacity is not known before its SETTINGS, so
-        one is opened at a time unless none is open: then one per 100 waiting requests (the
-        common limit), so a burst does not wait for handshakes one after the other."""
-        loop = asyncio.get_running_loop()
+        being opened will take. With none open, one per 100 waiting requests (the common
+        limit), so a burst does not wait for handshakes one after the other; with one open,
+        one at a time, since an open connection's limit may still rise (APNs raises it from 1
+        after the first request)."""
+        opened = len(self._connections)
+        if opened and self._connecting:
+            return
         per_connection = max((c.capacity for c in self._connections), default=100)
-        while (len(self._connections) + self._connecting < self._max_connections
+        while (opened + self._connecting < self._max_connections
                and len(self._waiters) > self._connecting * per_connection):
-            self._connecting += 1
-            task = loop.create_task(self._connect())
-            self._connects.add(task)
-            task.add_done_callback(self._connects.discard)
+            self._open_one()
+            if opened:
+                return
+
+    def _keep_a_spare(self, busy: _Connection) -> None:
+        """A busy pool with one connection opens a second before it needs it: when the first
+        is recycled (GOAWAY, every ~1,000 streams on Google's and Apple's front ends), requests
+        go on at once on the other instead of waiting for a handshake."""
+        if (len(busy.streams) >= SPARE_AFTER and len(self._connections) < 2
+                and not self._connecting and self._max_connections > 1):
+            self._open_one()
+
+    def _open_one(self) -> None:
+        self._connecting += 1
+        task = asyncio.get_running_loop().create_task(self._connect())
+        self._connects.add(task)
+        task.add_done_callback(self._connects.discard)
 
     async def _connect(self) -> None:
         connection = _Connection(self)
         try:
             async with asyncio.timeout(self._timeout):
                 await open_connection(lambda: connection, self.origin, self._tls, self._proxy)
-                if self._tls is not None:
-                    assert connection.transport is not None
-                    ssl_object = connection.transport.get_extra_info("ssl_object")
-                    if ssl_object is None or ssl_object.selected_alpn_protocol() != "h2":
-                        raise NoHttp2("the server did not agree to HTTP/2 (ALPN h2)")
+                if not connection.speaks_h2:
+                    raise NoHttp2("the server did not agree to HTTP/2 (ALPN h2)")
                 await connection.settings_received
         except BaseException as exc:  # whatever stops it, the waiting requests must hear of it
             connection.abort()
             self._connecting -= 1
             if not self._connections and not self._connecting:
                 # Nothing else will serve the waiting requests: they fail with this attempt.
-                failure = exc if isinstance(exc, NoHttp2) else TransportError(
-                    f"cannot connect to {self.origin.host}: {type(exc).__name__}: {exc}")
+                # The socket's or TLS's own error says most (a refused port, an untrusted
+                # certificate); a timeout is the request's own when nothing else answers.
+                failure = exc if isinstance(exc, OSError) and not isinstance(
+                    exc, TimeoutError) else TransportError(
+                    f"cannot connect to {self.origin.host}: {type(exc).__name__}")
                 while self._waiters:
                     waiter = self._waiters.popleft()
                     if not waiter.done():
@@ -370,6 +401,8 @@ class _Connection(asyncio.Protocol):
         self.capacity = 1
         """Requests this connection may carry at once: 1 until the server's SETTINGS say."""
         self.accepting = True
+        self.speaks_h2 = True
+        """False when TLS's ALPN chose another protocol than h2."""
         self.lost: asyncio.Future[None] = self.loop.create_future()
         self.settings_received: asyncio.Future[None] = self.loop.create_future()
         self.last_received = time.monotonic()
@@ -452,6 +485,10 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's are no subclass
         self.pool._all.add(self)
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None and ssl_object.selected_alpn_protocol() != "h2":
+            self.speaks_h2 = False  # not a byte of HTTP/2 to a server that chose another
+            return
         h2 = self.h2
         h2.initiate_connection()
         h2.increment_flow_control_window(_RECEIVE_WINDOW - 65_535)
@@ -496,7 +533,7 @@ class _Connection(asyncio.Protocol):
                 code = event.error_code  # type: ignore[attr-defined]
                 if code == ErrorCodes.REFUSED_STREAM:
                     self._fail(event.stream_id,  # type: ignore[attr-defined]
-                               NotProcessed("the server refused the stream"))
+                               NotProcessed("the server refused the stream", refused=True))
                 else:
                     self._fail(event.stream_id, TransportError(  # type: ignore[attr-defined]
                         f"the server reset the stream ({_code_name(code)})"))

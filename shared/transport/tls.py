@@ -13,10 +13,10 @@ from shared.config import ConfigError
 
 
 class ClientTls:
-    """The TLS settings of one provider's connections: trust as above, and the ALPN protocols
-    offered (``h2``; Web Push also ``http/1.1``)."""
+    """The TLS settings of one provider's connections: trust as above, and a context per list
+    of ALPN protocols offered (``h2``; Web Push ``h2`` and ``http/1.1``, or ``http/1.1``)."""
 
-    def __init__(self, ca_file: str | None, setting: str, alpn: tuple[str, ...]) -> None:
+    def __init__(self, ca_file: str | None, setting: str) -> None:
         """Raises :class:`ConfigError` naming ``setting`` when ``ca_file`` is not a readable PEM
         bundle."""
         self._ca_pem: str | None = None
@@ -28,16 +28,16 @@ class ClientTls:
             except (OSError, ValueError, ssl.SSLError) as exc:
                 raise ConfigError(f"{setting}: cannot load CA bundle {ca_file}: {exc}") from None
             self._ca_pem = text
-        self._alpn = list(alpn)
-        self._context: ssl.SSLContext | None = None
+        self._contexts: dict[tuple[str, ...], ssl.SSLContext] = {}
 
-    @property
-    def context(self) -> ssl.SSLContext:
-        """The client context (made once): certificates and host names verified."""
-        if self._context is None:
+    def context(self, *alpn: str) -> ssl.SSLContext:
+        """The client context offering ``alpn`` (made once each): certificates and host names
+        verified."""
+        context = self._contexts.get(alpn)
+        if context is None:
             context = ssl.create_default_context()
             if self._ca_pem is not None:
                 context.load_verify_locations(cadata=self._ca_pem)
-            context.set_alpn_protocols(self._alpn)
-            self._context = context
-        return self._context
+            context.set_alpn_protocols(list(alpn))
+            self._contexts[alpn] = context
+        return context
