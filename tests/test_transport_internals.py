@@ -112,3 +112,14 @@ def test_hpack_internals_the_literal_encoder_uses() -> None:
     encoder.header_table_size = 0
     block = encoder.encode([(b"x-a", b"1")])
     assert [tuple(h) for h in Decoder().decode(block, raw=True)] == [(b"x-a", b"1")]
+
+
+def test_h2_counts_open_outbound_streams_through_the_property_the_client_overrides() -> None:
+    """shared/transport/http2.py's _CountingH2Connection replaces ``open_outbound_streams`` and
+    calls ``_open_streams`` to forget closed streams."""
+    import inspect
+
+    source = inspect.getsource(H2Connection.send_headers)
+    assert "self.open_outbound_streams" in source
+    assert callable(getattr(H2Connection, "_open_streams"))
+    assert isinstance(H2Connection.__dict__["open_outbound_streams"], property)

@@ -129,6 +129,24 @@ class DrainingStateMachine(H2ConnectionStateMachine):
     }
 
 
+class _CountingH2Connection(H2Connection):
+    """h2's connection, counting its open outbound streams from the client's own bookkeeping.
+
+    h2 counts them for every new stream by walking all its streams (``_open_streams``), which at
+    hundreds of streams in flight per connection (APNs allows 1,000) was a third of a request's
+    CPU. The client knows the count (its requests in flight, ``streams``); h2's walk, which also
+    forgets closed streams, runs only when closed ones have piled up."""
+
+    client_streams: dict[int, Any] = {}
+
+    @property
+    def open_outbound_streams(self) -> int:
+        in_flight = len(self.client_streams)
+        if len(self.streams) > 2 * in_flight + 64:
+            return self._open_streams(1)
+        return in_flight
+
+
 class NotProcessed(TransportError):
     """The server did not process the request: sending it again cannot deliver it twice.
     ``refused`` tells a REFUSED_STREAM from a connection going away (GOAWAY past its stream, or
@@ -386,7 +404,9 @@ class _Connection(asyncio.Protocol):
         self.pool = pool
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
-        h2 = self.h2 = H2Connection(CLIENT_CONFIG)
+        self.streams: dict[int, _Stream] = {}
+        h2 = self.h2 = _CountingH2Connection(CLIENT_CONFIG)
+        h2.client_streams = self.streams
         h2.state_machine = DrainingStateMachine()
         h2.encoder = LiteralEncoder(pool._per_request)
         # Initial values, sent by initiate_connection in its SETTINGS.
@@ -397,7 +417,6 @@ class _Connection(asyncio.Protocol):
             SettingCodes.MAX_HEADER_LIST_SIZE: _MAX_HEADER_LIST_SIZE,
         })
         h2.decoder.max_header_list_size = _MAX_HEADER_LIST_SIZE
-        self.streams: dict[int, _Stream] = {}
         self.capacity = 1
         """Requests this connection may carry at once: 1 until the server's SETTINGS say."""
         self.accepting = True
@@ -554,7 +573,8 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.accepting = False
         self.pool._all.discard(self)
-        streams, self.streams = self.streams, {}
+        streams = dict(self.streams)
+        self.streams.clear()  # in place: h2 counts from it
         for stream_id, stream in streams.items():
             if not stream.future.done():
                 failure = (TransportError("the connection was lost") if
