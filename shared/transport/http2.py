@@ -340,8 +340,9 @@ class Http2Pool:
             if not self._connections and not self._connecting:
                 # Nothing else will serve the waiting requests: they fail with this attempt.
                 # The socket's or TLS's own error says most (a refused port, an untrusted
-                # certificate); a timeout is the request's own when nothing else answers.
-                failure = exc if isinstance(exc, OSError) and not isinstance(
+                # certificate), and one that is no OSError (a host name IDNA cannot encode) is
+                # no transport failure; a timeout is the request's own when nothing answers.
+                failure = exc if isinstance(exc, Exception) and not isinstance(
                     exc, TimeoutError) else TransportError(
                     f"cannot connect to {self.origin.host}: {type(exc).__name__}")
                 while self._waiters:
