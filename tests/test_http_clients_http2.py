@@ -466,3 +466,49 @@ async def test_h2_forgets_closed_streams_while_the_client_counts_open_ones(recor
 
     [connection] = list(pool._all)
     assert len(connection.h2.streams) <= 64 + 2 * 100
+
+
+# -- the connect step's resolver (Web Push's guard against inward endpoints) ---------------------
+
+
+class Refused(Exception):
+    pass
+
+
+async def test_a_resolver_chooses_the_addresses_a_connection_goes_to_in_order() -> None:
+    """The name is never looked up by the client itself: an address that does not answer is
+    passed over for the next one the resolver gave."""
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: RecordingServer(), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    dead = "127.0.0.2"  # the server listens on 127.0.0.1 only: refused here
+    asked: list[tuple[str, int]] = []
+
+    async def resolve(host: str, port: int) -> list[str]:
+        asked.append((host, port))
+        return [dead, "127.0.0.1"]
+
+    pool = Http2Pool(Origin("http", "push.invalid", port), None, timeout=5, max_connections=1,
+                     resolve=resolve)
+    try:
+        response = await pool.request(headers(pool), b"")
+    finally:
+        await pool.aclose()
+        server.close()
+        await server.wait_closed()
+
+    assert response.status == 200
+    assert asked == [("push.invalid", port)]
+
+
+async def test_what_the_resolver_refuses_fails_the_request_as_itself() -> None:
+    async def refuse(host: str, port: int) -> list[str]:
+        raise Refused(host)
+
+    pool = Http2Pool(Origin("http", "inward.invalid", 80), None, timeout=5, max_connections=1,
+                     resolve=refuse)
+    try:
+        with pytest.raises(Refused):
+            await pool.request(headers(pool), b"")
+    finally:
+        await pool.aclose()

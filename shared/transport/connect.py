@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
 from shared.transport.proxy import Proxy
 
 P = TypeVar("P", bound=asyncio.Protocol)
+
+Resolver = Callable[[str, int], Awaitable[list[str]]]
+"""The addresses to connect to for a host and port, in order, each one already checked (Web
+Push's guard against endpoints that lead inward): the connection goes to one of them, never to
+the name again (a second lookup could answer otherwise), and TLS still verifies the name."""
 
 _TUNNEL_ANSWER_LIMIT = 16 * 1024
 """The most of a proxy's answer to CONNECT that is read: a proxy cannot grow our memory."""
@@ -42,16 +47,28 @@ async def open_connection(
     origin: Origin,
     tls: ssl.SSLContext | None,
     proxy: Proxy | None,
+    resolve: Resolver | None = None,
 ) -> tuple[asyncio.Transport, P]:
-    """A connection to ``origin`` speaking ``factory()``'s protocol: TCP to the origin or to
-    ``proxy`` (then a CONNECT tunnel), then TLS with ``tls`` when given. The caller bounds the
-    time it takes. Raises :class:`OSError` (a :class:`TransportError` for a proxy refusing)."""
+    """A connection to ``origin`` speaking ``factory()``'s protocol: TCP to the origin (to the
+    addresses ``resolve`` gives, in order, when given) or to ``proxy`` (then a CONNECT tunnel),
+    then TLS with ``tls`` when given. The caller bounds the time it takes. Raises
+    :class:`OSError` (a :class:`TransportError` for a proxy refusing), or what ``resolve``
+    raises."""
     loop = asyncio.get_running_loop()
     server_hostname = origin.host if tls is not None else None
     if proxy is None:
-        transport, protocol = await loop.create_connection(
-            factory, origin.host, origin.port, ssl=tls, server_hostname=server_hostname)
-        return transport, protocol  # type: ignore[return-value]
+        hosts = [origin.host] if resolve is None else await resolve(origin.host, origin.port)
+        failure: OSError = TransportError(f"no address to connect to for {origin.host}")
+        for host in hosts:
+            try:
+                transport, protocol = await loop.create_connection(
+                    factory, host, origin.port, ssl=tls, server_hostname=server_hostname)
+                return transport, protocol  # type: ignore[return-value]
+            except ssl.SSLError:
+                raise  # the next address of the same name would not do better
+            except OSError as exc:
+                failure = exc
+        raise failure
     raw, tunnel = await loop.create_connection(_Tunnel, proxy.host, proxy.port)
     try:
         await tunnel.open(origin, proxy)

@@ -16,7 +16,7 @@ from typing import cast
 
 import httptools
 
-from shared.transport.connect import Origin, TransportError, open_connection
+from shared.transport.connect import Origin, Resolver, TransportError, open_connection
 from shared.transport.proxy import Proxy
 
 MAX_HEADER_BYTES = 16 * 1024
@@ -118,8 +118,12 @@ class Http1Pool:
         tls: ssl.SSLContext,
         max_connections: int,
         proxy_for: Callable[[Origin], Proxy | None],
+        resolve: Resolver | None = None,
     ) -> None:
+        """``resolve`` gives the checked addresses to connect to
+        (:data:`shared.transport.connect.Resolver`)."""
         self.loop = asyncio.get_running_loop()
+        self._resolve = resolve
         self._tls = tls
         self._proxy_for = proxy_for
         self._slots = asyncio.Semaphore(max_connections)
@@ -148,7 +152,8 @@ class Http1Pool:
 
     async def _connect(self, origin: Origin) -> _Connection:
         _, connection = await open_connection(
-            lambda: _Connection(self.loop), origin, self._tls, self._proxy_for(origin))
+            lambda: _Connection(self.loop), origin, self._tls, self._proxy_for(origin),
+            self._resolve)
         return connection
 
     async def _exchange(

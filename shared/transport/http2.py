@@ -79,7 +79,7 @@ from hpack import Encoder
 from hpack.hpack import encode_integer
 from hpack.table import HeaderTable
 
-from shared.transport.connect import Origin, TransportError, open_connection
+from shared.transport.connect import Origin, Resolver, TransportError, open_connection
 from shared.transport.proxy import Proxy
 
 Header = tuple[bytes, bytes]
@@ -197,13 +197,16 @@ class Http2Pool:
         max_body: int = DEFAULT_MAX_BODY,
         idle_ping_after: float = DEFAULT_IDLE_PING_AFTER,
         ping_timeout: float = DEFAULT_PING_TIMEOUT,
+        resolve: Resolver | None = None,
     ) -> None:
         """``tls`` must offer ALPN ``h2`` (``None`` for an ``http`` origin, HTTP/2 with prior
         knowledge); ``timeout`` bounds each request from the moment it is made (waiting for a
         stream, a connection, a PING, a retry included) and each connection attempt.
         ``encoder_per_request`` names headers whose values change with every request (APNs'
-        device path): they are encoded each time, never cached."""
+        device path): they are encoded each time, never cached. ``resolve`` gives the checked
+        addresses to connect to (:data:`shared.transport.connect.Resolver`)."""
         self.origin = origin
+        self._resolve = resolve
         self._tls = tls
         self._timeout = timeout
         self._max_connections = max_connections
@@ -330,7 +333,8 @@ class Http2Pool:
         connection = _Connection(self)
         try:
             async with asyncio.timeout(self._timeout):
-                await open_connection(lambda: connection, self.origin, self._tls, self._proxy)
+                await open_connection(lambda: connection, self.origin, self._tls, self._proxy,
+                                      self._resolve)
                 if not connection.speaks_h2:
                     raise NoHttp2("the server did not agree to HTTP/2 (ALPN h2)")
                 await connection.settings_received
