@@ -310,34 +310,22 @@ async def test_a_quiet_connection_is_pinged_before_it_is_used_again(recording) -
     assert len(connections) == 1
 
 
-async def test_a_half_open_connection_costs_a_ping_not_the_requests_timeout() -> None:
+async def test_a_half_open_connection_costs_a_ping_not_the_requests_timeout(recording) -> None:
     """The server stops reading (a NAT that forgot the connection): the PING goes unanswered,
-    and the request goes on a new connection, well within its own timeout."""
+    and the request goes on a new connection, well within its own timeout (5 s)."""
+    pool, connections = await recording()
+    pool.idle_ping_after, pool.ping_timeout = 0.05, 0.2
     loop = asyncio.get_running_loop()
-    connections: list[RecordingServer] = []
+    await pool.request(headers(pool), b"")
+    connections[0].data_received = lambda data: None  # type: ignore[method-assign]
+    await asyncio.sleep(0.1)
+    started = loop.time()
 
-    def accept() -> RecordingServer:
-        connections.append(RecordingServer())
-        return connections[-1]
+    response = await pool.request(headers(pool), b"")
 
-    server = await loop.create_server(accept, "127.0.0.1", 0)
-    pool = Http2Pool(Origin("http", "127.0.0.1", server.sockets[0].getsockname()[1]), None,
-                     timeout=5, max_connections=1, idle_ping_after=0.05, ping_timeout=0.2)
-    try:
-        await pool.request(headers(pool), b"")
-        connections[0].data_received = lambda data: None  # type: ignore[method-assign]
-        await asyncio.sleep(0.1)
-        started = loop.time()
-
-        response = await pool.request(headers(pool), b"")
-
-        assert response.status == 200
-        assert loop.time() - started < 1.0
-        assert len(connections) == 2
-    finally:
-        await pool.aclose()
-        server.close()
-        await server.wait_closed()
+    assert response.status == 200
+    assert loop.time() - started < 1.0
+    assert len(connections) == 2
 
 
 # -- GOAWAY --------------------------------------------------------------------------------------
