@@ -681,7 +681,8 @@ async def test_pushes_go_through_the_https_proxy_the_environment_names(
         await provider.aclose()
 
     assert result.outcome is Outcome.DELIVERED
-    assert connect_proxy.tunnels == [f"localhost:{webpush_server.port}"]
+    # The endpoint's name, resolved and checked here (shared/endpoints.py), not by the proxy.
+    assert connect_proxy.tunnels == [f"127.0.0.1:{webpush_server.port}"]
     assert webpush_server.pushes[0].message() == {"type": "notification"}
 
 
@@ -689,3 +690,30 @@ def test_a_proxy_url_that_is_not_http_is_a_config_error(webpush_server, monkeypa
     monkeypatch.setenv("HTTPS_PROXY", "socks5://127.0.0.1:1080")
     with pytest.raises(ConfigError, match="HTTPS_PROXY"):
         make_provider(webpush_server)
+
+
+async def test_through_a_proxy_the_tunnel_goes_to_the_address_the_endpoint_rules_checked(
+        webpush_server, connect_proxy: ConnectProxy, monkeypatch):
+    """HTTPS_PROXY does not hand the name to the proxy to resolve: the guard against endpoints
+    that lead inward (shared/endpoints.py) still chooses the address."""
+    from shared.endpoints import EndpointRules
+
+    asked: list[str] = []
+
+    async def resolve(host: str, port: int) -> list[str]:
+        asked.append(host)
+        return ["127.0.0.1"]
+
+    monkeypatch.setenv("HTTPS_PROXY", connect_proxy.url)
+    rules = EndpointRules(local_endpoints=frozenset({("localhost", webpush_server.port)}),
+                          resolver=resolve)
+    subscription = webpush_server.subscribe()
+    provider = make_provider(webpush_server, endpoint_rules=rules)
+    try:
+        result = await provider.send(device(subscription), wakeup())
+    finally:
+        await provider.aclose()
+
+    assert result.outcome is Outcome.DELIVERED
+    assert connect_proxy.tunnels == [f"127.0.0.1:{webpush_server.port}"]
+    assert asked == ["localhost"]

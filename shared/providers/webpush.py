@@ -269,8 +269,11 @@ class WebPushProvider:
                     (b":method", b"POST"), (b":scheme", b"https"),
                     (b":authority", subscription.authority), (b":path", subscription.path),
                     *headers], body)
-            except NoHttp2:
+            except NoHttp2 as answered_http1:
                 transports.http1_only.add(service)
+                connection = answered_http1.take()  # already open: no second lookup
+                if connection is not None:
+                    transports.http1.adopt(service, connection)
             else:
                 retry_after = response.header(b"retry-after")
                 return response.status, (

@@ -50,8 +50,9 @@ async def open_connection(
     resolve: Resolver | None = None,
 ) -> tuple[asyncio.Transport, P]:
     """A connection to ``origin`` speaking ``factory()``'s protocol: TCP to the origin (to the
-    addresses ``resolve`` gives, in order, when given) or to ``proxy`` (then a CONNECT tunnel),
-    then TLS with ``tls`` when given. The caller bounds the time it takes. Raises
+    addresses ``resolve`` gives, in order, when given) or to ``proxy`` (then a CONNECT tunnel,
+    to the first address ``resolve`` gives when given), then TLS with ``tls`` for the origin's
+    name when given. The caller bounds the time it takes. Raises
     :class:`OSError` (a :class:`TransportError` for a proxy refusing), or what ``resolve``
     raises."""
     loop = asyncio.get_running_loop()
@@ -69,9 +70,15 @@ async def open_connection(
             except OSError as exc:
                 failure = exc
         raise failure
+    target = origin
+    if resolve is not None:  # the proxy is asked for a checked address, not for the name
+        addresses = await resolve(origin.host, origin.port)
+        if not addresses:
+            raise TransportError(f"no address to connect to for {origin.host}")
+        target = Origin(origin.scheme, addresses[0], origin.port)
     raw, tunnel = await loop.create_connection(_Tunnel, proxy.host, proxy.port)
     try:
-        await tunnel.open(origin, proxy)
+        await tunnel.open(target, proxy)
         protocol = factory()
         if tls is None:
             raw.set_protocol(protocol)

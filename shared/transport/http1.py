@@ -150,6 +150,15 @@ class Http1Pool:
                     break
             return await self._exchange(idle, await self._connect(origin), request)
 
+    def adopt(self, origin: Origin, transport: asyncio.Transport) -> None:
+        """Take ``transport``, an open connection to ``origin`` whose reading is paused (one
+        the HTTP/2 client found to speak HTTP/1.1), as an idle connection."""
+        connection = _Connection(self.loop)
+        transport.set_protocol(connection)
+        connection.connection_made(transport)
+        transport.resume_reading()
+        self._idle.setdefault(origin, []).append(connection)
+
     async def _connect(self, origin: Origin) -> _Connection:
         _, connection = await open_connection(
             lambda: _Connection(self.loop), origin, self._tls, self._proxy_for(origin),

@@ -336,11 +336,14 @@ class Http2Pool:
                 await open_connection(lambda: connection, self.origin, self._tls, self._proxy,
                                       self._resolve)
                 if not connection.speaks_h2:
-                    raise NoHttp2("the server did not agree to HTTP/2 (ALPN h2)")
+                    raise NoHttp2("the server did not agree to HTTP/2 (ALPN h2)",
+                                  connection.detach())
                 await connection.settings_received
         except BaseException as exc:  # whatever stops it, the waiting requests must hear of it
             connection.abort()
             self._connecting -= 1
+            if isinstance(exc, NoHttp2) and (self._connections or self._connecting):
+                exc.close()  # another attempt will tell the waiting requests
             if not self._connections and not self._connecting:
                 # Nothing else will serve the waiting requests: they fail with this attempt.
                 # The socket's or TLS's own error says most (a refused port, an untrusted
@@ -387,7 +390,23 @@ class Http2Pool:
 
 
 class NoHttp2(TransportError):
-    """The server chose another protocol than HTTP/2 in ALPN (a Web Push service on HTTP/1.1)."""
+    """The server chose another protocol than HTTP/2 in ALPN (a Web Push service on HTTP/1.1).
+    The connection is open, TLS done: :meth:`take` hands it to an HTTP/1.1 client (once), so
+    the push goes on it rather than on a new connection to an address looked up again."""
+
+    def __init__(self, message: str, transport: asyncio.Transport | None) -> None:
+        super().__init__(message)
+        self._transport = transport
+
+    def take(self) -> asyncio.Transport | None:
+        """The open connection, reading paused, or ``None`` when already taken or closed."""
+        transport, self._transport = self._transport, None
+        return transport
+
+    def close(self) -> None:
+        transport = self.take()
+        if transport is not None:
+            transport.abort()
 
 
 class _Stream:
@@ -468,6 +487,14 @@ class _Connection(asyncio.Protocol):
         elif not self.lost.done():
             self.lost.set_result(None)
 
+    def detach(self) -> asyncio.Transport | None:
+        """Give up the transport (to another protocol): this connection is done with it."""
+        transport, self.transport = self.transport, None
+        self.pool._all.discard(self)
+        if not self.lost.done():
+            self.lost.set_result(None)
+        return transport
+
     def quiet_for(self, seconds: float) -> bool:
         """Nothing in flight and nothing heard for ``seconds``: worth a PING before use."""
         return not self.streams and time.monotonic() - self.last_received > seconds
@@ -512,6 +539,7 @@ class _Connection(asyncio.Protocol):
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is not None and ssl_object.selected_alpn_protocol() != "h2":
             self.speaks_h2 = False  # not a byte of HTTP/2 to a server that chose another
+            transport.pause_reading()  # type: ignore[attr-defined]
             return
         h2 = self.h2
         h2.initiate_connection()
