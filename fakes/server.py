@@ -10,10 +10,12 @@ Latency (``rtt``)
     connections on the hot path pays for them as it would on the real network.
 Recycling (``recycle_after``)
     After that many streams a connection is recycled as Google's and Apple's front ends do
-    (about every 1,000): a graceful GOAWAY (last stream ID 2^31-1), one round trip later the
-    final GOAWAY naming the last stream processed, streams after it ignored (never answered:
-    the client must send them again elsewhere), and the connection closed once the rest are
-    answered. On HTTP/1.1, the answer to the last request says ``Connection: close``.
+    (about every 1,000): a graceful GOAWAY (last stream ID 2^31-1) and a PING; when the PING is
+    answered (the client has read the GOAWAY: how Google's front ends time it, as gRPC
+    documents), and no sooner than a round trip, the final GOAWAY naming the last stream
+    received; streams after it are ignored (never answered: the client must send them again
+    elsewhere), and the connection is closed once the rest are answered. ``goaway()`` sends a
+    GOAWAY at once, as a server that does not wait (Hypercorn after its request limit). On HTTP/1.1, the answer to the last request says ``Connection: close``.
 Stream limits (``max_concurrent_streams``, ``raised_streams``)
     The SETTINGS_MAX_CONCURRENT_STREAMS the server announces and holds clients to; a fake may
     raise it on a connection later (APNs starts token-authenticated connections at 1 and raises
@@ -52,6 +54,7 @@ from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
     DataReceived,
+    PingAckReceived,
     RequestReceived,
     StreamEnded,
     StreamReset,
@@ -65,6 +68,8 @@ Headers = list[tuple[bytes, bytes]]
 HIGHEST_STREAM_ID = 2**31 - 1
 HANG_LIMIT_SECONDS = 60.0
 """A hanging request is given up (reset, or its connection closed) after this long."""
+_RECYCLE_PING = b"recycle!"
+"""The PING a recycling connection sends after its graceful GOAWAY."""
 _WINDOW = 16 * 1024 * 1024
 """The flow-control window the fakes give clients: large, so it rarely sends WINDOW_UPDATE."""
 _H2_CONFIG = H2Configuration(
@@ -445,6 +450,7 @@ class Http2Connection(_Delayed):
         """The last stream this connection processes: lowered by the final GOAWAY."""
         self.streams = 0
         self.recycling = False
+        self.recycle_started = 0.0
         self.stream_limit_raised = False
 
     def begin(self) -> None:
@@ -477,9 +483,16 @@ class Http2Connection(_Delayed):
                     self.reset_by_client.add(stream_id)  # its answer is on its way
                 else:
                     self._forget(stream_id)
+            elif kind is PingAckReceived:
+                if event.ping_data == _RECYCLE_PING:  # type: ignore[attr-defined]
+                    elapsed = asyncio.get_running_loop().time() - self.recycle_started
+                    self.later(max(self.fake.network.rtt - elapsed, 0.0), self._final_goaway)
             elif kind is ConnectionTerminated:
                 self.transport.close()
         self.flush()
+
+    def _final_goaway(self) -> None:
+        self._send_goaway(self.conn.highest_inbound_stream_id)
 
     def flush(self) -> None:
         if not self.transport.is_closing():
@@ -529,9 +542,10 @@ class Http2Connection(_Delayed):
         if recycle_after and self.streams >= recycle_after and not self.recycling:
             self.recycling = True
             self._send_goaway(HIGHEST_STREAM_ID)
-            # The final one a round trip later, naming the last stream received by then.
-            self.later(self.fake.network.rtt or 0.001,
-                       lambda: self._send_goaway(self.conn.highest_inbound_stream_id))
+            # The final one once the client has read the first (the PING sent after it is
+            # answered), and at least a round trip later, naming the last stream received then.
+            self.conn.ping(_RECYCLE_PING)
+            self.recycle_started = asyncio.get_running_loop().time()
 
     def _request_complete(self, stream_id: int) -> None:
         arriving = self.arriving.pop(stream_id, None)
