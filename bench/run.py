@@ -1,8 +1,10 @@
 """push-functions benchmarks: `python bench/run.py [--quick] [--only NAME[,NAME]]`.
 
-Starts the provider fakes (tests/fakes, standalone), MariaDB's `push_bench` database seeded with
-subscriptions, each function exactly as deployed (the Dockerfile's command), and a load generator
-in another process (bench/loadgen.py); prints one JSON line per figure on stdout:
+Starts the provider fakes (fakes/, standalone, on a realistic network: --rtt-ms of round trip,
+default 50, on every answer and handshake, connections recycled every --recycle-after streams,
+default 1,000), MariaDB's `push_bench` database seeded with subscriptions, each function exactly
+as deployed (the Dockerfile's command), and a load generator in another process
+(bench/loadgen.py); prints one JSON line per figure on stdout:
 
     {"name": ..., "value": ..., "unit": ..., "provider": ..., "parameters": {...}}
 
@@ -25,6 +27,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -49,6 +52,10 @@ HOT_USERS = 1000
 other users bring the table to the size a figure names (10k or 1M)."""
 DEVICES_PER_USER = 3
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+RUNS = 3
+"""Runs per dispatch figure: each figure gives min, median and max."""
+NETWORK = {"rtt_ms": 50.0, "recycle_after": 1000}
+"""The fakes' network (--rtt-ms, --recycle-after), reported with every dispatch figure."""
 PROFILE_DIR: Path | None = None
 """With --profile DIR: py-spy records the function's worker over every measured window, and
 each provider client alone (raw collapsed stacks, one file per run; bench/profile_summary.py
@@ -60,6 +67,8 @@ def log(message: str) -> None:
 
 
 CONCURRENCY = {1: 16, 100: 4}
+SHAPES: tuple[int, ...] = (1, 100)
+"""Users per event of the dispatch figures (--shapes)."""
 """Events in flight at once (closed loop) for 1-user and 100-user events; --concurrency changes it."""
 EXTRA_ENV: dict[str, str] = {}
 """Settings given with --env, reported with every figure."""
@@ -177,26 +186,44 @@ class Fakes:
 
     def start(self) -> None:
         w = self.work
-        log("starting the provider fakes (tests/fakes, standalone)")
+        log(f"starting the provider fakes (fakes/, standalone; {NETWORK})")
+        network = ["--rtt-ms", str(NETWORK["rtt_ms"])]
+        if NETWORK["recycle_after"]:
+            network += ["--recycle-after", str(NETWORK["recycle_after"])]
         self.apns_proc = self.procs.spawn(
-            [PYTHON, "-m", "tests.fakes.apns", "--ca-out", str(w / "apns-ca.pem"),
-             "--key-out", str(w / "apns.p8"), "--key-id", f"BENCH{secrets.token_hex(3).upper()}"],
-            "fake-apns", stdout=subprocess.PIPE, text=True)
+            [PYTHON, "-m", "fakes.apns", "--ca-out", str(w / "apns-ca.pem"),
+             "--key-out", str(w / "apns.p8"), "--key-id", f"BENCH{secrets.token_hex(3).upper()}",
+             *network], "fake-apns", stdout=subprocess.PIPE, text=True)
         self.fcm_proc = self.procs.spawn(
-            [PYTHON, "-m", "tests.fakes.fcm", "--ca-out", str(w / "fcm-ca.pem"),
-             "--credentials-out", str(w / "fcm-sa.json")], "fake-fcm", stdout=subprocess.PIPE, text=True)
+            [PYTHON, "-m", "fakes.fcm", "--ca-out", str(w / "fcm-ca.pem"),
+             "--credentials-out", str(w / "fcm-sa.json"), *network],
+            "fake-fcm", stdout=subprocess.PIPE, text=True)
+        webpush_http1 = ["--http1-only"] if NETWORK.get("webpush_http1_only") else []
         self.webpush_proc = self.procs.spawn(
-            [PYTHON, "-m", "tests.fakes.webpush", "--ca-file", str(w / "webpush-ca.pem"),
-             "--subscriptions", str(HOT_USERS * DEVICES_PER_USER), "--max-records", "1"],
-            "fake-webpush", stdout=subprocess.PIPE, text=True)
+            [PYTHON, "-m", "fakes.webpush", "--ca-file", str(w / "webpush-ca.pem"),
+             "--subscriptions", str(HOT_USERS * DEVICES_PER_USER), "--max-records", "1",
+             *network, *webpush_http1], "fake-webpush", stdout=subprocess.PIPE, text=True)
         self.apns = read_json_line(self.apns_proc)
         self.fcm = read_json_line(self.fcm_proc)
         self.webpush = read_json_line(self.webpush_proc)
         self.webpush_subscriptions = [read_json_line(self.webpush_proc)
                                       for _ in range(HOT_USERS * DEVICES_PER_USER)]
 
+    def proc(self, provider: str) -> subprocess.Popen:
+        return {"apns": self.apns_proc, "fcm": self.fcm_proc, "webpush": self.webpush_proc}[provider]
+
     def pid(self, provider: str) -> int:
-        return {"apns": self.apns_proc, "fcm": self.fcm_proc, "webpush": self.webpush_proc}[provider].pid
+        return self.proc(provider).pid
+
+    def counts(self, provider: str) -> dict:
+        """What the fake has answered so far (fakes/server.py, "Counting"): it prints its
+        counts on SIGUSR1."""
+        proc = self.proc(provider)
+        os.kill(proc.pid, signal.SIGUSR1)
+        while True:
+            line = read_json_line(proc)
+            if "counts" in line:
+                return line["counts"]
 
 
 # -- environment -----------------------------------------------------------------------------------
@@ -408,9 +435,11 @@ class Function:
 
 def run_load(fn: Function, work: Path, *, mode: str = "closed", kind: str = "event",
              concurrency: int = 16, rate: float = 200, duration: float = 10, warmup: float = 2,
-             users_per_event: int = 1, sample_pids: list[int] | None = None) -> dict:
+             users_per_event: int = 1, sample_pids: list[int] | None = None,
+             counts: Callable[[], dict] | None = None) -> dict:
     """Run bench/loadgen.py against ``fn``; its result plus the function's CPU seconds and peak
-    worker RSS over the measured window."""
+    worker RSS over the measured window, and with ``counts`` (a fake's), what the fake
+    answered in the window (``fake_counts``)."""
     args = [PYTHON, str(REPO / "bench" / "loadgen.py"), "--port", str(fn.port), "--mode", mode,
             "--kind", kind, "--concurrency", str(concurrency), "--rate", str(rate),
             "--duration", str(duration), "--warmup", str(warmup),
@@ -439,6 +468,8 @@ def run_load(fn: Function, work: Path, *, mode: str = "closed", kind: str = "eve
     for line in proc.stdout:
         message = json.loads(line)
         if message["phase"] == "start":
+            if counts is not None:
+                fake_before = counts()
             cpu["start"] = snapshot()
             sampler.start()
             if PROFILE_DIR is not None:
@@ -451,6 +482,11 @@ def run_load(fn: Function, work: Path, *, mode: str = "closed", kind: str = "eve
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         elif message["phase"] == "end":
             cpu["end"] = snapshot()
+            if counts is not None:
+                fake_after = counts()
+                result_counts = {key: fake_after[key] - fake_before[key] for key in
+                                 ("pushes_accepted", "pushes_refused", "streams_refused",
+                                  "goaways", "connections_made")}
             stop_sampling.set()
         else:
             result = message
@@ -464,6 +500,8 @@ def run_load(fn: Function, work: Path, *, mode: str = "closed", kind: str = "eve
     result["other_cpu_seconds"] = other
     result["wall_seconds"] = wall
     result["peak_rss_mb"] = round(peak["rss"], 1)
+    if counts is not None:
+        result["fake_counts"] = result_counts
     return result
 
 
@@ -575,31 +613,61 @@ def fcm_access_token(fakes: Fakes) -> str:
     return response.json()["access_token"]
 
 
+def spread(values: list[float]) -> dict[str, float]:
+    ordered = sorted(values)
+    return {"min": round(ordered[0], 4), "median": round(ordered[len(ordered) // 2], 4),
+            "max": round(ordered[-1], 4)}
+
+
 def dispatch_figures(fn: Function, provider: str, work: Path, fakes: Fakes, quick: bool,
-                     stored: int, suffix: str = "") -> dict[str, float]:
-    """Sustained pushes/s and CPU per push for 1x3 and 100x3 events. Returns pushes/s by shape."""
+                     stored: int, suffix: str = "", shapes: tuple[int, ...] = (1, 100)
+                     ) -> dict[str, float]:
+    """Sustained pushes/s and CPU per push for 1x3 and 100x3 events, each over RUNS runs, the
+    pushes counted at the fake (accepted in the measured window). Returns the median pushes/s
+    by shape."""
     duration = 8 if quick else 20
     out = {}
-    for users, concurrency in ((1, CONCURRENCY[1]), (100, CONCURRENCY[100])):
-        clear_tables("deliveries")
-        r = run_load(fn, work, concurrency=concurrency, duration=duration, warmup=2,
-                     users_per_event=users, sample_pids=[fakes.pid(provider)])
-        pushes = r["ok"] * users * DEVICES_PER_USER
-        per_s = pushes / r["wall_seconds"]
-        out[f"{users}x3"] = per_s
-        common = dict(users_per_event=users, devices_per_user=DEVICES_PER_USER, concurrency=concurrency,
-                      seconds=duration, subscriptions_stored=stored, events_per_second=round(r["ok"] / r["wall_seconds"], 1),
-                      statuses=r["statuses"], event_latency_ms=r["latency_ms"],
-                      fake_cpu_seconds=r["other_cpu_seconds"], recorded_outcomes=delivery_states())
-        emit(f"dispatch_pushes_per_second{suffix}", round(per_s, 1), "pushes/s", provider, **common)
-        emit(f"dispatch_cpu_per_push{suffix}", round(r["function_cpu_seconds"] / pushes * 1000, 4) if pushes else None,
-             "ms CPU/push", provider, function_cpu_seconds=r["function_cpu_seconds"],
-             of_which_system=r["function_system_cpu_seconds"], pushes=pushes,
-             users_per_event=users, subscriptions_stored=stored,
-             function_cpu_utilisation=round(r["function_cpu_seconds"] / r["wall_seconds"], 3))
+    for users in shapes:
+        concurrency = CONCURRENCY[users]
+        runs = []
+        for _ in range(RUNS):
+            clear_tables("deliveries")
+            load_before = os.getloadavg()
+            r = run_load(fn, work, concurrency=concurrency, duration=duration, warmup=2,
+                         users_per_event=users, sample_pids=[fakes.pid(provider)],
+                         counts=lambda: fakes.counts(provider))
+            counted = r["fake_counts"]
+            pushes = counted["pushes_accepted"]
+            runs.append({
+                "pushes_per_second": pushes / r["wall_seconds"],
+                "cpu_ms_per_push": r["function_cpu_seconds"] / pushes * 1000 if pushes else None,
+                "pushes": pushes, "non_2xx": counted["pushes_refused"],
+                "streams_refused": counted["streams_refused"], "goaways": counted["goaways"],
+                "connections_made": counted["connections_made"],
+                "events_per_second": round(r["ok"] / r["wall_seconds"], 1),
+                "event_statuses": r["statuses"], "event_latency_ms": r["latency_ms"],
+                "function_cpu_seconds": r["function_cpu_seconds"],
+                "of_which_system": r["function_system_cpu_seconds"],
+                "fake_cpu_seconds": r["other_cpu_seconds"], "peak_rss_mb": r["peak_rss_mb"],
+                "loadavg_1m": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
+                "recorded_outcomes": delivery_states(),
+            })
+        rates = [run["pushes_per_second"] for run in runs]
+        cpus = [run["cpu_ms_per_push"] for run in runs if run["cpu_ms_per_push"] is not None]
+        out[f"{users}x3"] = spread(rates)["median"]
+        common = dict(users_per_event=users, devices_per_user=DEVICES_PER_USER,
+                      concurrency=concurrency, seconds=duration, runs=len(runs),
+                      subscriptions_stored=stored, network=NETWORK,
+                      counted="pushes the fake accepted in the measured window")
+        emit(f"dispatch_pushes_per_second{suffix}", round(spread(rates)["median"], 1), "pushes/s",
+             provider, spread=spread(rates), non_2xx=sum(run["non_2xx"] for run in runs),
+             per_run=runs, **common)
+        if cpus:
+            emit(f"dispatch_cpu_per_push{suffix}", round(spread(cpus)["median"], 4), "ms CPU/push",
+                 provider, spread=spread(cpus), **common)
         if not suffix:
-            emit("rss_under_load", r["peak_rss_mb"], "MB", provider, users_per_event=users,
-                 process="uvicorn worker (peak VmRSS)")
+            emit("rss_under_load", max(run["peak_rss_mb"] for run in runs), "MB", provider,
+                 users_per_event=users, process="uvicorn worker (peak VmRSS)")
     return out
 
 
@@ -622,8 +690,9 @@ def section_dispatch(procs: Procs, env: dict, work: Path, fakes: Fakes, quick: b
         emit("rss_idle_warm", round(m.get("rss", 0), 1), "MB", provider,
              process="uvicorn worker, after 1.5 s of light traffic")
         if "dispatch" in only:
-            log(f"dispatch-{provider}: throughput")
-            results[provider] = dispatch_figures(fn, provider, work, fakes, quick, stored)
+            log(f"dispatch-{provider}: throughput, {RUNS} runs per shape")
+            results[provider] = dispatch_figures(fn, provider, work, fakes, quick, stored,
+                                                 shapes=SHAPES)
         if "latency" in only:
             log(f"dispatch-{provider}: latency at 200 events/s")
             clear_tables("deliveries")
@@ -760,6 +829,14 @@ def main() -> int:
     parser.add_argument("--concurrency", metavar="C1,C100", help="events in flight for 1-user and "
                         "100-user events (default 16,4)")
     parser.add_argument("--profile", metavar="DIR", help="py-spy the function during each measured window, and each provider client alone")
+    parser.add_argument("--rtt-ms", type=float, default=NETWORK["rtt_ms"],
+                        help="round trip the fakes add to every answer and handshake (default 50)")
+    parser.add_argument("--recycle-after", type=int, default=NETWORK["recycle_after"],
+                        help="streams after which the fakes recycle a connection (0: never)")
+    parser.add_argument("--runs", type=int, default=3, help="runs per dispatch figure")
+    parser.add_argument("--webpush-http1-only", action="store_true",
+                        help="the fake push service speaks HTTP/1.1 only (no h2 in ALPN)")
+    parser.add_argument("--shapes", default="1,100", help="users per event of the dispatch figures")
     args = parser.parse_args()
     only = set(args.only.split(",")) if args.only else set(SECTIONS)
     if args.quick and not args.only:
@@ -768,7 +845,12 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown section(s): {', '.join(sorted(unknown))}")
     providers = [p for p in args.providers.split(",") if p]
-    global PROFILE_DIR
+    global PROFILE_DIR, RUNS, SHAPES
+    RUNS = args.runs
+    SHAPES = tuple(int(n) for n in args.shapes.split(","))
+    NETWORK.update(rtt_ms=args.rtt_ms, recycle_after=args.recycle_after)
+    if args.webpush_http1_only:
+        NETWORK["webpush_http1_only"] = True
     if args.concurrency:
         CONCURRENCY[1], CONCURRENCY[100] = (int(c) for c in args.concurrency.split(","))
     PROFILE_DIR = Path(args.profile).resolve() if args.profile else None

@@ -2,9 +2,10 @@
 
 It starts, each in its own process and all on 127.0.0.1:
 
-- local receivers standing in for the push providers (the wire-protocol fakes of tests/fakes/):
+- local receivers standing in for the push providers (the wire-protocol fakes of fakes/):
   a Web Push service that decrypts and prints every wake-up it receives, an FCM and an APNs
-  server. The dispatchers are configured for them: VAPID keys, a service-account JSON and an
+  server that print every wake-up they accept (message type, the device's hash, the headers
+  that matter; never the device token). The dispatchers are configured for them: VAPID keys, a service-account JSON and an
   APNs signing key are made in .local/. A provider whose settings you have set yourself
   (PUSH_VAPID_PRIVATE_KEY, PUSH_FCM_CREDENTIALS, PUSH_APNS_KEY, or their _FILE forms) is left
   to them. Web Push endpoints follow the production rules, with the local receiver alone let
@@ -137,20 +138,22 @@ def start_receivers(stack: Stack, environment: dict[str, str], local: Path, base
         vapid_public = local_vapid_keys(local, settings)
         settings.setdefault("PUSH_VAPID_SUBJECT", "mailto:push-dev@localhost")
     webpush_ca = local / "webpush-ca.pem"
-    argv = [PYTHON, "-m", "tests.fakes.webpush", "--port", base + RECEIVER_OFFSETS["webpush"],
+    argv = [PYTHON, "-m", "fakes.webpush", "--port", base + RECEIVER_OFFSETS["webpush"],
             "--ca-file", webpush_ca, "--print-pushes"]
     if vapid_public:
         argv += ["--application-server-key", vapid_public]
     stack.start("webpush-receiver", argv, environment, banner=True)
     if not user_configured("PUSH_FCM_CREDENTIALS"):
         stack.start("fcm-receiver", [
-            PYTHON, "-m", "tests.fakes.fcm", "--port", base + RECEIVER_OFFSETS["fcm"],
+            PYTHON, "-m", "fakes.fcm", "--port", base + RECEIVER_OFFSETS["fcm"],
             "--ca-out", local / "fcm-ca.pem", "--credentials-out", local / "fcm-service-account.json",
+            "--print-pushes",
         ], environment, banner=True)
     if not user_configured("PUSH_APNS_KEY"):
         stack.start("apns-receiver", [
-            PYTHON, "-m", "tests.fakes.apns", "--port", base + RECEIVER_OFFSETS["apns"],
+            PYTHON, "-m", "fakes.apns", "--port", base + RECEIVER_OFFSETS["apns"],
             "--ca-out", local / "apns-ca.pem", "--key-out", local / "apns-key.p8",
+            "--print-pushes",
         ], environment, banner=True)
 
     webpush = stack.banner("webpush-receiver")

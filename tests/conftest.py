@@ -24,13 +24,15 @@ from functions_framework.aio import create_asgi_app
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
+from fakes.apns import FakeApns
+from fakes.fcm import FakeFcm
+from fakes.server import Network
+from fakes.sink import FakeSink
+from fakes.webpush import FakeWebPushService
 from shared.cli import main as pushctl
 from shared.db import get_engine
 from shared.models import Base
-from tests.fakes.apns import apns_server  # noqa: F401 - fixtures for the whole suite
-from tests.fakes.fcm import fcm_server  # noqa: F401
-from tests.fakes.sink import sink  # noqa: F401
-from tests.fakes.webpush import webpush_server  # noqa: F401
+from tests.connect_proxy import connect_proxy  # noqa: F401 - a fixture for the whole suite
 
 REPO = Path(__file__).resolve().parent.parent
 # Functions start a metrics server; in tests, on a free port of its own.
@@ -215,6 +217,46 @@ async def function_client(database_url) -> AsyncIterator[FunctionClient]:
     for module in modules:
         if hasattr(module, "dispatcher"):
             await module.dispatcher.aclose()
+
+
+# --- the fake providers -----------------------------------------------------------------------
+
+RECYCLE_AFTER = 25
+"""Streams after which every fake provider recycles a connection (graceful GOAWAY, then the final
+one, then close), as real front ends do every ~1,000: the suite runs with recycling on, often
+enough that most tests see it."""
+
+
+@pytest.fixture
+def apns_server() -> Iterator[FakeApns]:
+    """A fresh fake APNs server per test (starting one takes a few milliseconds), raising its
+    stream limit from 1 after the first request, as Apple does."""
+    with FakeApns(network=Network(max_concurrent_streams=1, recycle_after=RECYCLE_AFTER)) as fake:
+        yield fake
+
+
+@pytest.fixture
+def fcm_server() -> Iterator[FakeFcm]:
+    """A fresh fake FCM server per test (function scope: nothing scripted, recorded, counted or
+    issued in one test is seen by another). The CA and the service-account keys are made once
+    per process."""
+    with FakeFcm(network=Network(recycle_after=RECYCLE_AFTER)) as fake:
+        yield fake
+
+
+@pytest.fixture
+def webpush_server() -> Iterator[FakeWebPushService]:
+    """A started fake push service, fresh for each test. Its CA PEM is at
+    ``webpush_server.ca_file``; subscriptions come from ``webpush_server.subscribe()``."""
+    with FakeWebPushService(network=Network(recycle_after=RECYCLE_AFTER)) as service:
+        yield service
+
+
+@pytest.fixture
+def sink() -> Iterator[FakeSink]:
+    fake = FakeSink()
+    yield fake
+    fake.stop()
 
 
 # --- dispatchers against the fake providers -------------------------------------------------

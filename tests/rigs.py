@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from fakes import fcm as fake_fcm
+from fakes import webpush as fake_webpush
 from shared.models import Subscription
 from shared.vapid import generate_vapid_keys
 from shared.subscriptions import NewSubscription, SubscriptionStore
 from tests import subscription_bodies as bodies
-from tests.fakes import fcm as fake_fcm
-from tests.fakes import webpush as fake_webpush
 
 
 class Rig:

@@ -15,13 +15,13 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from sqlalchemy import Engine, create_engine, event, select
 
+from fakes.apns import DEFAULT_KEY_ID, DEFAULT_TEAM_ID, FakeApns, make_p8_key
 from shared.apns_tokens import ApnsTokenStore, sign_provider_token
 from shared.config import ConfigError
 from shared.models import ProviderToken
 from shared.providers.apns import ApnsProvider
 from shared.providers.base import Device, Outcome, WakeUp
 from shared.subscriptions import utcnow
-from tests.fakes.apns import DEFAULT_KEY_ID, DEFAULT_TEAM_ID, FakeApns, make_p8_key
 
 TEAM = DEFAULT_TEAM_ID
 KEY_ID = DEFAULT_KEY_ID
@@ -469,10 +469,17 @@ async def test_store_outage_keeps_the_shared_token_until_it_is_nearly_an_hour_ol
     assert bearer(fake.requests[-1]) != shared
 
 
-def test_provider_without_a_store_keeps_signing_per_connection(fake) -> None:
+async def test_provider_without_a_store_signs_one_token_for_all_its_connections(fake) -> None:
     provider = make_provider(fake, None)
+    try:
+        await provider.send(device(environment="production"), WAKEUP)
+        await provider.send(device(environment="sandbox"), WAKEUP)
+    finally:
+        await provider.aclose()
+
     assert provider._shared_token is None
-    assert all(p.shared_token is None for p in provider._protocols.values())
+    assert len(fake.provider_tokens) == 1
+    assert fake.connections_made == 2
 
 
 def test_every_app_provider_gets_the_shared_store(fake, monkeypatch) -> None:

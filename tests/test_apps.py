@@ -7,6 +7,8 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from fakes.apns import FakeApns
+from fakes.fcm import FakeFcm
 from shared.apps import load_apps, providers_from_env
 from shared.config import ConfigError
 from shared.models import Subscription
@@ -16,8 +18,6 @@ from shared.vapid import generate_vapid_keys
 from shared.subscriptions import NewSubscription, SubscriptionStore
 from tests import events
 from tests import subscription_bodies as bodies
-from tests.fakes.apns import FakeApns
-from tests.fakes.fcm import FakeFcm
 
 
 @pytest.fixture
@@ -148,7 +148,7 @@ async def test_each_web_push_device_is_sent_with_its_apps_vapid_key(
 
 @pytest.fixture
 def apns_apps(monkeypatch, auth_env):
-    from tests.fakes.apns import make_p8_key
+    from fakes.apns import make_p8_key
 
     apps = {
         "wikipedia": {"apns": {"key": make_p8_key(), "key_id": "KEY1", "team_id": "TEAM1",

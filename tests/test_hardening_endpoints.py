@@ -21,6 +21,7 @@ from functions_framework.aio import create_asgi_app
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from fakes.webpush import FakeWebPushService
 from shared.config import ConfigError
 from shared.endpoints import PUSH_SERVICES, EndpointRules, is_public_address
 from shared.models import Delivery, Subscription
@@ -29,7 +30,6 @@ from shared.subscriptions import NewSubscription, SubscriptionStore
 from tests import events
 from tests import subscription_bodies as bodies
 from tests.conftest import REPO
-from tests.fakes.webpush import FakeWebPushService
 from tests.metrics_scrape import changes, scrape, series
 from tests.test_provider_webpush import device, make_provider, wakeup
 

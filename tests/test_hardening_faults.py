@@ -27,11 +27,11 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from fakes import fcm as fake_fcm
+from fakes import webpush as fake_webpush
 from shared.models import Delivery, Subscription
 from tests import events
 from tests.conftest import REPO
-from tests.fakes import fcm as fake_fcm
-from tests.fakes import webpush as fake_webpush
 from tests.rigs import FcmRig
 
 MAX_REDELIVERIES = 10

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from hpack import Decoder, NeverIndexedHeaderTuple
 
-from shared.providers.http2 import LiteralEncoder
+from shared.transport.http2 import LiteralEncoder
 
 TOKEN = b"bearer eyJhbGciOiJFUzI1NiIsImtpZCI6IkFCQzEyMzQ1NjcifQ.e30.c2lnbmF0dXJl"
 

@@ -10,9 +10,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
 
+from fakes.webpush import FakeWebPushService
 from shared.providers.base import Outcome, SendResult
 from shared.providers.webpush import WebPushProvider
-from tests.fakes.webpush import FakeWebPushService
 from tests.test_provider_webpush import device, make_provider, wakeup
 
 Answering = Callable[[bytes], Awaitable[dict]]

@@ -7,6 +7,7 @@ as Ctrl-C would; the test checks nothing it started is left running.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import queue
@@ -23,6 +24,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from tests import subscription_bodies as bodies
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -63,6 +66,10 @@ class LocalStack:
             self.lines.put(line.rstrip("\n"))
 
     def wait_for(self, matches: Callable[[str], bool], timeout: float, what: str) -> str:
+        """The first line, among those seen so far or those to come, that ``matches``."""
+        for line in self.seen:
+            if matches(line):
+                return line
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
@@ -160,6 +167,12 @@ def test_a_newcomer_sees_a_web_push_wake_up_arrive(local_stack):
             headers={"Authorization": f"Bearer {token}"}, timeout=10,
         )
         assert refused.status_code == 400, elsewhere
+    # And an Android and an iOS device of the same user.
+    devices = [bodies.fcm(), bodies.apns()]
+    for body in devices:
+        answer = httpx.post(local_stack.url(1), json=body,
+                            headers={"Authorization": f"Bearer {token}"}, timeout=10)
+        assert answer.status_code == 201, answer.text
 
     # Echo's event, posted to the router, which routes it by knative/'s Triggers.
     posted = subprocess.run(
@@ -179,6 +192,14 @@ def test_a_newcomer_sees_a_web_push_wake_up_arrive(local_stack):
     local_stack.wait_for(
         lambda text: "-> dispatch-webpush: HTTP 202" in text, 10, "the router's delivery report"
     )
+    # The FCM and APNs receivers print theirs too, naming the device by its hash, never its token.
+    for receiver, body in zip(("fcm-receiver", "apns-receiver"), devices):
+        digest = hashlib.sha256(body["token"].encode()).hexdigest()[:16]
+        line = local_stack.wait_for(
+            lambda text, r=receiver, d=digest: text.startswith(r) and d in text, 20, receiver)
+        pushed = json.loads(line.split("|", 1)[1])
+        assert pushed["message_type"] == "checkEchoV1"
+        assert body["token"] not in line
 
 
 def test_a_newcomer_gets_a_web_client_page_its_functions_allow(local_stack):

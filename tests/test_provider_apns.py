@@ -1,4 +1,5 @@
-"""The APNs provider, driven over real HTTP/2 + TLS (real aioapns) against the fake APNs server."""
+"""The APNs provider, driven over real HTTP/2 + TLS (the project's HTTP/2 client) against the fake
+APNs server."""
 from __future__ import annotations
 
 import asyncio
@@ -15,10 +16,12 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from fakes.apns import FakeApns, make_p8_key
+from fakes.server import Network
 from shared.config import ConfigError
 from shared.providers.apns import ApnsProvider
 from shared.providers.base import Device, Outcome, SendResult, WakeUp
-from tests.fakes.apns import FakeApns, make_p8_key
+from tests.connect_proxy import ConnectProxy
 
 TOKEN = "a1" * 32
 OTHER_TOKEN = "b2" * 32
@@ -156,16 +159,21 @@ async def test_one_connection_serves_successive_sends(
     assert apns_server.connections_made == 1
 
 
-async def test_concurrent_sends_are_multiplexed_on_one_connection(
-    provider: ApnsProvider, apns_server: FakeApns  # noqa: F811
-) -> None:
+async def test_concurrent_sends_are_multiplexed_once_apple_raises_the_stream_limit() -> None:
+    """A connection starts at one stream (as Apple's do) and takes many once its first request
+    is accepted; the pool opens one spare connection meanwhile, no more."""
     tokens = [f"{n:064x}" for n in range(50)]
+    with FakeApns(network=Network(rtt=0.05, max_concurrent_streams=1)) as fake:
+        provider = make_provider(fake)
+        try:
+            results = await asyncio.gather(*(provider.send(device(t), WAKEUP) for t in tokens))
+        finally:
+            await provider.aclose()
 
-    results = await asyncio.gather(*(provider.send(device(t), WAKEUP) for t in tokens))
-
-    assert {r.outcome for r in results} == {Outcome.DELIVERED}
-    assert sorted(r.token for r in apns_server.requests) == sorted(tokens)
-    assert apns_server.connections_made == 1
+        assert {r.outcome for r in results} == {Outcome.DELIVERED}
+        assert sorted(r.token for r in fake.requests) == sorted(tokens)
+        assert fake.connections_made <= 2
+        assert fake.peak_streams > 10
 
 
 async def test_closed_provider_reconnects_on_the_next_send(
@@ -242,14 +250,14 @@ async def test_throttling_and_server_errors_are_transient(
     assert (result.outcome, result.reason) == (Outcome.TRANSIENT, reason)
 
 
-async def test_retry_after_is_not_reported_because_aioapns_drops_response_headers(
+async def test_a_retry_after_apple_sends_is_reported(
     provider: ApnsProvider, apns_server: FakeApns  # noqa: F811
 ) -> None:
     apns_server.respond(TOKEN, 429, "TooManyRequests", retry_after=30)
 
     result = await provider.send(device(), WAKEUP)
 
-    assert (result.outcome, result.retry_after) == (Outcome.TRANSIENT, None)
+    assert (result.outcome, result.retry_after) == (Outcome.TRANSIENT, 30)
 
 
 async def test_expired_provider_token_is_transient(
@@ -496,6 +504,26 @@ async def test_unreachable_server_is_a_transient_connection_error(
     assert time.monotonic() - started < 5
 
 
+async def test_a_transport_error_is_logged_with_its_class_and_message_and_no_device_token(
+    apns_server: FakeApns, caplog: pytest.LogCaptureFixture  # noqa: F811
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    apns_server.hang(TOKEN)
+    provider = make_provider(apns_server)
+    try:
+        sending = asyncio.create_task(provider.send(device(), WAKEUP))
+        await eventually(lambda: apns_server.request_count == 1)
+        apns_server.drop_connections()
+        result = await sending
+    finally:
+        await provider.aclose()
+
+    assert (result.outcome, result.reason) == (Outcome.TRANSIENT, "connection_error")
+    [line] = [r.getMessage() for r in caplog.records if "APNs unreachable" in r.getMessage()]
+    assert line == "APNs unreachable: TransportError: the connection was lost"
+    assert TOKEN not in caplog.text
+
+
 async def test_failing_sends_never_log_the_device_token(
     apns_server: FakeApns, caplog: pytest.LogCaptureFixture  # noqa: F811
 ) -> None:
@@ -515,7 +543,6 @@ async def test_failing_sends_never_log_the_device_token(
     assert outcomes == [
         Outcome.DEAD, Outcome.DEAD, Outcome.TRANSIENT, Outcome.TRANSIENT, Outcome.DELIVERED
     ]
-    assert caplog.records, "expected aioapns's debug lines to be captured"
     assert TOKEN not in caplog.text
     assert not [r for r in caplog.records if TOKEN in r.getMessage()]
 
@@ -610,3 +637,20 @@ def test_from_env_names_a_malformed_setting(
 
     with pytest.raises(ConfigError, match=name):
         ApnsProvider.from_env()
+
+
+# -- forward proxies ----------------------------------------------------------------------------
+
+
+async def test_sends_through_the_https_proxy_the_environment_names(
+    apns_server: FakeApns, connect_proxy: ConnectProxy, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+) -> None:
+    monkeypatch.setenv("HTTPS_PROXY", connect_proxy.url)
+    provider = make_provider(apns_server)
+    try:
+        result = await provider.send(device(), WAKEUP)
+    finally:
+        await provider.aclose()
+
+    assert result.outcome is Outcome.DELIVERED
+    assert connect_proxy.tunnels == [f"localhost:{apns_server.port}"]

@@ -8,13 +8,13 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
+from fakes.fcm import FakeFcm
 from shared.config import ConfigError
 from shared.providers.base import Outcome, SendResult
 from shared.providers.fcm import FcmProvider
-from tests.fakes.fcm import FakeFcm
 from tests.test_provider_fcm import TOKEN, WAKEUP, device, make_provider
 
-PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy")
+from tests.connect_proxy import PROXY_VARIABLES, ConnectProxy
 
 
 @pytest.fixture
@@ -89,9 +89,9 @@ async def test_after_a_goaway_the_next_send_opens_a_fresh_connection(
     assert fcm_server.connections_made == 2
 
 
-async def test_sends_a_goaway_says_were_not_processed_are_transient_at_once(
+async def test_a_send_a_goaway_says_was_not_processed_is_sent_again_on_a_new_connection(
         fcm_server: FakeFcm) -> None:
-    fcm_server.script(TOKEN, "HANG")
+    fcm_server.script(TOKEN, "HANG", "OK")
     fcm = make_provider(fcm_server, timeout_seconds=30)
     sending = asyncio.ensure_future(fcm.send(device(), WAKEUP))
     await wait_for_requests(fcm_server, 1)
@@ -100,7 +100,23 @@ async def test_sends_a_goaway_says_were_not_processed_are_transient_at_once(
     result = await sending
     await fcm.aclose()
 
+    assert result == SendResult(Outcome.DELIVERED)
+    assert [r.status for r in fcm_server.requests] == [None, 200]
+    assert fcm_server.connections_made == 2
+
+
+async def test_a_send_not_processed_twice_is_transient(fcm_server: FakeFcm) -> None:
+    fcm_server.script(TOKEN, "HANG")
+    fcm = make_provider(fcm_server, timeout_seconds=30)
+    sending = asyncio.ensure_future(fcm.send(device(), WAKEUP))
+    for attempt in (1, 2):
+        await wait_for_requests(fcm_server, attempt)
+        fcm_server.goaway(last_stream_id=0)
+    result = await sending
+    await fcm.aclose()
+
     assert result == SendResult(Outcome.TRANSIENT, "connection_error")
+    assert fcm_server.connections_made == 2
 
 
 async def test_sends_a_goaway_lets_finish_are_delivered(slow_fcm: FakeFcm) -> None:
@@ -144,73 +160,22 @@ async def test_sends_again_on_a_new_connection_after_losing_one(
 # -- forward proxies ----------------------------------------------------------------------------
 
 
-class ConnectProxy:
-    """A forward proxy that only opens CONNECT tunnels (what HTTPS through a proxy needs),
-    recording each tunnel's target."""
-
-    def __init__(self) -> None:
-        self.tunnels: list[str] = []
-        self.server: asyncio.Server | None = None
-
-    @property
-    def url(self) -> str:
-        assert self.server is not None
-        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
-
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
-        method, target, _ = head.split(" ", 2)
-        if method != "CONNECT":
-            writer.write(b"HTTP/1.1 405 Method Not Allowed\r\ncontent-length: 0\r\n\r\n")
-            writer.close()
-            return
-        self.tunnels.append(target)
-        host, _, port = target.rpartition(":")
-        upstream_reader, upstream_writer = await asyncio.open_connection(host, int(port))
-        writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
-        await asyncio.gather(self.pipe(reader, upstream_writer),
-                             self.pipe(upstream_reader, writer))
-
-    @staticmethod
-    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        except ConnectionError:
-            pass
-        finally:
-            writer.close()
-
-
-@pytest.fixture
-async def proxy(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[ConnectProxy]:
-    """A CONNECT proxy in the test's event loop (google-auth's token request, made in a worker
-    thread, goes through it too), with no proxy variable set yet."""
-    for name in PROXY_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
-    connect_proxy = ConnectProxy()
-    connect_proxy.server = await asyncio.start_server(connect_proxy.handle, "127.0.0.1", 0)
-    yield connect_proxy
-    connect_proxy.server.close()
-
-
 async def test_sends_through_the_https_proxy_the_environment_names(
-        fcm_server: FakeFcm, proxy: ConnectProxy, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HTTPS_PROXY", proxy.url)
+        fcm_server: FakeFcm, connect_proxy: ConnectProxy, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HTTPS_PROXY", connect_proxy.url)
     fcm = make_provider(fcm_server)
 
     result = await fcm.send(device(), WAKEUP)
     await fcm.aclose()
 
     assert result == SendResult(Outcome.DELIVERED)
-    assert f"127.0.0.1:{fcm_server.port}" in proxy.tunnels
+    assert f"127.0.0.1:{fcm_server.port}" in connect_proxy.tunnels
     assert [m.http_version for m in fcm_server.messages] == ["2"]
 
 
 async def test_no_proxy_naming_the_endpoint_connects_directly(
-        fcm_server: FakeFcm, proxy: ConnectProxy, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HTTPS_PROXY", proxy.url)
+        fcm_server: FakeFcm, connect_proxy: ConnectProxy, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HTTPS_PROXY", connect_proxy.url)
     monkeypatch.setenv("NO_PROXY", "localhost,127.0.0.1")
     fcm = make_provider(fcm_server)
 
@@ -218,7 +183,7 @@ async def test_no_proxy_naming_the_endpoint_connects_directly(
     await fcm.aclose()
 
     assert result == SendResult(Outcome.DELIVERED)
-    assert proxy.tunnels == []
+    assert connect_proxy.tunnels == []
 
 
 def test_a_proxy_url_that_is_not_http_is_a_config_error(

@@ -1,7 +1,7 @@
 """Web Push provider: what it puts on the wire and how it reads every answer.
 
 These drive the real WebPushProvider (its own RFC 8291 encryption and HTTP/1.1 over real TLS)
-against the fake push service of tests/fakes/webpush.py, which verifies VAPID and decrypts each
+against the fake push service of fakes/webpush.py, which verifies VAPID and decrypts each
 push the way a push service and a browser would, with an independent implementation (http_ece).
 """
 from __future__ import annotations
@@ -24,12 +24,13 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from fakes.webpush import HANG, Answer, FakeWebPushService
 from shared.config import ConfigError
 from shared.endpoints import EndpointRules
 from shared.providers.base import Device, Outcome, SendResult, WakeUp
 from shared.providers.webpush import WebPushProvider
 from shared.vapid import generate_vapid_keys
-from tests.fakes.webpush import HANG, Answer, FakeWebPushService
+from tests.connect_proxy import ConnectProxy
 
 KEYS = generate_vapid_keys()
 SUBJECT = "mailto:push-ops@example.org"
@@ -245,15 +246,55 @@ async def test_aclose_closes_the_connections_and_a_later_send_opens_new_ones(
 async def test_a_connection_the_push_service_closed_is_replaced_by_a_new_one(
     provider, webpush_server
 ):
+    """An HTTP/2 push service says GOAWAY before it closes an idle connection."""
     subscription = webpush_server.subscribe()
     await provider.send(device(subscription), wakeup())
 
+    webpush_server.goaway()
     webpush_server.drop_connections()
     result = await provider.send(device(subscription), wakeup())
 
     assert result == SendResult(Outcome.DELIVERED)
     first, second = webpush_server.pushes
     assert first.client_port != second.client_port
+
+
+async def test_an_http1_connection_the_push_service_closed_is_replaced_by_a_new_one():
+    """HTTP/1.1 has no GOAWAY: a kept-alive connection closed just before it carried the push
+    got none of it, and the push goes again once on a new connection."""
+    with FakeWebPushService(http2=False) as http1_service:
+        provider = make_provider(http1_service)
+        subscription = http1_service.subscribe()
+        try:
+            await provider.send(device(subscription), wakeup())
+            http1_service.drop_connections()
+            result = await provider.send(device(subscription), wakeup())
+        finally:
+            await provider.aclose()
+
+        assert result == SendResult(Outcome.DELIVERED)
+        first, second = http1_service.pushes
+        assert first.client_port != second.client_port
+
+
+@pytest.mark.parametrize("http2", [True, False])
+async def test_pushes_go_over_http2_when_the_push_service_agrees_and_http1_otherwise(http2):
+    with FakeWebPushService(http2=http2) as service:
+        provider = make_provider(service)
+        subscription = service.subscribe()
+        try:
+            results = await asyncio.gather(
+                *(provider.send(device(subscription), wakeup()) for _ in range(20)))
+        finally:
+            await provider.aclose()
+
+        assert {r.outcome for r in results} == {Outcome.DELIVERED}
+        counts = service.counts
+        assert counts.pushes_accepted == 20
+        if http2:
+            assert (counts.connections_made, counts.http1_connections) == (1, 0)
+        else:  # ALPN chose HTTP/1.1 on the first connection: one request at a time on each
+            assert counts.http1_connections == counts.connections_made > 1
 
 
 # --- classifying answers ---------------------------------------------------------------------
@@ -624,3 +665,55 @@ def test_generated_vapid_keys_are_a_raw_private_key_and_its_uncompressed_public_
         serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
     ) == public
     assert "=" not in keys.private_key + keys.public_key
+
+
+# --- forward proxies -------------------------------------------------------------------------
+
+
+async def test_pushes_go_through_the_https_proxy_the_environment_names(
+        webpush_server, connect_proxy: ConnectProxy, monkeypatch):
+    monkeypatch.setenv("HTTPS_PROXY", connect_proxy.url)
+    subscription = webpush_server.subscribe()
+    provider = make_provider(webpush_server)
+    try:
+        result = await provider.send(device(subscription), wakeup())
+    finally:
+        await provider.aclose()
+
+    assert result.outcome is Outcome.DELIVERED
+    # The endpoint's name, resolved and checked here (shared/endpoints.py), not by the proxy.
+    assert connect_proxy.tunnels == [f"127.0.0.1:{webpush_server.port}"]
+    assert webpush_server.pushes[0].message() == {"type": "notification"}
+
+
+def test_a_proxy_url_that_is_not_http_is_a_config_error(webpush_server, monkeypatch):
+    monkeypatch.setenv("HTTPS_PROXY", "socks5://127.0.0.1:1080")
+    with pytest.raises(ConfigError, match="HTTPS_PROXY"):
+        make_provider(webpush_server)
+
+
+async def test_through_a_proxy_the_tunnel_goes_to_the_address_the_endpoint_rules_checked(
+        webpush_server, connect_proxy: ConnectProxy, monkeypatch):
+    """HTTPS_PROXY does not hand the name to the proxy to resolve: the guard against endpoints
+    that lead inward (shared/endpoints.py) still chooses the address."""
+    from shared.endpoints import EndpointRules
+
+    asked: list[str] = []
+
+    async def resolve(host: str, port: int) -> list[str]:
+        asked.append(host)
+        return ["127.0.0.1"]
+
+    monkeypatch.setenv("HTTPS_PROXY", connect_proxy.url)
+    rules = EndpointRules(local_endpoints=frozenset({("localhost", webpush_server.port)}),
+                          resolver=resolve)
+    subscription = webpush_server.subscribe()
+    provider = make_provider(webpush_server, endpoint_rules=rules)
+    try:
+        result = await provider.send(device(subscription), wakeup())
+    finally:
+        await provider.aclose()
+
+    assert result.outcome is Outcome.DELIVERED
+    assert connect_proxy.tunnels == [f"127.0.0.1:{webpush_server.port}"]
+    assert asked == ["localhost"]

@@ -36,6 +36,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 from sqlalchemy import select
 
+from fakes.wiki import FakeWikiApi
 from shared.db import get_engine
 from shared.endpoints import EndpointRules
 from shared.models import Subscription
@@ -44,7 +45,6 @@ from shared.providers.webpush import WebPushProvider
 from shared.vapid import generate_vapid_keys
 from tests.conftest import IN_CI, REPO, empty_tables, fresh_database
 from tests.deployed import deployed_all, free_port
-from tests.fakes.wiki import FakeWikiApi
 
 WEB_CLIENT = REPO / "examples" / "web"
 #: Without these the browser tries to reach Google's hosts (sign-in, components, field trials,

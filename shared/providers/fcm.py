@@ -3,7 +3,7 @@
 We do not use firebase-admin: it hard-codes ``https://fcm.googleapis.com`` in private attributes
 and wraps every send in its own retry policy, so it can neither be pointed at a test or benchmark
 endpoint nor leave retrying to the dispatcher. One ``messages:send`` POST is simple enough to
-make over our own small HTTP/2 client (:mod:`shared.providers.http2`: httpx cost about eight
+make over the project's HTTP/2 client (:mod:`shared.transport.http2`: httpx cost about eight
 times the CPU per send), and google-auth's service-account credentials give the OAuth access
 token.
 
@@ -23,13 +23,11 @@ import asyncio
 import functools
 import json
 import logging
-import ssl
 import time
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-import certifi
 from google.auth import exceptions as auth_exceptions
 from google.auth.credentials import TokenState
 from google.oauth2 import service_account
@@ -43,7 +41,10 @@ from shared.providers.base import (
     WakeUp,
     retry_after_seconds,
 )
-from shared.providers.http2 import Header, Http2Pool, Origin, Response, proxy_from_environment
+from shared.transport.connect import Origin
+from shared.transport.http2 import Header, Http2Pool, Response
+from shared.transport.proxy import proxy_for
+from shared.transport.tls import ClientTls
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +60,6 @@ _CREDENTIALS_VAR = "PUSH_FCM_CREDENTIALS"
 _PROJECT_VAR = "PUSH_FCM_PROJECT_ID"
 _ENDPOINT_VAR = "PUSH_FCM_ENDPOINT"
 _CA_VAR = "PUSH_FCM_CA_FILE"
-_STREAMS_PER_CONNECTION = 100
-"""Requests in flight per connection at most (fewer if FCM's SETTINGS say so)."""
 
 
 @dataclass(frozen=True)
@@ -147,9 +146,9 @@ class FcmProvider:
 
         ``credentials`` is the service-account key file's JSON text; ``project_id`` defaults to
         its ``project_id``. ``endpoint`` is the FCM base URL (a fake in tests). ``ca_file`` is a
-        PEM bundle trusted for both the send endpoint (on top of certifi's CAs) and the token
-        endpoint named by the JSON's ``token_uri`` (instead of them: requests takes a single
-        bundle). ``timeout_seconds`` bounds each request to FCM (waiting for a connection
+        PEM bundle trusted for both the send endpoint (on top of the system's CAs, as every
+        provider: :mod:`shared.transport.tls`) and the token endpoint named by the JSON's
+        ``token_uri`` (instead of requests' CAs: requests takes a single bundle). ``timeout_seconds`` bounds each request to FCM (waiting for a connection
         included) and the token request. ``HTTPS_PROXY`` and ``NO_PROXY`` are read here.
         Errors name the environment variable the value comes from in :meth:`from_env`.
         """
@@ -161,9 +160,9 @@ class FcmProvider:
         self.project_id = project
         self._origin, path = _origin(endpoint)
         self._path = f"{path}/v1/projects/{project}/messages:send".encode()
-        self._ssl = _ssl_context(ca_file) if self._origin.scheme == "https" else None
+        self._tls = ClientTls(ca_file, _CA_VAR) if self._origin.scheme == "https" else None
         try:
-            self._proxy = proxy_from_environment(self._origin)
+            self._proxy = proxy_for(self._origin.scheme, self._origin.host, self._origin.port)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         self._timeout = timeout_seconds
@@ -200,7 +199,7 @@ class FcmProvider:
         except TimeoutError:  # before OSError: it is one
             return SendResult(Outcome.TRANSIENT, "timeout")
         except (OSError, H2Error) as exc:
-            log.warning("FCM unreachable: %s", type(exc).__name__)
+            log.warning("FCM unreachable: %s: %s", type(exc).__name__, exc)
             return SendResult(Outcome.TRANSIENT, "connection_error")
         except auth_exceptions.GoogleAuthError as exc:
             return _token_failure(exc)
@@ -239,9 +238,9 @@ class FcmProvider:
         new loop (``asyncio.run``) gets new ones for each; within a loop they are made once."""
         loop = asyncio.get_running_loop()
         if self._loop_state is None or self._loop_state.loop is not loop:
-            pool = Http2Pool(self._origin, self._ssl, timeout=self._timeout,
-                             max_connections=self._max_connections,
-                             max_streams=_STREAMS_PER_CONNECTION, proxy=self._proxy)
+            pool = Http2Pool(self._origin, None if self._tls is None else self._tls.context("h2"),
+                             timeout=self._timeout, max_connections=self._max_connections,
+                             proxy=self._proxy)
             self._loop_state = _LoopState(loop, pool, asyncio.Lock())
         return self._loop_state
 
@@ -336,17 +335,4 @@ def _origin(endpoint: str) -> tuple[Origin, str]:
     if parts.scheme not in ("https", "http") or not parts.hostname or not port:
         raise ConfigError(f"{_ENDPOINT_VAR} must be an http(s) URL, not {endpoint!r}")
     return Origin(parts.scheme, parts.hostname, port), parts.path
-
-
-def _ssl_context(ca_file: str | None) -> ssl.SSLContext:
-    """certifi's CAs (httpx's default, kept), plus the extra bundle when there is one; ALPN h2."""
-    context = ssl.create_default_context(cafile=certifi.where())
-    context.set_alpn_protocols(["h2"])
-    if ca_file:
-        try:
-            context.load_verify_locations(cafile=ca_file)
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"{_CA_VAR}: cannot load CA bundle {ca_file}: {exc}") from None
-    return context
-
 

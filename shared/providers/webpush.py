@@ -8,14 +8,20 @@ it expires, because an ECDSA signature per push is measurable waste when a burst
 thousands of subscriptions of the same few push services.
 
 Encryption is http_ece's (RFC 8188 and the RFC 8291 key derivation), called directly rather than
-through pywebpush, and HTTP is done here rather than through aiohttp, because per push their
-wrappers cost more than the cryptography itself: pywebpush copies the subscription, re-decodes its
-keys and builds its header dictionaries (and imports ``requests``); aiohttp spends about as much
-again per request on its client machinery, and its import (with yarl, multidict and TLS contexts)
-was a tenth of a cold start. A push is one small POST whose answer only matters by its status and
-``Retry-After``: an asyncio protocol writing the request in one piece and reading the answer with
-httptools (already loaded by uvicorn) does it. The tests decrypt every push on the receiving side
-and verify its VAPID signature.
+through pywebpush, and HTTP goes through the project's transport (:mod:`shared.transport`) rather
+than aiohttp, because per push their wrappers cost more than the cryptography itself: pywebpush
+copies the subscription, re-decodes its keys and builds its header dictionaries (and imports
+``requests``); aiohttp spends about as much again per request on its client machinery, and its
+import (with yarl, multidict and TLS contexts) was a tenth of a cold start. The tests decrypt
+every push on the receiving side and verify its VAPID signature.
+
+Real push services (``fcm.googleapis.com``, ``updates.push.services.mozilla.com``,
+``web.push.apple.com``) speak HTTP/2, so each connection offers ``h2`` in ALPN and a push service
+that agrees gets every push to it multiplexed over a few connections (:mod:`shared.transport.
+http2`); one that answers with HTTP/1.1 is remembered as such, and its pushes go over kept-alive
+HTTP/1.1 connections (:mod:`shared.transport.http1`), one request at a time each. At a 50 ms
+round trip that is the difference between 2,000 pushes/s on one connection and ~100 connections
+for the same (docs/libraries.md).
 
 Push services answer with plain HTTP statuses; :meth:`WebPushProvider.send` turns every answer
 and every network failure into a :class:`~shared.providers.base.SendResult`. Endpoints and keys
@@ -36,7 +42,6 @@ import re
 import ssl
 import time
 from dataclasses import dataclass
-from typing import cast
 from urllib.parse import quote, urlsplit
 
 import http_ece
@@ -53,6 +58,11 @@ from shared.providers.base import (
     WakeUp,
     retry_after_seconds,
 )
+from shared.transport.connect import Origin, Resolver
+from shared.transport.http1 import Http1Pool
+from shared.transport.http2 import Header, Http2Pool, NoHttp2
+from shared.transport.proxy import Proxy, proxy_for
+from shared.transport.tls import ClientTls
 from shared.vapid import (
     PRIVATE_KEY_VAR,
     PUBLIC_KEY_VAR,
@@ -98,13 +108,15 @@ _URGENCY_VAR = "PUSH_WEBPUSH_URGENCY"
 class _Subscription:
     """A subscription that passed validation, in the forms a push to it needs."""
 
-    host: str
-    """The host to connect to (an IPv6 address without brackets)."""
-    port: int
+    service: Origin
+    """Where to connect (the host an IPv6 address without brackets)."""
     origin: str
     """The push service's origin: the VAPID audience."""
     target: bytes
     """The request line's target and the Host header: ``/path?query HTTP/1.1\\r\\nHost: ...``."""
+    path: bytes
+    """``/path?query``, as HTTP/2's ``:path``."""
+    authority: bytes
     receiver_point: bytes
     """The browser's uncompressed P-256 point (``p256dh``), as RFC 8291 hashes it."""
     auth_secret: bytes
@@ -133,7 +145,8 @@ class WebPushProvider:
         ``vapid_public_key``, when given, is the key subscribe publishes to web pages
         (``PUSH_VAPID_PUBLIC_KEY``): it must be this private key's, or no push would be accepted.
         ``ca_file`` is a PEM bundle trusted in addition to the system's CAs.
-        ``max_connections`` bounds the requests in flight (over all push services).
+        ``max_connections`` bounds the HTTP/2 connections to each push service, and the
+        requests in flight over HTTP/1.1 (over all push services that only speak it).
         ``endpoint_rules`` say where endpoints may lead (default: the browser push services).
         Errors name the environment variable the value comes from in :meth:`from_env`.
         """
@@ -149,14 +162,15 @@ class WebPushProvider:
             choices = ", ".join(URGENCIES)
             raise ConfigError(f"{_URGENCY_VAR} must be one of {choices}, not {urgency!r}")
         self._urgency = urgency
-        self._ca_pem = _read_ca_bundle(ca_file) if ca_file else None
-        # Built on the first connection: loading the system's trust store takes about 20 ms, a
-        # cold start's cost otherwise, and with the CA bundle checked above it cannot fail.
-        self._ssl: ssl.SSLContext | None = None
+        self._tls = ClientTls(ca_file, _CA_VAR)
+        try:  # a malformed HTTPS_PROXY fails the start-up, not the first push
+            proxy_for("https", "push.example", 443)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         self._timeout = timeout_seconds
         self._max_connections = max_connections
         self._rules = endpoint_rules or EndpointRules()
-        self._pool: _ConnectionPool | None = None
+        self._transports: _Transports | None = None
         self._vapid_headers: dict[str, tuple[str, int]] = {}
 
     @classmethod
@@ -196,7 +210,7 @@ class WebPushProvider:
             return SendResult(Outcome.DEAD, "invalid_subscription")
         # SSRF guard (shared/endpoints.py), for rows stored before a rule too: not a dead
         # subscription (no push service said so), a refused push.
-        refusal = self._rules.refusal(subscription.host, subscription.port)
+        refusal = self._rules.refusal(subscription.service.host, subscription.service.port)
         if refusal is not None:
             log.warning("webpush device %s: endpoint refused (%s)", device.id, refusal.reason)
             return SendResult(Outcome.REJECTED, "endpoint_not_allowed")
@@ -204,21 +218,20 @@ class WebPushProvider:
             return SendResult(Outcome.DELIVERED, "dry_run")
         payload = json.dumps({"type": wakeup.message_type}, separators=(",", ":")).encode()
         body = _encrypt(payload, subscription)
-        head = (
-            f"Authorization: {self._vapid_header(subscription.origin)}\r\n"
-            f"TTL: {wakeup.ttl_seconds}\r\n"
-            f"Urgency: {self._urgency}\r\n"
-            f"Topic: {_topic(wakeup.message_type)}\r\n"
-            "Content-Encoding: aes128gcm\r\n"
-            "Content-Type: application/octet-stream\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n"
-        )
-        request = b"POST " + subscription.target + head.encode() + body
+        headers = [
+            (b"authorization", self._vapid_header(subscription.origin).encode()),
+            (b"ttl", b"%d" % wakeup.ttl_seconds),
+            (b"urgency", self._urgency.encode()),
+            (b"topic", _topic(wakeup.message_type).encode()),
+            (b"content-encoding", b"aes128gcm"),
+            (b"content-type", b"application/octet-stream"),
+            (b"content-length", b"%d" % len(body)),
+        ]
         try:
             # The timeout bounds the whole exchange: waiting for a connection slot, connecting,
             # TLS, sending, reading the answer.
             async with asyncio.timeout(self._timeout):
-                status, retry_after = await self._connections().request(subscription, request)
+                status, retry_after = await self._post(subscription, headers, body)
         except EndpointRefused as refused:  # SSRF guard: its host resolved to an inward address
             log.warning("webpush device %s: endpoint refused (%s)", device.id, refused.reason)
             return SendResult(Outcome.REJECTED, refused.reason)
@@ -229,8 +242,8 @@ class WebPushProvider:
         except ssl.SSLError:
             result = SendResult(Outcome.TRANSIENT, "tls_error")
         except OSError as exc:
-            # The exception's text names the endpoint's host: log its type only.
-            log.debug("webpush device %s: %s", device.id, type(exc).__name__)
+            # The text names at most the push service's host, never the subscription's path.
+            log.info("webpush device %s: %s: %s", device.id, type(exc).__name__, exc)
             result = SendResult(Outcome.TRANSIENT, "connection_error")
         else:
             result = _classify(status, retry_after)
@@ -240,22 +253,46 @@ class WebPushProvider:
 
     async def aclose(self) -> None:
         """Close the pooled connections; a later send opens new ones."""
-        if self._pool is not None:
-            self._pool.close()
-            self._pool = None
+        transports, self._transports = self._transports, None
+        if transports is not None and transports.loop is asyncio.get_running_loop():
+            await transports.aclose()
 
-    def _connections(self) -> _ConnectionPool:
-        """The connection pool of the running loop.
+    async def _post(self, subscription: _Subscription, headers: list[Header],
+                    body: bytes) -> tuple[int, str | None]:
+        """POST the push over HTTP/2 when the push service agrees to it, else HTTP/1.1; the
+        answer's status and ``Retry-After``."""
+        transports = self._connections()
+        service = subscription.service
+        if service not in transports.http1_only:
+            try:
+                response = await transports.http2(service).request([
+                    (b":method", b"POST"), (b":scheme", b"https"),
+                    (b":authority", subscription.authority), (b":path", subscription.path),
+                    *headers], body)
+            except NoHttp2 as answered_http1:
+                transports.http1_only.add(service)
+                connection = answered_http1.take()  # already open: no second lookup
+                if connection is not None:
+                    transports.http1.adopt(service, connection)
+            else:
+                retry_after = response.header(b"retry-after")
+                return response.status, (
+                    None if retry_after is None else retry_after[:64].decode("latin-1"))
+        head = b"".join(b"%s: %s\r\n" % header for header in headers)
+        request = b"POST " + subscription.target + head + b"\r\n" + body
+        return await transports.http1.request(service, request)
+
+    def _connections(self) -> _Transports:
+        """The connection pools of the running loop.
 
         Connections belong to the loop that opened them; if the process runs each invocation in
-        a new loop (``asyncio.run`` per call), the old pool is unusable and is replaced.
+        a new loop (``asyncio.run`` per call), the old pools are unusable and are replaced.
         """
         loop = asyncio.get_running_loop()
-        if self._pool is None or self._pool.loop is not loop:
-            if self._ssl is None:
-                self._ssl = _ssl_context(self._ca_pem)
-            self._pool = _ConnectionPool(loop, self._ssl, self._max_connections, self._rules)
-        return self._pool
+        if self._transports is None or self._transports.loop is not loop:
+            self._transports = _Transports(self._tls, self._max_connections, self._timeout,
+                                           self._rules.addresses)
+        return self._transports
 
     def _vapid_header(self, origin: str) -> str:
         """The ``Authorization`` header for ``origin``, re-signed only when near expiry."""
@@ -268,6 +305,51 @@ class WebPushProvider:
         header = f"vapid t={token}, k={self._public_key}"
         self._vapid_headers[origin] = (header, expires)
         return header
+
+
+class _Transports:
+    """The connections of one event loop: an HTTP/2 pool per push service that speaks it, one
+    HTTP/1.1 pool for those that do not (found out by ALPN at the first connection)."""
+
+    MAX_SERVICES = 256
+    """HTTP/2 pools kept at most; past it the oldest is closed (subscribers name the push
+    service, so their number is not ours to bound)."""
+
+    def __init__(self, tls: ClientTls, max_connections: int, timeout: float,
+                 resolve: Resolver) -> None:
+        """``resolve``: the addresses a connection to a push service may go to, each checked
+        (shared/endpoints.py, the guard against endpoints that lead inward)."""
+        self.loop = asyncio.get_running_loop()
+        self._tls = tls
+        self._max_connections = max_connections
+        self._timeout = timeout
+        self._resolve = resolve
+        self.http1 = Http1Pool(tls.context("http/1.1"), max_connections, _proxy, resolve)
+        self.http1_only: set[Origin] = set()
+        self._http2: dict[Origin, Http2Pool] = {}
+        self._closing: set[asyncio.Task[None]] = set()
+
+    def http2(self, service: Origin) -> Http2Pool:
+        pool = self._http2.get(service)
+        if pool is None:
+            if len(self._http2) >= self.MAX_SERVICES:
+                oldest = self._http2.pop(next(iter(self._http2)))
+                task = self.loop.create_task(oldest.aclose())
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
+            pool = self._http2[service] = Http2Pool(
+                service, self._tls.context("h2", "http/1.1"), timeout=self._timeout,
+                max_connections=self._max_connections, proxy=_proxy(service),
+                resolve=self._resolve)
+        return pool
+
+    async def aclose(self) -> None:
+        self.http1.close()
+        await asyncio.gather(*(pool.aclose() for pool in self._http2.values()), *self._closing)
+
+
+def _proxy(service: Origin) -> Proxy | None:
+    return proxy_for(service.scheme, service.host, service.port)
 
 
 def _encrypt(payload: bytes, subscription: _Subscription) -> bytes:
@@ -283,171 +365,6 @@ def _encrypt(payload: bytes, subscription: _Subscription) -> bytes:
         rs=RECORD_SIZE,
         version="aes128gcm",
     )
-
-
-class _Connection(asyncio.Protocol):
-    """One kept-alive HTTP/1.1 connection to a push service, one request at a time.
-
-    Only the status and ``Retry-After`` of an answer are kept; its body is parsed past and
-    dropped, so the connection can carry the next request.
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._parser = httptools.HttpResponseParser(self)
-        self._transport: asyncio.Transport | None = None
-        self._answer: asyncio.Future[tuple[int, str | None]] | None = None
-        self._status = 0
-        self._retry_after: str | None = None
-        self.open = True
-        """False once the connection is closed or cannot carry another request."""
-        self.answered = False
-        """Whether any byte of an answer to the current request arrived."""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's TLS transport has the methods of asyncio.Transport, not the class.
-        self._transport = cast(asyncio.Transport, transport)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.open = False
-        if self._answer is not None and not self._answer.done():
-            if self._status:  # an answer without a length ends with the connection
-                self._answer.set_result((self._status, self._retry_after))
-            else:
-                self._answer.set_exception(
-                    exc if isinstance(exc, OSError) else ConnectionResetError()
-                )
-
-    def data_received(self, data: bytes) -> None:
-        self.answered = True
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            self.close()
-            if self._answer is not None and not self._answer.done():
-                self._answer.set_exception(exc)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        """httptools' callback, once per header of the answer."""
-        if name.lower() == b"retry-after":
-            self._retry_after = value.decode("latin-1")
-
-    def on_headers_complete(self) -> None:
-        """httptools' callback: the status is known. An interim (1xx) answer, which a server
-        may send before any final one (RFC 9110 section 15.2), is not the answer."""
-        status = self._parser.get_status_code()
-        if status >= 200:
-            self._status = status
-
-    def on_message_complete(self) -> None:
-        """httptools' callback: the answer is complete, the connection free again."""
-        if not self._status:  # an interim answer ended: the final one follows
-            return
-        if not self._parser.should_keep_alive():
-            self.close()
-        if self._answer is not None and not self._answer.done():
-            self._answer.set_result((self._status, self._retry_after))
-
-    async def request(self, request: bytes) -> tuple[int, str | None]:
-        """Write ``request`` and wait for the answer's status and ``Retry-After``."""
-        assert self._transport is not None
-        self._status, self._retry_after, self.answered = 0, None, False
-        self._answer = self._loop.create_future()
-        self._transport.write(request)
-        try:
-            return await self._answer
-        finally:
-            self._answer = None
-
-    def close(self) -> None:
-        """Drop the connection at once: no push service waits for a TLS close_notify."""
-        self.open = False
-        if self._transport is not None:
-            self._transport.abort()
-
-
-class _ConnectionPool:
-    """Kept-alive connections per push service, and a bound on the requests in flight."""
-
-    def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        context: ssl.SSLContext,
-        max_connections: int,
-        rules: EndpointRules,
-    ) -> None:
-        self.loop = loop
-        self._ssl = context
-        self._rules = rules
-        self._slots = asyncio.Semaphore(max_connections)
-        self._idle: dict[tuple[str, int], list[_Connection]] = {}
-        self._closed = False
-
-    async def request(
-        self, subscription: _Subscription, request: bytes
-    ) -> tuple[int, str | None]:
-        """Send ``request`` on an idle connection to the subscription's push service, or a
-        new one; the answer's status and ``Retry-After``.
-
-        A kept-alive connection the service closed just before it got the request fails with no
-        answer: the request is sent again once on a new connection (a wake-up twice is harmless).
-        """
-        address = (subscription.host, subscription.port)
-        async with self._slots:
-            idle = self._idle.setdefault(address, [])
-            while idle:
-                connection = idle.pop()
-                if connection.open:
-                    try:
-                        return await self._exchange(idle, connection, request)
-                    except OSError:
-                        if connection.answered:
-                            raise
-                    break
-            return await self._exchange(idle, await self._connect(address), request)
-
-    async def _connect(self, address: tuple[str, int]) -> _Connection:
-        """A new connection to the push service, to one of the addresses its name resolves to,
-        tried in order. SSRF guard (shared/endpoints.py): every address is checked public, and
-        the connection goes to a checked address, never to the name (a second lookup could
-        answer otherwise); TLS still verifies the certificate for the name."""
-        host, port = address
-        failure: OSError | None = None
-        for ip in await self._rules.addresses(host, port):
-            try:
-                _, connection = await self.loop.create_connection(
-                    lambda: _Connection(self.loop), ip, port, ssl=self._ssl, server_hostname=host
-                )
-                return connection
-            except ssl.SSLError:
-                raise
-            except OSError as exc:
-                failure = exc
-        assert failure is not None
-        raise failure
-
-    async def _exchange(
-        self, idle: list[_Connection], connection: _Connection, request: bytes
-    ) -> tuple[int, str | None]:
-        """One request on ``connection``, which goes back to ``idle`` if it can carry more."""
-        try:
-            answer = await connection.request(request)
-        except BaseException:  # a cancelled request leaves the answer unread: drop it
-            connection.close()
-            raise
-        if self._closed:
-            connection.close()
-        elif connection.open:
-            idle.append(connection)
-        return answer
-
-    def close(self) -> None:
-        """Close every idle connection; those in use close when their request ends."""
-        self._closed = True
-        for connections in self._idle.values():
-            for connection in connections:
-                connection.close()
-        self._idle.clear()
 
 
 def _classify(status: int, retry_after: str | None) -> SendResult:
@@ -504,10 +421,11 @@ def _parse_subscription(token: str) -> _Subscription | None:
         target += "?" + quote(url.query, safe=_URL_SAFE)
     host_header = host if url.port is None else f"{host}:{url.port}"
     return _Subscription(
-        host=hostname,
-        port=url.port or 443,
+        service=Origin("https", hostname, url.port or 443),
         origin=origin,
         target=f"{target} HTTP/1.1\r\nHost: {host_header}\r\n".encode(),
+        path=target.encode(),
+        authority=host_header.encode(),
         receiver_point=point,
         auth_secret=secret,
     )
@@ -537,21 +455,3 @@ def _check_subject(subject: str) -> str:
     return subject.strip()
 
 
-def _read_ca_bundle(ca_file: str) -> str:
-    """The PEM text of the extra CA bundle (a private or test push service), trusted in addition
-    to the system's CAs; checked now, so that a bad bundle fails the start-up."""
-    try:
-        with open(ca_file, encoding="ascii") as pem:
-            text = pem.read()
-        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=text)
-    except (OSError, ValueError, ssl.SSLError) as exc:
-        raise ConfigError(f"{_CA_VAR}: cannot load CA bundle {ca_file}: {exc}") from None
-    return text
-
-
-def _ssl_context(ca_pem: str | None) -> ssl.SSLContext:
-    """The system's trust store, plus the extra CA bundle when there is one."""
-    context = ssl.create_default_context()
-    if ca_pem is not None:
-        context.load_verify_locations(cadata=ca_pem)
-    return context

@@ -1,16 +1,18 @@
-"""Local servers that speak each push provider's wire protocol, for tests, benchmarks and the
-local stack. Each runs in a background thread of the test process (:class:`LoopThread`), or
-standalone (``python -m tests.fakes.apns --help``)."""
+"""Local servers that speak each push provider's wire protocol, for the tests, the benchmarks
+(bench/) and the local stack (``make run``): APNs (:mod:`fakes.apns`), FCM (:mod:`fakes.fcm`), Web
+Push (:mod:`fakes.webpush`), on one base that behaves on the network as the real front ends do
+(:mod:`fakes.server`: latency, recycled connections, stream limits, refusals), and a CloudEvents
+sink (:mod:`fakes.sink`). Each runs in a background thread of the process that starts it
+(:class:`LoopThread`), or standalone (``python -m fakes.apns --help``)."""
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import json
-import signal
 import threading
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
+import trustme
 from h2.connection import ConnectionInputs, ConnectionState, H2ConnectionStateMachine
 
 T = TypeVar("T")
@@ -89,14 +91,18 @@ class LoopThread:
             loop.close()
 
 
-async def close_server(server: asyncio.Server, transports: Iterable[asyncio.Transport]) -> None:
-    """Stop listening and abort every connection. Aborting, not closing: closing TLS politely
-    waits for the client's close_notify, which never comes from a client whose loop is not
-    running (a test's, between two tests)."""
-    server.close()
-    for transport in transports:
-        transport.abort()
-    await server.wait_closed()
+_shared_ca: trustme.CA | None = None
+_shared_ca_lock = threading.Lock()
+
+
+def shared_ca() -> trustme.CA:
+    """The process-wide test CA every fake's certificate is issued by, so one CA file trusts
+    every fake of the process (a production and a sandbox APNs, say)."""
+    global _shared_ca
+    with _shared_ca_lock:
+        if _shared_ca is None:
+            _shared_ca = trustme.CA()
+        return _shared_ca
 
 
 class DrainingServerStateMachine(H2ConnectionStateMachine):
@@ -110,13 +116,3 @@ class DrainingServerStateMachine(H2ConnectionStateMachine):
         (ConnectionState.SERVER_OPEN, ConnectionInputs.SEND_GOAWAY):
             (None, ConnectionState.SERVER_OPEN),
     }
-
-
-def announce_and_wait(info: dict[str, object]) -> None:
-    """For a standalone fake: print what a client needs to reach it as one JSON line, then
-    serve until SIGINT or SIGTERM."""
-    print(json.dumps(info), flush=True)
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
-    stop.wait()

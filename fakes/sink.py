@@ -3,10 +3,8 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import pytest
 
 
 class FakeSink:
@@ -35,10 +33,3 @@ class FakeSink:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
-
-
-@pytest.fixture
-def sink() -> Iterator[FakeSink]:
-    fake = FakeSink()
-    yield fake
-    fake.stop()

@@ -16,13 +16,13 @@ and the way FCM is seen to answer:
   ``{"name": "projects/{project}/messages/<id>"}`` or a scripted error with FCM's real error body
   (a ``google.rpc.Status`` whose ``details`` carry the ``FcmError`` ``errorCode``).
 
-The server is asyncio's, in its own thread with its own event loop (``tests.fakes.LoopThread``
-says why). One TLS port serves both protocols, chosen by ALPN: HTTP/2 framed by h2 (with its
-header checks off, so a send costs the fake less than it costs the client: the fake must not be
-what a benchmark measures), and HTTP/1.1 parsed by h11.
+The server is :mod:`fakes.server`'s, in its own thread with its own event loop: one TLS port
+serves both protocols, chosen by ALPN (HTTP/2 for sends, HTTP/1.1 for google-auth's token
+requests), and behaves on the network as Google's front end (100 streams per connection,
+optional latency, recycling and refusals).
 
-In a test, use the function-scoped ``fcm_server`` fixture (a fresh server per test, so scripts,
-records, counters and issued access tokens never leak between tests)::
+In a test, use the function-scoped ``fcm_server`` fixture (tests/conftest.py: a fresh server per
+test, so scripts, records, counters and issued access tokens never leak between tests)::
 
     fcm_server.script(token, "UNAVAILABLE", "OK")   # 503 first, then 200 (the last answer stays)
     fcm_server.script(token, fcm_error("QUOTA_EXCEEDED", retry_after=30))
@@ -36,57 +36,39 @@ records, counters and issued access tokens never leak between tests)::
     fcm_server.connections_made, fcm_server.peak_streams
     fcm_server.service_account_json()                # credentials whose token_uri is the fake
 
-Standalone (for benchmarks), it accepts every valid message until stopped and records nothing
-(counters only)::
+Standalone (for benchmarks and the local stack), it accepts every valid message until stopped
+and records nothing (counts only)::
 
-    python -m tests.fakes.fcm --port 8444 --ca-out /tmp/fcm-ca.pem --credentials-out /tmp/sa.json
+    python -m fakes.fcm --port 8444 --ca-out /tmp/fcm-ca.pem --credentials-out /tmp/sa.json \
+        [--rtt-ms 50 --recycle-after 1000] [--print-pushes]
 
-It prints one JSON line with ``endpoint``, ``ca_path``, ``credentials_path`` and ``project_id``.
-The send path does no logging and no sleeping (unless ``--latency-ms`` asks for it).
+It prints one JSON line with ``endpoint``, ``ca_path``, ``credentials_path`` and ``project_id``;
+with ``--print-pushes`` one line per accepted message (never the registration token: its hash).
 """
 from __future__ import annotations
 
 import argparse
-import asyncio
 import base64
 import binascii
+import hashlib
 import itertools
 import json
 import re
 import secrets
-import socket
-import ssl
-import tempfile
-import threading
+import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 from urllib.parse import parse_qs
 
-import h11
-import pytest
-import trustme
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
-from h2.config import H2Configuration
-from h2.connection import H2Connection
-from h2.errors import ErrorCodes
-from h2.events import (
-    ConnectionTerminated,
-    DataReceived,
-    RequestReceived,
-    StreamEnded,
-    StreamReset,
-)
-from h2.exceptions import H2Error
-from h2.settings import SettingCodes, Settings
 
-from tests.fakes import DrainingServerStateMachine, LoopThread, announce_and_wait, close_server
+from fakes.server import FakeServer, Hang, Network, Reply, Request, announce_and_wait
 
 DEFAULT_PROJECT_ID = "fake-project"
 CLIENT_EMAIL_DOMAIN = "iam.gserviceaccount.com"
@@ -97,8 +79,6 @@ MAX_TTL_SECONDS = 2_419_200
 """FCM refuses an ``android.ttl`` over four weeks."""
 MAX_DATA_BYTES = 4096
 """FCM's limit on a message's data payload, keys and values together."""
-HANG_LIMIT_SECONDS = 60.0
-"""A hanging request is dropped after this long even if the client never gives up."""
 
 FCM_ERROR_TYPE = "type.googleapis.com/google.firebase.fcm.v1.FcmError"
 BAD_REQUEST_TYPE = "type.googleapis.com/google.rpc.BadRequest"
@@ -121,20 +101,6 @@ _ANDROID_FIELDS = frozenset(
 )
 _TARGETS = ("token", "topic", "condition")
 _RESERVED_DATA_KEYS = frozenset({"from", "gcm"})
-
-_shared_ca: trustme.CA | None = None
-_shared_ca_lock = threading.Lock()
-
-
-def shared_ca() -> trustme.CA:
-    """The process-wide test CA the fake's certificates are issued by: one CA file trusts every
-    FCM fake of the process."""
-    global _shared_ca
-    with _shared_ca_lock:
-        if _shared_ca is None:
-            _shared_ca = trustme.CA()
-        return _shared_ca
-
 
 @lru_cache(maxsize=None)
 def _service_account_key(role: str) -> rsa.RSAPrivateKey:
@@ -289,11 +255,14 @@ def _b64url_decode(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
-class FakeFcm:
+class FakeFcm(FakeServer):
     """A fake FCM endpoint and token endpoint on 127.0.0.1. Start it with :meth:`start` or
     ``with FakeFcm() as fake:``. Scripting methods and records are safe from any thread.
     ``max_concurrent_streams`` is the SETTINGS_MAX_CONCURRENT_STREAMS it announces (and holds
-    clients to) on HTTP/2 connections."""
+    clients to) on HTTP/2 connections, unless ``network`` says."""
+
+    name = "fake-fcm"
+    http1 = True
 
     def __init__(
         self,
@@ -303,32 +272,28 @@ class FakeFcm:
         record: bool = True,
         latency: float = 0.0,
         max_concurrent_streams: int = 100,
+        network: Network | None = None,
+        echo: TextIO | None = None,
     ) -> None:
-        self.host = "127.0.0.1"
-        self.port = port
+        super().__init__(port=port, network=network or Network(
+            max_concurrent_streams=max_concurrent_streams))
         self.project_id = project_id
         self.client_email = f"push-sender@{project_id}.{CLIENT_EMAIL_DOMAIN}"
         self.key_id = secrets.token_hex(20)
         self.record = record
         self.latency = latency
-        """Seconds every send waits before answering (benchmarks: FCM is not instantaneous)."""
-        self.max_concurrent_streams = max_concurrent_streams
+        """Seconds every valid send waits before its answer, on top of the network's round
+        trip (FCM's own time)."""
+        self.echo = echo
         self.access_token_lifetime = 3600
         """``expires_in`` of the access tokens issued from now on, in seconds."""
         self._public_key = _service_account_key("trusted").public_key()
-        self._lock = threading.Lock()
         self._scripts: dict[str, deque[Answer | str]] = {}
         self._requests: list[ReceivedRequest] = []
         self._access_tokens: set[str] = set()
         self._token_requests = 0
         self._send_requests = 0
-        self._connections_made = 0
-        self._peak_streams = 0
         self._message_ids = itertools.count(1)
-        self._connections: set[_Http2 | _Http1] = set()
-        self._workdir: tempfile.TemporaryDirectory[str] | None = None
-        self._server: asyncio.Server | None = None
-        self._server_thread = LoopThread()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -342,60 +307,6 @@ class FakeFcm:
         """The OAuth 2 token endpoint, written as ``token_uri`` in the service-account JSON."""
         return f"{self.endpoint}/token"
 
-    @property
-    def ca_path(self) -> str:
-        """The PEM file of the CA that issued the fake's certificate (trust it in clients)."""
-        assert self._workdir is not None, "start the fake first"
-        return str(Path(self._workdir.name) / "ca.pem")
-
-    def start(self) -> FakeFcm:
-        """Bind, start serving in a background thread, and return once the server is up."""
-        self._workdir = tempfile.TemporaryDirectory(prefix="fake-fcm-")
-        ca = shared_ca()
-        ca.cert_pem.write_to_path(self.ca_path)
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ca.issue_cert("localhost", "127.0.0.1").configure_cert(context)
-        context.set_alpn_protocols(["h2", "http/1.1"])
-        # Bind and listen here, so the port is known before the server runs and no early
-        # connection is refused.
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.host, self.port))
-        sock.listen(1024)
-        self.port = sock.getsockname()[1]
-        try:
-            self._server_thread.start(
-                f"fake-fcm-{self.port}", lambda: self._open(sock, context))
-        except BaseException as exc:
-            sock.close()
-            self.stop()
-            raise RuntimeError("the fake FCM server did not start") from exc
-        return self
-
-    def stop(self) -> None:
-        """Stop serving (connections are dropped, hanging requests with them) and remove the
-        temporary files."""
-        self._server_thread.stop(self._shutdown)
-        if self._workdir is not None:
-            self._workdir.cleanup()
-            self._workdir = None
-
-    def __enter__(self) -> FakeFcm:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    async def _open(self, sock: socket.socket, context: ssl.SSLContext) -> None:
-        """Serve on the bound socket (in the server thread)."""
-        self._server = await asyncio.get_running_loop().create_server(
-            lambda: _Negotiation(self), sock=sock, ssl=context)
-
-    async def _shutdown(self) -> None:
-        assert self._server is not None
-        await close_server(
-            self._server, [connection.transport for connection in self._connections])
-
     # -- scripting and records -----------------------------------------------------------------
 
     def script(self, token: str, *answers: Answer | str) -> None:
@@ -406,69 +317,45 @@ class FakeFcm:
             raise ValueError("script at least one answer")
         resolved = [
             a if isinstance(a, Answer) or a in (OK, HANG) else fcm_error(a) for a in answers]
-        with self._lock:
+        with self.lock:
             self._scripts[token] = deque(resolved)
 
     def revoke_access_tokens(self) -> None:
         """Forget every access token issued so far, as if they had expired early: the next
         send is refused with 401 UNAUTHENTICATED until the client fetches a new token."""
-        with self._lock:
+        with self.lock:
             self._access_tokens.clear()
-
-    def goaway(self, last_stream_id: int | None = None) -> None:
-        """Send GOAWAY (NO_ERROR) on every HTTP/2 connection, as Google's front end does before
-        it closes one: requests up to ``last_stream_id`` (default: all received so far) are
-        still answered, later ones were not processed, and no new stream is accepted."""
-        self._in_server(lambda c: c.goaway(last_stream_id))
-
-    def drop_connections(self) -> None:
-        """Cut every connection at once, without a word (a crashed front end, a lost route)."""
-        self._in_server(lambda c: c.transport.abort())
-
-    def _in_server(self, action: Callable[[_Http2 | _Http1], None]) -> None:
-        async def run() -> None:
-            for connection in list(self._connections):
-                action(connection)
-
-        self._server_thread.call(run)
 
     @property
     def requests(self) -> list[ReceivedRequest]:
         """Every request to the send endpoint so far, whatever the answer, in order."""
-        with self._lock:
+        with self.lock:
             return list(self._requests)
 
     @property
     def messages(self) -> list[ReceivedRequest]:
         """The messages accepted so far (200 answers, dry runs included), in order."""
-        with self._lock:
+        with self.lock:
             return [r for r in self._requests if r.status == 200]
 
     @property
     def token_requests(self) -> int:
         """How many access tokens the token endpoint issued."""
-        with self._lock:
+        with self.lock:
             return self._token_requests
 
     @property
     def send_requests(self) -> int:
         """How many requests reached the send endpoint, whatever the answer."""
-        with self._lock:
+        with self.lock:
             return self._send_requests
 
     @property
     def connections_made(self) -> int:
         """How many HTTP/2 connections were accepted (the send endpoint's: google-auth
         fetches tokens over HTTP/1.1)."""
-        with self._lock:
-            return self._connections_made
-
-    @property
-    def peak_streams(self) -> int:
-        """The most requests ever in flight (received, not yet answered) on one HTTP/2
-        connection."""
-        with self._lock:
-            return self._peak_streams
+        counts = self.counts
+        return counts.connections_made - counts.http1_connections
 
     # -- service account -----------------------------------------------------------------------
 
@@ -503,16 +390,15 @@ class FakeFcm:
 
     # -- requests (server thread) --------------------------------------------------------------
 
-    def _connection_made(self, connection: _Http2 | _Http1) -> None:
-        self._connections.add(connection)
-        if isinstance(connection, _Http2):
-            with self._lock:
-                self._connections_made += 1
-
-    def _streams_open(self, count: int) -> None:
-        if count > self._peak_streams:
-            with self._lock:
-                self._peak_streams = max(self._peak_streams, count)
+    def handle(self, request: Request) -> Reply | Hang:
+        authorization = request.header(b"authorization") or b""
+        path = request.path.partition(b"?")[0]
+        answer, delay = self._handle(request.method, path, authorization, request.body,
+                                     request.http_version)
+        if not isinstance(answer, Answer):  # HANG
+            return Hang()
+        return Reply(answer.status, answer.headers, answer.body,
+                     push=path != b"/token", delay=delay)
 
     def _handle(self, method: bytes, path: bytes, authorization: bytes, body: bytes,
                 http_version: str) -> tuple[Answer | str, float]:
@@ -530,7 +416,7 @@ class FakeFcm:
 
     def _send_message(self, project: str, authorization: bytes, body: bytes,
                       http_version: str) -> tuple[Answer | str, float]:
-        with self._lock:
+        with self.lock:
             self._send_requests += 1
         try:
             document = json.loads(body)
@@ -544,7 +430,7 @@ class FakeFcm:
                 token if isinstance(token, str) else None, document,
                 isinstance(document, dict) and document.get("validate_only") is True,
                 http_version, answer.status if isinstance(answer, Answer) else None)
-            with self._lock:
+            with self.lock:
                 self._requests.append(received)
         return answer, delay
 
@@ -568,14 +454,32 @@ class FakeFcm:
             return answer, self.latency
         # FCM names every dry-run message fake_message_id.
         validate_only = document.get("validate_only", False)
+        if self.echo is not None:
+            self._echo(document)
         message_id = "fake_message_id" if validate_only else str(next(self._message_ids))
         body = f'{{"name": "projects/{project}/messages/{message_id}"}}'.encode()
         return Answer(200, body, _JSON), self.latency
 
+    def _echo(self, document: dict[str, Any]) -> None:
+        """One JSON line per accepted message, for watching the local stack: never the
+        registration token."""
+        assert self.echo is not None
+        message = document["message"]
+        android = message.get("android") or {}
+        line = {
+            "provider": "fcm",
+            "device_sha256": hashlib.sha256(str(message.get("token")).encode()).hexdigest()[:16],
+            "message_type": (message.get("data") or {}).get("type"),
+            **{name: android[name] for name in ("priority", "collapse_key", "ttl")
+               if name in android},
+            "validate_only": document.get("validate_only", False),
+        }
+        print(json.dumps(line), file=self.echo, flush=True)
+
     def _scripted(self, token: str) -> Answer | str:
         if not self._scripts:
             return OK
-        with self._lock:
+        with self.lock:
             answers = self._scripts.get(token)
             if not answers:
                 return OK
@@ -584,7 +488,7 @@ class FakeFcm:
     def _check_authorization(self, authorization: bytes) -> Answer | None:
         scheme, _, credential = authorization.decode("latin-1").partition(" ")
         if scheme.lower() == "bearer" and credential:
-            with self._lock:
+            with self.lock:
                 if credential in self._access_tokens:
                     return None
             return fcm_error("UNAUTHENTICATED")
@@ -603,7 +507,7 @@ class FakeFcm:
         if problem is not None:
             return _json(400, {"error": "invalid_grant", "error_description": problem})
         access_token = f"ya29.fake.{secrets.token_urlsafe(32)}"
-        with self._lock:
+        with self.lock:
             self._access_tokens.add(access_token)
             self._token_requests += 1
         return _json(200, {"access_token": access_token,
@@ -640,220 +544,6 @@ class FakeFcm:
             return ("Invalid JWT: Token must be a short-lived token (60 minutes) and in a "
                     "reasonable timeframe. Check your iat and exp values in the JWT claim.")
         return None
-
-
-class _Negotiation(asyncio.Protocol):
-    """A new TLS connection: hands it to HTTP/2 or HTTP/1.1 by what ALPN agreed."""
-
-    def __init__(self, fake: FakeFcm) -> None:
-        self.fake = fake
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        ssl_object = transport.get_extra_info("ssl_object")
-        http2 = ssl_object is not None and ssl_object.selected_alpn_protocol() == "h2"
-        protocol: _Http2 | _Http1 = _Http2(self.fake) if http2 else _Http1(self.fake)
-        transport.set_protocol(protocol)
-        protocol.connection_made(transport)
-
-
-_H2_CONFIG = H2Configuration(
-    client_side=False,
-    validate_outbound_headers=False,
-    normalize_outbound_headers=False,
-    validate_inbound_headers=False,
-    normalize_inbound_headers=False,
-)
-_WINDOW = 16 * 1024 * 1024
-"""The flow-control window the fake gives clients: large, so it rarely sends WINDOW_UPDATE."""
-
-
-class _Http2(asyncio.Protocol):
-    """One HTTP/2 connection: framing with h2 (header checks off: the fake checks what it
-    needs), requests handed to :class:`FakeFcm`, what h2 queues written once per batch of
-    frames received."""
-
-    def __init__(self, fake: FakeFcm) -> None:
-        self.fake = fake
-        self.transport: asyncio.Transport
-        self.conn = H2Connection(_H2_CONFIG)
-        self.conn.state_machine = DrainingServerStateMachine()
-        self.conn.local_settings = Settings(client=False, initial_values={
-            SettingCodes.MAX_CONCURRENT_STREAMS: fake.max_concurrent_streams,
-            SettingCodes.INITIAL_WINDOW_SIZE: _WINDOW,
-        })
-        self.requests: dict[int, tuple[list[tuple[bytes, bytes]], bytearray]] = {}
-        """Streams whose request is still arriving."""
-        self.unanswered: set[int] = set()
-        """Streams received and not yet answered (delayed or hanging)."""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        self.fake._connection_made(self)
-        self.conn.initiate_connection()
-        self.conn.increment_flow_control_window(_WINDOW - 65_535)
-        transport.write(self.conn.data_to_send())
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.fake._connections.discard(self)
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            events = self.conn.receive_data(data)
-        except H2Error:
-            self.transport.write(self.conn.data_to_send())
-            self.transport.close()
-            return
-        for event in events:
-            kind = type(event)
-            if kind is RequestReceived:
-                self.requests[event.stream_id] = (event.headers, bytearray())  # type: ignore[attr-defined]
-                self.unanswered.add(event.stream_id)  # type: ignore[attr-defined]
-                self.fake._streams_open(len(self.unanswered))
-            elif kind is DataReceived:
-                request = self.requests.get(event.stream_id)  # type: ignore[attr-defined]
-                if request is not None:
-                    request[1].extend(event.data)  # type: ignore[attr-defined]
-                self.conn.acknowledge_received_data(
-                    event.flow_controlled_length, event.stream_id)  # type: ignore[attr-defined]
-            elif kind is StreamEnded:
-                self._request_complete(event.stream_id)  # type: ignore[attr-defined]
-            elif kind is StreamReset:
-                self.requests.pop(event.stream_id, None)  # type: ignore[attr-defined]
-                self.unanswered.discard(event.stream_id)  # type: ignore[attr-defined]
-            elif kind is ConnectionTerminated:
-                self.transport.close()
-        self.transport.write(self.conn.data_to_send())
-
-    def goaway(self, last_stream_id: int | None) -> None:
-        self.conn.close_connection(last_stream_id=last_stream_id)
-        self.transport.write(self.conn.data_to_send())
-
-    def _request_complete(self, stream_id: int) -> None:
-        request = self.requests.pop(stream_id, None)
-        if request is None:
-            return
-        headers, body = request
-        method = path = authorization = b""
-        for name, value in headers:
-            if name == b":method":
-                method = value
-            elif name == b":path":
-                path = value
-            elif name == b"authorization":
-                authorization = value
-        answer, delay = self.fake._handle(method, path, authorization, bytes(body), "2")
-        loop = asyncio.get_running_loop()
-        if not isinstance(answer, Answer):  # HANG
-            loop.call_later(HANG_LIMIT_SECONDS, self._give_up, stream_id)
-        elif delay:
-            loop.call_later(delay, self._answer_later, stream_id, answer)
-        else:
-            self._answer(stream_id, answer)
-
-    def _answer(self, stream_id: int, answer: Answer) -> None:
-        if stream_id not in self.unanswered:
-            return  # reset by the client meanwhile
-        self.unanswered.discard(stream_id)
-        status = str(answer.status).encode()
-        try:
-            self.conn.send_headers(stream_id, [(b":status", status), *answer.headers],
-                                   end_stream=not answer.body)
-            if answer.body:
-                self.conn.send_data(stream_id, answer.body, end_stream=True)
-        except H2Error:  # the client went away meanwhile
-            pass
-
-    def _answer_later(self, stream_id: int, answer: Answer) -> None:
-        if not self.transport.is_closing():
-            self._answer(stream_id, answer)
-            self.transport.write(self.conn.data_to_send())
-
-    def _give_up(self, stream_id: int) -> None:
-        """A hanging request reached :data:`HANG_LIMIT_SECONDS`: reset it."""
-        if stream_id in self.unanswered and not self.transport.is_closing():
-            self.unanswered.discard(stream_id)
-            try:
-                self.conn.reset_stream(stream_id, ErrorCodes.CANCEL)
-            except H2Error:
-                return
-            self.transport.write(self.conn.data_to_send())
-
-
-class _Http1(asyncio.Protocol):
-    """One HTTP/1.1 connection (google-auth's requests, for the token endpoint), parsed by h11;
-    requests are answered one at a time, in order."""
-
-    def __init__(self, fake: FakeFcm) -> None:
-        self.fake = fake
-        self.transport: asyncio.Transport
-        self.conn = h11.Connection(h11.SERVER)
-        self.request: h11.Request | None = None
-        self.body = bytearray()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        self.fake._connection_made(self)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.fake._connections.discard(self)
-
-    def data_received(self, data: bytes) -> None:
-        self.conn.receive_data(data)
-        self._next()
-
-    def goaway(self, last_stream_id: int | None) -> None:
-        """HTTP/1.1 has no GOAWAY: nothing to do."""
-
-    def _next(self) -> None:
-        while True:
-            try:
-                event = self.conn.next_event()
-            except h11.RemoteProtocolError:
-                self.transport.close()
-                return
-            if event is h11.NEED_DATA or event is h11.PAUSED:
-                return
-            if isinstance(event, h11.Request):
-                self.request, self.body = event, bytearray()
-            elif isinstance(event, h11.Data):
-                self.body.extend(event.data)
-            elif isinstance(event, h11.EndOfMessage):
-                self._request_complete()
-                return
-            elif isinstance(event, h11.ConnectionClosed):
-                self.transport.close()
-                return
-
-    def _request_complete(self) -> None:
-        assert self.request is not None
-        request = self.request
-        authorization = next((v for k, v in request.headers if k == b"authorization"), b"")
-        path = request.target.partition(b"?")[0]
-        answer, delay = self.fake._handle(
-            request.method, path, authorization, bytes(self.body), "1.1")
-        loop = asyncio.get_running_loop()
-        if not isinstance(answer, Answer):  # HANG
-            loop.call_later(HANG_LIMIT_SECONDS, self.transport.close)
-        elif delay:
-            loop.call_later(delay, self._answer, answer)
-        else:
-            self._answer(answer)
-
-    def _answer(self, answer: Answer) -> None:
-        if self.transport.is_closing():
-            return
-        headers = [*answer.headers, (b"content-length", str(len(answer.body)).encode())]
-        data = self.conn.send(h11.Response(status_code=answer.status, headers=headers))
-        data += self.conn.send(h11.Data(data=answer.body)) + self.conn.send(h11.EndOfMessage())
-        self.transport.write(data)
-        if self.conn.our_state is h11.MUST_CLOSE:
-            self.transport.close()
-            return
-        self.conn.start_next_cycle()
-        self._next()  # a request the client sent meanwhile
 
 
 def _check_send_request(document: Any) -> Answer | None:
@@ -940,15 +630,6 @@ def _check_android(android: Any) -> Answer | None:
     return _check_data(android.get("data"), "message.android.data")
 
 
-@pytest.fixture
-def fcm_server() -> Iterator[FakeFcm]:
-    """A fresh fake FCM server per test (function scope: nothing scripted, recorded, counted or
-    issued in one test is seen by another). Starting one takes a few milliseconds; the CA and
-    the service-account keys are made once per process."""
-    with FakeFcm() as fake:
-        yield fake
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (0: any free)")
@@ -957,10 +638,13 @@ def main() -> None:
     parser.add_argument("--credentials-out", required=True,
                         help="where to write the service-account JSON (token_uri: the fake)")
     parser.add_argument("--latency-ms", type=float, default=0.0,
-                        help="wait this long before answering each send")
+                        help="FCM's own time per send, on top of the round trip")
+    parser.add_argument("--print-pushes", action="store_true", help="print accepted messages")
+    Network.add_arguments(parser, max_concurrent_streams=100)
     args = parser.parse_args()
     fake = FakeFcm(port=args.port, project_id=args.project, record=False,
-                   latency=args.latency_ms / 1000)
+                   latency=args.latency_ms / 1000, network=Network.from_arguments(args),
+                   echo=sys.stdout if args.print_pushes else None)
     with fake:
         Path(args.ca_out).write_text(Path(fake.ca_path).read_text())
         fake.write_service_account(args.credentials_out)
@@ -970,7 +654,7 @@ def main() -> None:
             "credentials_path": args.credentials_out,
             "project_id": fake.project_id,
         }
-        announce_and_wait(info)
+        announce_and_wait(info, fake)
 
 
 if __name__ == "__main__":

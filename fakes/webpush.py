@@ -7,11 +7,13 @@ Urgency, Topic, size) and then decrypts the RFC 8291 body with the subscription'
 the browser would. Every request is recorded as a :class:`ReceivedPush`; tests can also script
 the answers of one subscription (errors, Retry-After, a queue such as 503-then-201, a hang).
 
-It serves HTTPS with a throw-away trustme CA (``ca_file`` is the PEM to trust) from its own
-thread and event loop, so it works the same under pytest-asyncio's per-test loops, in
-synchronous tests, and standalone for benchmarks and the local demo::
+It serves HTTPS (HTTP/2 or HTTP/1.1, as the client's ALPN offers: real push services speak both)
+with the fakes' test CA (``ca_file`` is the PEM to trust) from its own thread and event loop, on
+:mod:`fakes.server`'s base (latency, recycling, stream limits, refusals), so it works the same
+under pytest-asyncio's per-test loops, in synchronous tests, and standalone for benchmarks and
+the local demo::
 
-    python -m tests.fakes.webpush --port 8443 --subscriptions 3 --ca-file /tmp/ca.pem
+    python -m fakes.webpush --port 8443 --subscriptions 3 --ca-file /tmp/ca.pem [--rtt-ms 50]
 
 prints one JSON line describing the service, then one subscription JSON per line; ``POST
 /subscriptions`` creates more (body optionally ``{"applicationServerKey": "..."}``);
@@ -20,46 +22,33 @@ prints one JSON line describing the service, then one subscription JSON per line
 from __future__ import annotations
 
 import argparse
-import asyncio
 import base64
 import collections
-import contextlib
 import copy
 import json
 import os
 import re
 import secrets
-import shutil
-import signal
-import ssl
 import sys
-import tempfile
-import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any, TextIO
 
 import http_ece
-import pytest
 import trustme
-from aiohttp import web
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from tests.fakes import LoopThread
+from fakes.server import FakeServer, Hang, Network, Reply, Request, announce_and_wait
 
 MAX_BODY_BYTES = 4096
 """Real push services refuse larger encrypted bodies with 413 (RFC 8030 only guarantees 4096)."""
 
 MAX_VAPID_LIFETIME_SECONDS = 24 * 3600
 """RFC 8292 section 2: ``exp`` must be no more than 24 hours ahead."""
-
-HANG_LIMIT_SECONDS = 60.0
-"""A hung request is answered 503 after this long, unless the client left or the fake stopped."""
 
 URGENCIES = frozenset({"very-low", "low", "normal", "high"})
 _TOPIC = re.compile(r"[A-Za-z0-9_-]{1,32}")
@@ -134,14 +123,19 @@ class _Refusal(Exception):
         self.message = message
 
 
-class FakeWebPushService:
+class FakeWebPushService(FakeServer):
     """The fake push service; use as a context manager or :meth:`start`/:meth:`stop`.
 
     ``application_server_key`` is the default key new subscriptions are bound to (a push signed
     with another key gets 403, as from a real service); ``None`` accepts any valid signature.
     ``max_records`` caps the kept :attr:`pushes` (``None``: keep all; standalone runs cap it).
     ``echo``, when given, gets one JSON line per accepted push (the demo's ``--print-pushes``).
+    ``ca`` is accepted for compatibility: every fake of a process shares one CA. With
+    ``http2=False`` the service speaks HTTP/1.1 only (a push service that never agrees to h2).
     """
+
+    name = "fake-webpush"
+    http1 = True
 
     def __init__(
         self,
@@ -152,60 +146,28 @@ class FakeWebPushService:
         application_server_key: str | None = None,
         max_records: int | None = None,
         echo: TextIO | None = None,
+        network: Network = Network(),
+        http2: bool = True,
     ) -> None:
+        super().__init__(port=port, network=network)
         self.host = host
-        self.port = port
-        self.ca = ca or trustme.CA()
-        """The CA that signed the server certificate; pass it to a second fake to share trust."""
-        self.ca_file = ""
-        """Path of the CA certificate PEM to trust (``PUSH_WEBPUSH_CA_FILE``), set by start()."""
+        self.http2 = http2
         self.application_server_key = application_server_key
         self._records: collections.deque[ReceivedPush] = collections.deque(maxlen=max_records)
         self._echo = echo
         self._subscriptions: dict[str, _Subscription] = {}
         self._scripts: dict[str, tuple[collections.deque[Answer], Answer | None]] = {}
-        self._lock = threading.Lock()
         self._verified: dict[tuple[str, str], dict[str, Any]] = {}
-        self._server_thread = LoopThread()
-        self._release: asyncio.Event | None = None
-        self._runner: web.AppRunner | None = None
-        self._tmpdir: str | None = None
 
     @property
     def origin(self) -> str:
         """The service's origin, the ``aud`` every VAPID token must carry."""
         return f"https://localhost:{self.port}"
 
-    # --- lifecycle -------------------------------------------------------------------------
-
-    def start(self) -> FakeWebPushService:
-        """Start serving in a background thread; returns once the port is listening."""
-        self._tmpdir = tempfile.mkdtemp(prefix="fake-webpush-")
-        self.ca_file = os.path.join(self._tmpdir, "ca.pem")
-        self.ca.cert_pem.write_to_path(self.ca_file)
-        server_ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        self.ca.issue_cert("localhost", "127.0.0.1").configure_cert(server_ssl)
-        self.port = self._server_thread.start(
-            "fake-webpush", lambda: self._start_site(server_ssl))
-        return self
-
-    def stop(self) -> None:
-        """Release hung requests, stop serving, and remove the CA file."""
-        self._server_thread.stop(self._stop_site)
-        if self._tmpdir is not None:
-            shutil.rmtree(self._tmpdir, ignore_errors=True)
-        self._tmpdir = None
-
-    def __enter__(self) -> FakeWebPushService:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+    @property
+    def ca_file(self) -> str:
+        """Path of the CA certificate PEM to trust (``PUSH_WEBPUSH_CA_FILE``)."""
+        return self.ca_path
 
     # --- what tests use --------------------------------------------------------------------
 
@@ -226,7 +188,7 @@ class FakeWebPushService:
             "expirationTime": None,
             "keys": {"p256dh": _b64url(point), "auth": _b64url(auth_secret)},
         }
-        with self._lock:
+        with self.lock:
             self._subscriptions[subscription_id] = _Subscription(
                 subscription_id,
                 key,
@@ -249,29 +211,16 @@ class FakeWebPushService:
         A new script replaces the previous one.
         """
         queue = collections.deque(_answer(a) for a in answers)
-        with self._lock:
+        with self.lock:
             self._scripts[_subscription_id(subscription)] = (
                 queue,
                 None if then is None else _answer(then),
             )
 
-    def drop_connections(self) -> None:
-        """Close every client connection now, as a push service closes idle kept-alive ones.
-
-        Returns once they are closed; the clients see it when their loop next runs.
-        """
-        self._server_thread.call(self._drop_connections)
-
-    async def _drop_connections(self) -> None:
-        assert self._runner is not None and self._runner.server is not None
-        for handler in self._runner.server.connections:
-            if handler.transport is not None:
-                handler.transport.abort()
-
     @property
     def pushes(self) -> list[ReceivedPush]:
         """Every recorded request, oldest first."""
-        with self._lock:
+        with self.lock:
             return list(self._records)
 
     def pushes_to(self, subscription: Mapping[str, Any]) -> list[ReceivedPush]:
@@ -279,82 +228,59 @@ class FakeWebPushService:
         subscription_id = _subscription_id(subscription)
         return [p for p in self.pushes if p.subscription_id == subscription_id]
 
-    # --- serving ---------------------------------------------------------------------------
+    # --- serving (server thread) ---------------------------------------------------------
 
-    async def _start_site(self, server_ssl: ssl.SSLContext) -> int:
-        """Serve (in the server thread); returns the port."""
-        self._release = asyncio.Event()
-        app = web.Application(client_max_size=64 * 1024)
-        app.router.add_post("/push/{id}", self._push)
-        app.router.add_post("/subscriptions", self._create_subscription)
-        # No access log: the push handler is the hot path of benchmarks. Cancelling handlers
-        # whose client left ends hangs as soon as the provider times out.
-        runner = web.AppRunner(
-            app, access_log=None, handler_cancellation=True, shutdown_timeout=1.0
-        )
-        await runner.setup()
-        await web.TCPSite(runner, self.host, self.port, ssl_context=server_ssl).start()
-        self._runner = runner
-        return int(runner.addresses[0][1])
+    def handle(self, request: Request) -> Reply | Hang:
+        path = request.path.decode("latin-1").partition("?")[0]
+        if request.method == b"POST" and path == "/subscriptions":
+            body = json.loads(request.body) if request.body else {}
+            info = self.subscribe(body.get("applicationServerKey"))
+            return Reply(201, ((b"content-type", b"application/json"),),
+                         json.dumps(info).encode(), push=False)
+        if request.method != b"POST" or not path.startswith("/push/"):
+            return _error(404, "not found", push=False)
+        return self._push(path.removeprefix("/push/"), request)
 
-    async def _stop_site(self) -> None:
-        """Release hung requests, drop every connection, then stop serving.
-
-        Closing TLS politely waits for the client's close_notify, which never comes from a
-        client whose loop is not running (a test's, between two tests): the sockets would be
-        left to the garbage collector.
-        """
-        assert self._release is not None and self._runner is not None
-        self._release.set()
-        await self._drop_connections()
-        await self._runner.cleanup()
-
-    async def _create_subscription(self, request: web.Request) -> web.Response:
-        body = await request.json() if request.can_read_body else {}
-        subscription = self.subscribe(body.get("applicationServerKey"))
-        return web.json_response(subscription, status=201)
-
-    async def _push(self, request: web.Request) -> web.StreamResponse:
-        subscription_id = request.match_info["id"]
-        peer = request.transport.get_extra_info("peername") if request.transport else None
+    def _push(self, subscription_id: str, request: Request) -> Reply | Hang:
+        headers = {name.decode("latin-1"): value.decode("latin-1")
+                   for name, value in request.headers}
         seen: dict[str, Any] = {
             "subscription_id": subscription_id,
             "payload": None,
             "body": None,
-            "ttl": request.headers.get("TTL"),
-            "urgency": request.headers.get("Urgency"),
-            "topic": request.headers.get("Topic"),
+            "ttl": headers.get("ttl"),
+            "urgency": headers.get("urgency"),
+            "topic": headers.get("topic"),
             "vapid_token": None,
             "vapid_key": None,
             "claims": None,
-            "client_port": peer[1] if peer else None,
+            "client_port": request.peer_port,
         }
         subscription = self._subscriptions.get(subscription_id)
         try:
             if subscription is None:
                 raise _Refusal(404, "no such subscription")
-            body = seen["body"] = await request.read()
-            self._check(request, subscription, body, seen)
+            seen["body"] = request.body
+            authority = headers.get(":authority") or headers.get("host", "")
+            self._check(headers, authority, subscription, request.body, seen)
         except _Refusal as refusal:
             self._record(seen, refusal.status, refusal.message)
             return _error(refusal.status, refusal.message)
         answer = self._next_answer(subscription_id)
         if answer.hang:
             self._record(seen, None, None)
-            assert self._release is not None
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._release.wait(), HANG_LIMIT_SECONDS)
-            return _error(503, "hung")
+            return Hang(subscription_id)
         self._record(seen, answer.status, None)
         if answer.status == 201:
             if self._echo is not None:
                 self._echo_push(seen)
             location = f"{self.origin}/message/{secrets.token_urlsafe(8)}"
-            return web.Response(status=201, headers={"Location": location})
-        response = _error(answer.status, "scripted answer")
+            return Reply(201, ((b"location", location.encode()),))
+        reply = _error(answer.status, "scripted answer")
         if answer.retry_after is not None:
-            response.headers["Retry-After"] = answer.retry_after
-        return response
+            reply = Reply(reply.status, reply.headers + (
+                (b"retry-after", answer.retry_after.encode()),), reply.body)
+        return reply
 
     def _echo_push(self, seen: Mapping[str, Any]) -> None:
         """One JSON line per accepted push, for watching a local demo."""
@@ -364,30 +290,31 @@ class FakeWebPushService:
         print(json.dumps(line), file=self._echo, flush=True)
 
     def _check(
-        self, request: web.Request, subscription: _Subscription, body: bytes, seen: dict[str, Any]
+        self, headers: dict[str, str], authority: str, subscription: _Subscription, body: bytes,
+        seen: dict[str, Any],
     ) -> None:
         """Everything a push service and then the browser check, in a push service's order."""
-        token, key = _vapid_parts(request.headers.get("Authorization"))
+        token, key = _vapid_parts(headers.get("authorization"))
         seen["vapid_token"], seen["vapid_key"] = token, key
         claims = self._verified_claims(token, key)
         seen["claims"] = claims
-        _check_claims(claims, f"https://{request.host}")
+        _check_claims(claims, f"https://{authority}")
         if subscription.application_server_key and key != subscription.application_server_key:
             raise _Refusal(403, "VAPID key differs from the subscription's applicationServerKey")
-        ttl = request.headers.get("TTL")
+        ttl = headers.get("ttl")
         if ttl is None or not ttl.isdigit():
             raise _Refusal(400, "missing or invalid TTL header")
-        urgency = request.headers.get("Urgency")
+        urgency = headers.get("urgency")
         if urgency is not None and urgency not in URGENCIES:
             raise _Refusal(400, "invalid Urgency header")
-        topic = request.headers.get("Topic")
+        topic = headers.get("topic")
         if topic is not None and not _TOPIC.fullmatch(topic):
             raise _Refusal(400, "invalid Topic header")
         if len(body) > MAX_BODY_BYTES:
             raise _Refusal(413, "payload too large")
         if not body:
             return
-        if request.headers.get("Content-Encoding", "").lower() != "aes128gcm":
+        if headers.get("content-encoding", "").lower() != "aes128gcm":
             raise _Refusal(400, "Content-Encoding must be aes128gcm")
         try:
             seen["payload"] = http_ece.decrypt(
@@ -410,7 +337,7 @@ class FakeWebPushService:
         return claims
 
     def _next_answer(self, subscription_id: str) -> Answer:
-        with self._lock:
+        with self.lock:
             queue, then = self._scripts.get(subscription_id, (None, None))
             if queue:
                 return queue.popleft()
@@ -418,7 +345,7 @@ class FakeWebPushService:
 
     def _record(self, seen: dict[str, Any], status: int | None, error: str | None) -> None:
         push = ReceivedPush(status=status, error=error, **seen)
-        with self._lock:
+        with self.lock:
             self._records.append(push)
 
 
@@ -477,9 +404,10 @@ def _check_claims(claims: Mapping[str, Any], origin: str) -> None:
         raise _Refusal(401, "VAPID sub must be a mailto: or https: URI")
 
 
-def _error(status: int, message: str) -> web.Response:
+def _error(status: int, message: str, *, push: bool = True) -> Reply:
     """An error body shaped like Mozilla autopush's."""
-    return web.json_response({"code": status, "message": message}, status=status)
+    return Reply(status, ((b"content-type", b"application/json"),),
+                 json.dumps({"code": status, "message": message}).encode(), push=push)
 
 
 def _answer(answer: int | Answer) -> Answer:
@@ -498,17 +426,6 @@ def _unb64url(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
-@pytest.fixture
-def webpush_server() -> Iterator[FakeWebPushService]:
-    """A started fake push service, fresh for each test (function scope: nothing to reset).
-
-    Starting one costs a few milliseconds (a new CA, certificate and thread). Its CA PEM is at
-    ``webpush_server.ca_file``; subscriptions come from ``webpush_server.subscribe()``.
-    """
-    with FakeWebPushService() as service:
-        yield service
-
-
 def main(argv: list[str] | None = None) -> None:
     """Run the fake standalone until interrupted (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
@@ -519,6 +436,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--application-server-key", help="the only VAPID key to accept")
     parser.add_argument("--print-pushes", action="store_true", help="print accepted pushes")
     parser.add_argument("--max-records", type=int, default=10_000)
+    parser.add_argument("--http1-only", action="store_true",
+                        help="speak HTTP/1.1 only (no h2 in ALPN)")
+    Network.add_arguments(parser, max_concurrent_streams=100)
     args = parser.parse_args(argv)
     service = FakeWebPushService(
         host=args.host,
@@ -526,19 +446,16 @@ def main(argv: list[str] | None = None) -> None:
         application_server_key=args.application_server_key,
         max_records=args.max_records,
         echo=sys.stdout if args.print_pushes else None,
+        network=Network.from_arguments(args),
+        http2=not args.http1_only,
     )
-    # SIGTERM (from a benchmark or demo script) stops it as cleanly as Ctrl-C; installed before
-    # the banner is printed, so a caller that has read the banner can always stop it cleanly.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    with service, contextlib.suppress(KeyboardInterrupt):
+    with service:
         if args.ca_file:
             service.ca.cert_pem.write_to_path(args.ca_file)
         ca_file = args.ca_file or service.ca_file
-        print(json.dumps({"origin": service.origin, "port": service.port, "ca_file": ca_file}))
-        for _ in range(args.subscriptions):
-            print(json.dumps(service.subscribe()))
-        sys.stdout.flush()
-        threading.Event().wait()
+        info = {"origin": service.origin, "port": service.port, "ca_file": ca_file}
+        subscriptions = [json.dumps(service.subscribe()) for _ in range(args.subscriptions)]
+        announce_and_wait(info, service, subscriptions)
 
 
 if __name__ == "__main__":
