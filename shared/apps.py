@@ -29,12 +29,11 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
 import re
 from dataclasses import dataclass
 from typing import Any
 
-from shared.config import ConfigError, secret
+from shared.config import ConfigError, file_or_value, no_missing_file, secret
 from shared.providers.base import Device, Outcome, Provider, SendResult, WakeUp
 
 APP_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
@@ -104,12 +103,7 @@ def _resolve(where: str, key: str, value: Any) -> Any:
     if key in SECRET_KEYS:
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{where} must be a string")
-        if "\n" not in value and len(value) < 4096 and os.path.isfile(value):
-            try:
-                with open(value) as handle:
-                    return handle.read().strip()
-            except OSError as exc:
-                raise ConfigError(f"{where}: cannot read {value}: {exc.strerror}") from None
+        return file_or_value(where, value)
     return value
 
 
@@ -144,6 +138,8 @@ def providers_from_env(provider_class: Any, **shared: Any) -> Provider:
         for key in values:
             if key not in accepted:
                 raise ConfigError(f"PUSH_APPS.{app}.{name}.{key} is not a {name} setting")
+            if key in SECRET_KEYS:  # still a path after load_apps: the file is missing here
+                no_missing_file(f"PUSH_APPS.{app}.{name}.{key}", values[key])
         try:
             per_app[app] = provider_class(**values, **shared)
         except TypeError as exc:

@@ -5,7 +5,10 @@ is found, in this order:
 
 1. ``NAME_FILE``: the path of a file that holds it;
 2. ``NAME``: the value itself, or the path of a file that holds it (a PEM key can be given either
-   way);
+   way). A secret a function needs (:func:`require_secret`) whose value starts like a path
+   (``/``, ``./``, ``../``, ``~/``) but names no file stops the function, naming setting and
+   path; a function that does not use the secret ignores it (one shared setting may name a file
+   mounted only where it is needed);
 3. a file named after the variable, lower-case with dashes (``PUSH_APNS_KEY`` ->
    ``push-apns-key``), in ``PUSH_SECRETS_DIR`` (default ``/var/openfaas/secrets``, where OpenFaaS
    and our Knative manifests mount secrets).
@@ -95,13 +98,30 @@ def secret(name: str) -> str | None:
         return _read(f"{name}_FILE", Path(file_var))
     value = env(name)
     if value is not None:
-        if "\n" not in value and len(value) < 4096 and os.path.isfile(value):
-            return _read(name, Path(value))
-        return value
+        return file_or_value(name, value)
     mounted = Path(env("PUSH_SECRETS_DIR", DEFAULT_SECRETS_DIR)) / name.lower().replace("_", "-")
     if mounted.is_file():
         return _read(name, mounted)
     return None
+
+
+def file_or_value(name: str, value: str) -> str:
+    """``value``, or the text of the file it names."""
+    if "\n" in value or len(value) >= 4096:
+        return value
+    path = os.path.expanduser(value)
+    if os.path.isfile(path):  # never raises: a long PEM or JSON is simply not a file name
+        return _read(name, Path(path))
+    return value
+
+
+def no_missing_file(name: str, value: str) -> str:
+    """``value``, unless it starts like a path and names no file: then it is a key file not
+    mounted or a typo, not a key, and the error names the setting and the path (rather than
+    the key's parser failing on the path)."""
+    if "\n" not in value and value.startswith(("/", "./", "../", "~/")) and len(value) < 4096:
+        raise ConfigError(f"{name} names the file {value}, which does not exist: check the path")
+    return value
 
 
 def require_secret(name: str, why: str) -> str:
@@ -109,7 +129,7 @@ def require_secret(name: str, why: str) -> str:
     value = secret(name)
     if value is None:
         raise ConfigError(f"{name} is not set: {why}")
-    return value
+    return no_missing_file(name, value)
 
 
 def _read(name: str, path: Path) -> str:
