@@ -95,11 +95,18 @@ class DispatchSettings:
 class DispatchReport:
     """What one event (or Echo request) came to for one provider."""
 
+    found: int = 0
+    """The devices of the event's users with this provider (for a flush: the due wake-ups)."""
     delivered: int = 0
     dead_count: int = 0
     rejected: int = 0
     transient: int = 0
     skipped: int = 0
+    """Devices an earlier delivery of the same event already served (or found dead)."""
+    limited: int = 0
+    """Devices over their per-event-type limit: nothing sent."""
+    queued: int = 0
+    """Wake-ups left for the privacy delay's flush."""
     dead: list[InvalidToken] = field(default_factory=list)
     retry_after: float | None = None
     only_rate_limited: bool = True
@@ -116,6 +123,32 @@ class DispatchReport:
             self.only_rate_limited &= result.reason in RATE_LIMITED
             if result.retry_after is not None:
                 self.retry_after = max(self.retry_after or 0, result.retry_after)
+
+    def summary(self, provider: str, notification: NotificationRequest | None) -> str:
+        """What the event came to, in words: a user without devices, a redelivery with nothing
+        left to send, a flush and a delivery each read differently."""
+        devices = _count(self.found, f"{provider} device")
+        if notification is None:
+            return f"privacy-delay flush, {self.found} due: {self.counts()}" if self.found else (
+                "privacy-delay flush, nothing due")
+        users = _count(len(notification.users), "user")
+        dry_run = "dry run: " if notification.dry_run else ""
+        if not self.found:
+            return f"{dry_run}no {provider} devices for the event's {users}; nothing sent"
+        if self.skipped == self.found:
+            return f"redelivery: {devices}, all already served; nothing sent again"
+        return f"{dry_run}{devices} of {users}: {self.counts()}"
+
+    def counts(self) -> str:
+        counts = [f"{self.delivered} delivered", f"{self.dead_count} dead", f"{self.transient} transient",
+                  f"{self.skipped} skipped (already served)", f"{self.limited} limited"]
+        counts += [f"{self.rejected} rejected"] if self.rejected else []
+        counts += [f"{self.queued} queued for the privacy delay"] if self.queued else []
+        return ", ".join(counts)
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
 class Dispatcher:
@@ -197,18 +230,27 @@ class Dispatcher:
         self._in_flight += 1
         try:
             return await self._handle_admitted(request)
+        except ApiError as error:
+            event_id = logs.event_id.get()
+            log.info(
+                "%s refused: %d %s: %s%s", f"event {event_id}" if event_id else "request",
+                error.status, error.code, error.message, f" [{error.field}]" if error.field else "",
+                extra={"status": error.status},
+            )
+            raise
         finally:
             self._in_flight -= 1
 
     async def _handle_admitted(self, request: Request) -> Response:
         if request.url.path == f"/v1/message/{self.provider.name}" and self.provider.name in ECHO_PROVIDERS:
             return await self._handle_echo(request)
+        started = time.perf_counter()
         event = await read_cloud_event(request)
         logs.event_id.set(str(event["id"])[:128])
         if event["type"] == PING:
             report = await self.flush()
             report.transient = 0  # what failed stays pending for the next tick
-            return await self._answer(report)
+            return self._logged(await self._answer(report), report, started)
         if event["type"] != NOTIFICATION_REQUESTED:
             raise ApiError(
                 400, "unsupported_event_type", f"this function takes {NOTIFICATION_REQUESTED} and {PING}"
@@ -216,7 +258,24 @@ class Dispatcher:
         notification = parse_notification(data_object(event), self.policy)
         metrics.NOTIFICATIONS_REQUESTED.labels(self.provider.name, "cloudevent").inc()
         report = await self.dispatch(notification, event_key(event))
-        return await self._answer(report)
+        return self._logged(await self._answer(report), report, started, notification)
+
+    def _logged(
+        self, response: Response, report: DispatchReport, started: float,
+        notification: NotificationRequest | None = None,
+    ) -> Response:
+        """``response``, once the event's one info line is logged (its counts also as fields)."""
+        elapsed = round((time.perf_counter() - started) * 1000)
+        log.info(
+            "event %s: %s; answered %d in %d ms", logs.event_id.get(),
+            report.summary(self.provider.name, notification), response.status_code, elapsed,
+            extra={
+                "devices": report.found, "delivered": report.delivered, "dead": report.dead_count,
+                "transient": report.transient, "skipped": report.skipped, "limited": report.limited,
+                "rejected": report.rejected, "status": response.status_code, "elapsed_ms": elapsed,
+            },
+        )
+        return response
 
     async def dispatch(self, notification: NotificationRequest, key: str | None) -> DispatchReport:
         """Send the wake-up to every device of the notification's users with this provider.
@@ -230,12 +289,14 @@ class Dispatcher:
             subscriptions = await run_in_threadpool(
                 self.store.for_users, notification.users, self.provider.name
             )
+            report.found = len(subscriptions)
             await self._send_all(subscriptions, wakeup, report)
             return report
         subscriptions, claims = await self._claims.submit((notification.users, key))
+        report.found = len(subscriptions)
         if not subscriptions:
             return report
-        report.skipped = len(claims.done)
+        report.skipped = len(claims.done) + len(claims.dead)
         if claims.done or claims.dead or claims.in_flight:
             metrics.REDELIVERIES.labels(self.provider.name).inc()
             metrics.SKIPPED.labels(self.provider.name).inc(len(claims.done) + len(claims.dead))
@@ -248,7 +309,9 @@ class Dispatcher:
         to_send = [s for s in subscriptions if s.id in claims.claimed]
         counted_at = self.clock()  # the limits' window: a refund goes back to the same one
         to_send, held = await self._apply_limits(to_send, notification.event_type, counted_at)
+        report.limited = len(held)
         if self.pending is not None:
+            report.queued = len(to_send)
             await run_in_threadpool(
                 self.pending.enqueue, self.provider.name, [s.id for s in to_send],
                 notification.message_type, notification.ttl_seconds,
@@ -348,6 +411,7 @@ class Dispatcher:
         if not due:
             return 0
         rows = await run_in_threadpool(self.store.by_ids, [d.subscription_id for d in due])
+        report.found += len(rows)
         gone = [d.subscription_id for d in due if d.subscription_id not in rows]
         if gone:
             await run_in_threadpool(self.pending.drop, gone)

@@ -7,6 +7,7 @@ subscribe requests that arrive while one batch is written go together in the nex
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from datetime import datetime, timezone
 
@@ -29,6 +30,8 @@ from shared.ratelimits import Limit, RateLimiter
 from shared.subscriptions import SubscribeRequest, SubscribeResult, SubscriptionStore
 from shared.vapid import PublishedKey, published_keys
 from shared.validation import SubscribePolicy, parse_subscribe, parse_unsubscribe
+
+log = logging.getLogger(__name__)
 
 MAX_BODY = 16 * 1024
 DEFAULT_SUBSCRIBE_RATE_LIMIT = "60/minute"
@@ -117,7 +120,8 @@ class SubscriptionApi:
     @staticmethod
     def _counted(handler):
         """Count each request in ``push_subscription_requests_total`` by action, provider and
-        result; handlers put the provider and result on ``request.state``."""
+        result, and log it in one info line of those three (never the caller or the device);
+        handlers put the provider and result on ``request.state``."""
 
         async def counted(request: Request) -> Response:
             request.state.action = None
@@ -129,10 +133,14 @@ class SubscriptionApi:
                 request.state.result = error.code
                 raise
             finally:
-                if request.state.action:
-                    metrics.SUBSCRIPTION_REQUESTS.labels(
-                        request.state.action, request.state.provider, request.state.result
-                    ).inc()
+                state = request.state
+                if state.action:
+                    metrics.SUBSCRIPTION_REQUESTS.labels(state.action, state.provider, state.result).inc()
+                log.info(
+                    "%s%s: %s", state.action or request.method,
+                    "" if state.provider == "none" else f" {state.provider}", state.result,
+                    extra={"action": state.action, "provider": state.provider, "result": state.result},
+                )
 
         return counted
 
