@@ -1,48 +1,99 @@
-"""``pushctl``: the operator's command-line tool.
+"""pushctl: the operator's command-line tool.
 
-- ``pushctl migrate`` applies the schema migrations to ``PUSH_DATABASE_URL`` (run it before the
-  functions roll out; a function refuses a database whose schema is behind).
-- ``pushctl vapid-keygen`` makes a VAPID key pair for Web Push: the private key for
-  ``PUSH_VAPID_PRIVATE_KEY`` and the public key apps pass as ``applicationServerKey``.
-- ``pushctl send-test --user ID [--dry-run]`` sends a wake-up to one user's devices with every
-  configured provider, each device with its app's credentials (``PUSH_APPS``), and prints each
-  outcome: for checking credentials.
-- ``pushctl import-echo --from URL [--dry-run] [--apns-environment production|sandbox]
-  [--batch N] [--refreshed-at-import] [--default-topic TOPIC]`` copies the push subscriptions
-  Echo holds into ours (:mod:`shared.echo_import`).
-- ``pushctl dead-letters list`` shows the events the broker gave up on (kept by clean-up), and
-  ``pushctl dead-letters replay --to URL`` posts them again (to the broker's URL, say) and deletes
-  each one the URL takes: safe, since a redelivered event never wakes a device twice
-  (:mod:`shared.dead_letters`).
-- ``pushctl dev-keys DIR`` and ``pushctl dev-token --user ID``: a local signing key standing in for
-  the wiki's OAuth server, so a developer can call subscribe on a laptop.
+Each subcommand is one function registered with :func:`command`; what it does lives in the
+shared package (``shared.db``, ``shared.sendtest``, ``shared.subscriptions``), and this module
+only reads its arguments and prints. A failure the operator can fix ends in one line on stderr
+naming the problem and the fix, and exit status 2; a command whose outcome is negative (a test
+send not delivered) exits 1.
+
+Run from a checkout where ``make run`` has written ``.local/local.env``, and with no
+``PUSH_DATABASE_URL`` set, the commands that need settings take them from that file, so they
+work against the local stack.
 """
 from __future__ import annotations
 
 import argparse
+import asyncio
+import logging
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
-from shared.config import ConfigError
-from shared.db import get_engine
+from sqlalchemy import Engine
+from sqlalchemy.engine import make_url
+
+from shared.config import ConfigError, secret
+from shared.db import SCHEMA_REVISION, DatabaseUnavailable, SchemaBehind, database_url, get_engine
+from shared.localenv import FILE_NAME, load_local_settings, local_dir
+
+DESCRIPTION = """\
+pushctl: the operator's tool for push-functions.
+
+Settings come from the environment, as for the functions (docs/configuration.md). Run from the
+repository while `make run` is up, without PUSH_DATABASE_URL set, it uses the local stack's
+settings (.local/local.env). See docs/operations.md."""
 
 
+class Failed(Exception):
+    """A problem the operator can fix: the message names both."""
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    run: Callable[[argparse.Namespace], int]
+    arguments: list[tuple[tuple[str, ...], dict[str, Any]]] = field(default_factory=list)
+    needs_settings: bool = False
+    """Whether it reads the deployment's settings (and so the local stack's, when they apply)."""
+
+
+COMMANDS: list[Command] = []
+#: Subcommands named ``"GROUP ACTION"`` are the actions of ``pushctl GROUP``, described here.
+GROUPS = {"dead-letters": "the events the broker gave up on (list, replay)"}
+
+
+def arg(*names: str, **options: Any) -> tuple[tuple[str, ...], dict[str, Any]]:
+    """One argument of a subcommand, as ``argparse.ArgumentParser.add_argument`` takes it."""
+    return names, options
+
+
+def command(name: str, help: str, *arguments: tuple[tuple[str, ...], dict[str, Any]],
+            needs_settings: bool = False) -> Callable:
+    """Register the decorated function as the subcommand ``name``."""
+
+    def register(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        COMMANDS.append(Command(name, help, run, list(arguments), needs_settings))
+        return run
+
+    return register
+
+
+# --- the subcommands ----------------------------------------------------------------------------
+
+
+@command("migrate", "apply the schema migrations to PUSH_DATABASE_URL", needs_settings=True)
 def migrate(_args: argparse.Namespace) -> int:
-    from alembic import command
-    from alembic.config import Config
+    from shared.db import migrate as apply_migrations
 
     engine = get_engine()
-    config = Config()
-    config.set_main_option("script_location", str(Path(__file__).with_name("migrations")))
-    with engine.begin() as connection:
-        config.attributes["connection"] = connection
-        command.upgrade(config, "head")
-    url = engine.url.render_as_string(hide_password=True)
-    print(f"database {url} is at the newest schema")
+    before, applied = apply_migrations(engine)
+    where = engine.url.render_as_string(hide_password=True)
+    if applied:
+        span = applied[0] if len(applied) == 1 else f"{applied[0]}..{applied[-1]}"
+        print(f"database {where}: applied {span}")
+    elif before is not None and before.isdigit() and int(before) > int(SCHEMA_REVISION):
+        print(f"database {where} is already at {before}, newer than this pushctl's {SCHEMA_REVISION}: nothing to do")
+    else:
+        print(f"database {where} is already at {before}")
     return 0
 
 
+@command("vapid-keygen", "make a VAPID key pair for Web Push")
 def vapid_keygen(_args: argparse.Namespace) -> int:
     from shared.vapid import generate_vapid_keys
 
@@ -52,64 +103,90 @@ def vapid_keygen(_args: argparse.Namespace) -> int:
     return 0
 
 
-PROVIDER_MODULES = {"fcm": "FcmProvider", "apns": "ApnsProvider", "webpush": "WebPushProvider"}
-
-
+@command(
+    "send-test", "send a wake-up to one user's devices, or to one device token",
+    arg("--user", help="the user whose devices to wake"),
+    arg("--token", help="one raw device token instead (for webpush: the subscription JSON); "
+        "needs --provider"),
+    arg("--provider", choices=["fcm", "apns", "webpush"], help="only this provider"),
+    arg("--topic", help="with --token for apns: the app's bundle id"),
+    arg("--environment", choices=["production", "sandbox"], default="production",
+        help="with --token for apns (default: %(default)s)"),
+    arg("--app", help="with --token: the app (of PUSH_APPS) whose credentials to use"),
+    arg("--dry-run", action="store_true", help="validate only; nothing reaches devices"),
+    arg("--message-type", default="checkEchoV1", help="the wake-up's type (default: %(default)s)"),
+    needs_settings=True,
+)
 def send_test(args: argparse.Namespace) -> int:
-    import asyncio
-    import importlib
-
-    from shared.apns_tokens import ApnsTokenStore
-    from shared.apps import providers_from_env
-    from shared.db import check_schema
-    from shared.endpoints import EndpointRules
     from shared.providers.base import WakeUp
-    from shared.subscriptions import SubscriptionStore
+    from shared.sendtest import send, token_device, user_devices
 
-    engine = get_engine()
-    check_schema(engine)
-    store = SubscriptionStore(engine)
+    if (args.user is None) == (args.token is None):
+        raise Failed("send-test needs --user ID or --token TOKEN (one of them)")
+    if args.token is not None and args.provider is None:
+        raise Failed("--token needs --provider (fcm, apns or webpush)")
+    if args.token is not None and args.provider == "apns" and not args.topic:
+        raise Failed("--token with --provider apns needs --topic (the app's bundle id)")
+    engine = _database()
+    if args.token is not None:
+        targets = {args.provider: [token_device(args.provider, args.token, args.topic, args.environment, args.app)]}
+    else:
+        targets = user_devices(engine, args.user, args.provider)
     wakeup = WakeUp(args.message_type, ttl_seconds=300, dry_run=args.dry_run)
-
-    async def run() -> int:
-        sent = found = 0
-        for name, class_name in PROVIDER_MODULES.items():
-            if args.provider and name != args.provider:
-                continue
-            subscriptions = store.for_users([args.user], name)
-            if not subscriptions:
-                continue
-            found += len(subscriptions)
-            try:
-                module = importlib.import_module(f"shared.providers.{name}")
-                # The dispatchers' routing: each device through its app's credentials, with what
-                # the dispatcher gives every app's provider (functions/dispatch-*/main.py).
-                shared: dict[str, object] = {}
-                if name == "apns":
-                    shared = {"token_store": ApnsTokenStore.from_env(engine)}
-                elif name == "webpush":
-                    shared = {"endpoint_rules": EndpointRules.from_env()}
-                provider = providers_from_env(getattr(module, class_name), **shared)
-            except ConfigError as exc:
-                print(f"{name}: not configured: {exc}")
-                continue
-            try:
-                for device in subscriptions:
-                    result = await provider.send(device, wakeup)
-                    sent += 1
-                    detail = f" ({result.reason})" if result.reason else ""
-                    print(f"{name} subscription {device.id}: {result.outcome.value}{detail}")
-            finally:
-                await provider.aclose()
-        if not found:
-            print(f"user {args.user} has no subscriptions to send to")
-        elif not sent:
-            print("nothing was sent: configure the providers named above")
-        return 0 if sent else 1
-
-    return asyncio.run(run())
+    attempted = delivered = 0
+    for provider, devices in targets.items():
+        if not devices:
+            print(f"no {provider} subscriptions for user {args.user}")
+            continue
+        attempted += len(devices)
+        try:
+            sent = asyncio.run(send(engine, provider, devices, wakeup))
+        except ConfigError as exc:
+            print(f"{provider}: nothing sent: {exc}")
+            continue
+        for each in sent:
+            print(each.describe())
+            delivered += each.delivered
+    if not attempted:
+        print(f"user {args.user} has no subscriptions to send to: nothing sent")
+        return 1
+    print(f"{delivered} of {attempted} delivered")
+    return 0 if delivered == attempted else 1
 
 
+@command("subscriptions", "list one user's devices", arg("--user", required=True, help="the user id"),
+         needs_settings=True)
+def subscriptions(args: argparse.Namespace) -> int:
+    from shared.subscriptions import SubscriptionStore, utcnow
+
+    rows = SubscriptionStore(_database()).list_for_user(args.user)
+    if not rows:
+        print(f"user {args.user} has no subscriptions")
+        return 0
+    now = utcnow()
+    table = [("id", "provider", "app", "device (sha256)", "topic", "created", "updated")]
+    table += [(
+        str(row.id), row.provider, row.app or "-", row.token_sha256[:16],
+        f"{row.topic} ({row.environment})" if row.topic else "-",
+        _age(now, row.created_at), _age(now, row.updated_at),
+    ) for row in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
+    for line in table:
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
+    return 0
+
+
+@command(
+    "import-echo", "copy Echo's push subscriptions into PUSH_DATABASE_URL",
+    arg("--from", dest="source", required=True, metavar="URL", help="Echo's database (mysql+pymysql://...)"),
+    arg("--dry-run", action="store_true", help="report what it would do; write nothing"),
+    arg("--apns-environment", choices=("production", "sandbox"), default="production"),
+    arg("--batch", type=int, default=1000, metavar="N", help="Echo rows per transaction"),
+    arg("--refreshed-at-import", action="store_true",
+        help="write the import's start as the last refresh of the rows it writes, not eps_updated"),
+    arg("--default-topic", metavar="TOPIC", help="the APNs topic of Echo's rows that have none"),
+    needs_settings=True,
+)
 def import_echo(args: argparse.Namespace) -> int:
     from shared import echo_import
     from shared.progress import progress
@@ -132,14 +209,13 @@ def import_echo(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("dead-letters list", "show the dead letters, oldest first",
+         arg("--limit", type=int, default=None, help="show at most this many"), needs_settings=True)
 def dead_letters_list(args: argparse.Namespace) -> int:
-    from shared.db import check_schema
     from shared.dead_letters import DeadLetterStore
 
-    engine = get_engine()
-    check_schema(engine)
     found = 0
-    for letter in DeadLetterStore(engine).letters(limit=args.limit):
+    for letter in DeadLetterStore(_database()).letters(limit=args.limit):
         found += 1
         failed = f" replays failed: {letter.replay_attempts} ({letter.last_replay_error})" if letter.replay_attempts else ""
         print(f"{letter.id}\t{letter.received_at:%Y-%m-%dT%H:%M:%SZ}\t{letter.event_type}\tid={letter.event_id}"
@@ -148,18 +224,23 @@ def dead_letters_list(args: argparse.Namespace) -> int:
     return 0
 
 
+@command(
+    "dead-letters replay", "post the dead letters again; delete those taken",
+    arg("--to", required=True, help="where to post them: the broker's URL (kubectl get broker)"),
+    arg("--id", type=int, action="append", help="only this dead letter (repeat)"),
+    arg("--limit", type=int, default=None, help="replay at most this many"),
+    arg("--timeout", type=float, default=30.0, help="seconds to wait for each answer"),
+    needs_settings=True,
+)
 def dead_letters_replay(args: argparse.Namespace) -> int:
     """Post each dead letter to ``--to`` in binary mode, as the broker would; delete it on 2xx."""
     import urllib.error
     import urllib.request
 
-    from shared.db import check_schema
     from shared.dead_letters import DeadLetterStore
     from shared.http import internal_headers
 
-    engine = get_engine()
-    check_schema(engine)
-    store = DeadLetterStore(engine)
+    store = DeadLetterStore(_database())
     replayed = failed = 0
     for letter in store.letters(limit=args.limit, ids=args.id):
         attributes = letter.replay_attributes()
@@ -187,6 +268,8 @@ def dead_letters_replay(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+@command("dev-keys", "make a key pair standing in for the wiki's OAuth server (local stack)",
+         arg("dir", help="folder for auth-private.pem and auth-public.pem"))
 def dev_keys(args: argparse.Namespace) -> int:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -215,74 +298,102 @@ def dev_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+@command(
+    "dev-token", "sign a local access token for a user (with the dev-keys key)",
+    arg("--user", required=True, help="the user id (the token's sub)"),
+    arg("--key", help="private key PEM (default: auth-private.pem in PUSH_LOCAL_DIR, .local)"),
+    arg("--lifetime", type=int, default=3600, help="seconds until it expires (default: %(default)s)"),
+)
 def dev_token(args: argparse.Namespace) -> int:
     import jwt
 
-    key = Path(args.key).read_text()
+    path = Path(args.key) if args.key else local_dir() / "auth-private.pem"
+    try:
+        key = path.read_text()
+    except OSError as exc:
+        raise Failed(f"cannot read the signing key {path} ({exc.strerror}): run `make run` once "
+                     f"(it makes one), or `pushctl dev-keys {path.parent}`") from None
     now = int(time.time())
     claims = {"sub": args.user, "iat": now, "exp": now + args.lifetime}
     print(jwt.encode(claims, key, algorithm="ES256"))
     return 0
 
 
+# --- plumbing -----------------------------------------------------------------------------------
+
+
+def _database() -> Engine:
+    """The engine of an existing database, its schema checked; an SQLite file that does not
+    exist is a mistake in the settings, not a database to create."""
+    from shared.db import check_schema
+
+    url = make_url(database_url())
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+        if not Path(url.database).exists():
+            named = "names it" if secret("PUSH_DATABASE_URL") else "is not set"
+            raise Failed(
+                f"no database at {url.database} (PUSH_DATABASE_URL {named}): set PUSH_DATABASE_URL, "
+                f"or run pushctl from the repository after `make run` (it reads .local/{FILE_NAME})"
+            )
+    engine = get_engine()
+    check_schema(engine)
+    return engine
+
+
+def _age(now: datetime, then: datetime) -> str:
+    seconds = max(0, int((now - then).total_seconds()))
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds // size} {unit} ago"
+    return f"{seconds} s ago"
+
+
+def _unreachable(exc: DatabaseUnavailable) -> str:
+    where = make_url(database_url()).render_as_string(hide_password=True)
+    cause = exc.__cause__
+    detail = getattr(cause, "orig", None) or cause or exc
+    return (f"cannot reach the database {where}: {detail}; check PUSH_DATABASE_URL and that the "
+            f"database server is running")
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="pushctl", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    groups: dict[str, Any] = {}
+    for each in COMMANDS:
+        group, _, action = each.name.partition(" ")
+        if action and group not in groups:
+            groups[group] = commands.add_parser(group, help=GROUPS[group], description=GROUPS[group]).add_subparsers(
+                dest="action", required=True, metavar="ACTION"
+            )
+        where = groups[group] if action else commands
+        sub = where.add_parser(action or each.name, help=each.help, description=each.help)
+        for names, options in each.arguments:
+            sub.add_argument(*names, **options)
+        sub.set_defaults(command_spec=each)
+    return top
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="pushctl", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    commands.add_parser("migrate", help="apply schema migrations to PUSH_DATABASE_URL").set_defaults(
-        run=migrate
-    )
-
-    commands.add_parser("vapid-keygen", help="make a VAPID key pair for Web Push").set_defaults(
-        run=vapid_keygen
-    )
-
-    test = commands.add_parser("send-test", help="send a wake-up to one user's devices")
-    test.add_argument("--user", required=True, help="the user id")
-    test.add_argument("--dry-run", action="store_true", help="validate only; nothing reaches devices")
-    test.add_argument("--provider", choices=sorted(PROVIDER_MODULES), help="only this provider")
-    test.add_argument("--message-type", default="checkEchoV1", help="the wake-up's type")
-    test.set_defaults(run=send_test)
-
-    echo = commands.add_parser("import-echo", help="copy Echo's push subscriptions into PUSH_DATABASE_URL")
-    echo.add_argument("--from", dest="source", required=True, metavar="URL", help="Echo's database (mysql+pymysql://...)")
-    echo.add_argument("--dry-run", action="store_true", help="report what it would do; write nothing")
-    echo.add_argument("--apns-environment", choices=("production", "sandbox"), default="production")
-    echo.add_argument("--batch", type=int, default=1000, metavar="N", help="Echo rows per transaction")
-    echo.add_argument(
-        "--refreshed-at-import", action="store_true",
-        help="write the import's start as the last refresh of the rows it writes, not eps_updated",
-    )
-    echo.add_argument("--default-topic", metavar="TOPIC", help="the APNs topic of Echo's rows that have none")
-    echo.set_defaults(run=import_echo)
-    letters = commands.add_parser("dead-letters", help="the events the broker gave up on")
-    letter_commands = letters.add_subparsers(dest="action", required=True)
-    listing = letter_commands.add_parser("list", help="show the dead letters, oldest first")
-    listing.add_argument("--limit", type=int, default=None, help="show at most this many")
-    listing.set_defaults(run=dead_letters_list)
-    replay = letter_commands.add_parser("replay", help="post the dead letters again; delete those taken")
-    replay.add_argument("--to", required=True, help="where to post them: the broker's URL (kubectl get broker)")
-    replay.add_argument("--id", type=int, action="append", help="only this dead letter (repeat)")
-    replay.add_argument("--limit", type=int, default=None, help="replay at most this many")
-    replay.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for each answer")
-    replay.set_defaults(run=dead_letters_replay)
-
-    keys = commands.add_parser("dev-keys", help="make a local key pair for signing dev tokens")
-    keys.add_argument("dir", help="folder for auth-private.pem and auth-public.pem")
-    keys.set_defaults(run=dev_keys)
-
-    token = commands.add_parser("dev-token", help="sign a local access token for a user")
-    token.add_argument("--user", required=True, help="the user id (the token's sub)")
-    token.add_argument("--key", default=".local/auth-private.pem", help="private key PEM")
-    token.add_argument("--lifetime", type=int, default=3600, help="seconds until it expires")
-    token.set_defaults(run=dev_token)
-
-    args = parser.parse_args(argv)
+    # What each command prints says what went wrong and what to check; the provider clients'
+    # own warnings (a refused connection, retried) would only repeat it less clearly.
+    logging.basicConfig(level=logging.ERROR, format="pushctl: %(name)s: %(message)s")
+    args = parser().parse_args(argv)
+    spec: Command = args.command_spec
     try:
-        return args.run(args)
-    except ConfigError as exc:
-        print(f"pushctl: configuration error: {exc}", file=sys.stderr)
-        return 2
+        if spec.needs_settings and (settings := load_local_settings()) is not None:
+            print(f"pushctl: using the local stack's settings in {settings}", file=sys.stderr)
+        return spec.run(args)
+    except (Failed, ConfigError, SchemaBehind) as exc:
+        message = str(exc)
+    except DatabaseUnavailable as exc:
+        message = _unreachable(exc)
+    except KeyboardInterrupt:
+        return 130
+    print(f"pushctl: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TypeVar
 
 from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
@@ -215,6 +216,27 @@ def check_schema(engine: Engine) -> None:
         f"database schema is at revision {found or 'none'}, this code needs "
         f"{SCHEMA_REVISION}: run `pushctl migrate` against PUSH_DATABASE_URL first"
     )
+
+
+def migrate(engine: Engine) -> tuple[str | None, list[str]]:
+    """Bring the database to the newest schema this code knows: the revision it was at, and the
+    revisions applied, oldest first (none when it was already there). A database migrated for
+    a newer release is left alone."""
+    from alembic import command
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    found = schema_revision(engine)
+    if found is not None and found.isdigit() and int(found) > int(SCHEMA_REVISION):
+        return found, []
+    config = Config()
+    config.set_main_option("script_location", str(Path(__file__).with_name("migrations")))
+    with unavailable_as_503(), engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")
+    now = schema_revision(engine)
+    applied = ScriptDirectory.from_config(config).iterate_revisions(now, found or "base")
+    return found, sorted(revision.revision for revision in applied)
 
 
 class SchemaGate:
