@@ -696,7 +696,11 @@ def announce_and_wait(info: dict[str, object], fake: FakeServer | None = None,
                       lines: Iterable[str] = ()) -> None:
     """For a standalone fake: print what a client needs to reach it as one JSON line (then
     ``lines``), then serve until SIGINT or SIGTERM, printing :attr:`FakeServer.counts` as a
-    JSON line on each SIGUSR1."""
+    JSON line on each SIGUSR1.
+
+    The kernel may deliver a signal to the server's thread, where Python only notes it for the
+    main thread: the main thread wakes twice a second to run the handler, or it would wait on
+    forever (a Ctrl-C of the local stack then ends in its SIGKILL)."""
     print(json.dumps(info), flush=True)
     for line in lines:
         print(line)
@@ -707,4 +711,5 @@ def announce_and_wait(info: dict[str, object], fake: FakeServer | None = None,
     if fake is not None:
         signal.signal(signal.SIGUSR1,
                       lambda *_: print(json.dumps({"counts": fake.counts.as_dict()}), flush=True))
-    stop.wait()
+    while not stop.wait(0.5):
+        pass

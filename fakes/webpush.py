@@ -17,7 +17,9 @@ the local demo::
 
 prints one JSON line describing the service, then one subscription JSON per line; ``POST
 /subscriptions`` creates more (body optionally ``{"applicationServerKey": "..."}``);
-``--print-pushes`` prints every accepted push, decrypted, as a JSON line.
+``--print-pushes`` prints every accepted push, decrypted, as a JSON line; ``--state-file`` keeps
+the subscriptions (with their private keys) in a file across restarts, as a browser keeps its
+own (the local stack's ``.local/webpush-subscriptions.json``).
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ import re
 import secrets
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TextIO
 
@@ -130,7 +132,8 @@ class FakeWebPushService(FakeServer):
     with another key gets 403, as from a real service); ``None`` accepts any valid signature.
     ``max_records`` caps the kept :attr:`pushes` (``None``: keep all; standalone runs cap it).
     ``echo``, when given, gets one JSON line per accepted push (the demo's ``--print-pushes``).
-    ``ca`` is accepted for compatibility: every fake of a process shares one CA. With
+    ``state_file``, when given, keeps the subscriptions across restarts (read at start, rewritten
+    on each new one). ``ca`` is accepted for compatibility: every fake of a process shares one CA. With
     ``http2=False`` the service speaks HTTP/1.1 only (a push service that never agrees to h2).
     """
 
@@ -148,6 +151,7 @@ class FakeWebPushService(FakeServer):
         echo: TextIO | None = None,
         network: Network = Network(),
         http2: bool = True,
+        state_file: str | None = None,
     ) -> None:
         super().__init__(port=port, network=network)
         self.host = host
@@ -158,6 +162,9 @@ class FakeWebPushService(FakeServer):
         self._subscriptions: dict[str, _Subscription] = {}
         self._scripts: dict[str, tuple[collections.deque[Answer], Answer | None]] = {}
         self._verified: dict[tuple[str, str], dict[str, Any]] = {}
+        self._state_file = state_file
+        if state_file and os.path.exists(state_file):
+            self._subscriptions = _load_subscriptions(state_file)
 
     @property
     def origin(self) -> str:
@@ -196,6 +203,8 @@ class FakeWebPushService(FakeServer):
                 application_server_key or self.application_server_key,
                 info,
             )
+            if self._state_file:
+                _save_subscriptions(self._state_file, self._subscriptions.values())
         return copy.deepcopy(info)
 
     def script(
@@ -418,6 +427,33 @@ def _subscription_id(subscription: Mapping[str, Any]) -> str:
     return str(subscription["endpoint"]).rsplit("/", 1)[1]
 
 
+def _save_subscriptions(path: str, subscriptions: Iterable[_Subscription]) -> None:
+    """Write every subscription, private key included (mode 0600), replacing the file whole."""
+    items = [{
+        "id": s.id,
+        "private_key": _b64url(s.private_key.private_numbers().private_value.to_bytes(32, "big")),
+        "auth_secret": _b64url(s.auth_secret),
+        "application_server_key": s.application_server_key,
+        "info": s.info,
+    } for s in subscriptions]
+    partial = f"{path}.partial"
+    with open(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as file:
+        json.dump(items, file)
+    os.replace(partial, path)
+
+
+def _load_subscriptions(path: str) -> dict[str, _Subscription]:
+    with open(path) as file:
+        items = json.load(file)
+    return {item["id"]: _Subscription(
+        item["id"],
+        ec.derive_private_key(int.from_bytes(_unb64url(item["private_key"]), "big"), ec.SECP256R1()),
+        _unb64url(item["auth_secret"]),
+        item["application_server_key"],
+        item["info"],
+    ) for item in items}
+
+
 def _b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
@@ -438,6 +474,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-records", type=int, default=10_000)
     parser.add_argument("--http1-only", action="store_true",
                         help="speak HTTP/1.1 only (no h2 in ALPN)")
+    parser.add_argument("--state-file", help="keep the subscriptions in this file across restarts")
     Network.add_arguments(parser, max_concurrent_streams=100)
     args = parser.parse_args(argv)
     service = FakeWebPushService(
@@ -448,6 +485,7 @@ def main(argv: list[str] | None = None) -> None:
         echo=sys.stdout if args.print_pushes else None,
         network=Network.from_arguments(args),
         http2=not args.http1_only,
+        state_file=args.state_file,
     )
     with service:
         if args.ca_file:

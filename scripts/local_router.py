@@ -16,6 +16,10 @@ carrying a CloudEvent (ce- headers, as the dispatchers' dead-token reports when 
 bound) is routed again through the same Triggers, which is how those reports reach
 cleanup-invalid-tokens.
 
+Posted to ``/?wait=1`` (as scripts/post_event.py does), the router answers only once every
+matching Service has answered its first delivery, with each answer: ``{"id", "routes",
+"answers": [{"subscriber", "status", "body", "error"}]}``. Retries still follow in the background.
+
     python scripts/local_router.py --port 8080 \\
         --service dispatch-fcm=http://127.0.0.1:8083/ ... [--manifests knative] [--time-scale 1]
 
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import concurrent.futures
 import json
 import re
 import sys
@@ -243,29 +248,41 @@ class Router:
 
     def accept(self, event: Event, hops: int = 0) -> int:
         """Start delivering ``event`` to every matching route; how many matched."""
+        return len(self.start(event, hops))
+
+    def start(self, event: Event, hops: int = 0) -> list[tuple[Route, concurrent.futures.Future]]:
+        """Start delivering ``event`` to every matching route; each route, with the future of
+        its first answer (status, body, error), for a poster that waits for it."""
         matched = [route for route in self.routes if route.matches(event)]
         if not matched:
             log(f"{event.describe()}: no Trigger matches; dropped")
+        started = []
         for route in matched:
-            threading.Thread(target=self.deliver, args=(route, event, hops), daemon=True).start()
-        return len(matched)
+            first: concurrent.futures.Future = concurrent.futures.Future()
+            threading.Thread(target=self.deliver, args=(route, event, hops, first), daemon=True).start()
+            started.append((route, first))
+        return started
 
-    def deliver(self, route: Route, event: Event, hops: int) -> None:
-        delivered, status, body = self.send(route.subscriber, route.url, route.delivery, event, hops)
+    def deliver(self, route: Route, event: Event, hops: int,
+                first: concurrent.futures.Future | None = None) -> None:
+        delivered, status, body = self.send(route.subscriber, route.url, route.delivery, event, hops, first)
         if delivered:
             return
         if status is not None and status < 500 and status not in RETRYABLE:
             return  # refused for good: not dead-lettered, as the broker does
         self.dead_letter(route, event, status, body)
 
-    def send(self, name: str, url: str, delivery: Delivery, event: Event, hops: int
-             ) -> tuple[bool, int | None, bytes]:
-        """Post ``event`` until it is taken or the retries run out: (taken, last status, body)."""
+    def send(self, name: str, url: str, delivery: Delivery, event: Event, hops: int,
+             first: concurrent.futures.Future | None = None) -> tuple[bool, int | None, bytes]:
+        """Post ``event`` until it is taken or the retries run out: (taken, last status, body).
+        ``first`` gets the first attempt's answer."""
         headers, body = event.binary()
         status: int | None = None
         reply_body = b""
         for attempt in range(delivery.retry + 1):
             status, reply_headers, reply_body, error = self.post(url, headers, body, delivery.timeout)
+            if first is not None and not first.done():
+                first.set_result((status, reply_body.decode(errors="replace")[:1000], error))
             outcome = error or f"HTTP {status}"
             if status is not None and 200 <= status < 300:
                 reply = None
@@ -356,8 +373,21 @@ def make_handler(router: Router) -> type[BaseHTTPRequestHandler]:
             except NotAnEvent as error:
                 self.answer(400, {"error": str(error)})
                 return
-            matched = router.accept(event)
-            self.answer(202, {"id": event.attributes["id"], "routes": matched})
+            started = router.start(event)
+            answer: dict[str, Any] = {"id": event.attributes["id"], "routes": len(started)}
+            if "wait" not in urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query):
+                self.answer(202, answer)
+                return
+            answer["answers"] = []
+            for route, first in started:
+                try:
+                    status, text, error = first.result(timeout=route.delivery.timeout + 5)
+                except concurrent.futures.TimeoutError:
+                    status, text, error = None, "", "no answer"
+                answer["answers"].append(
+                    {"subscriber": route.subscriber, "status": status, "body": text, "error": error}
+                )
+            self.answer(200, answer)
 
         def answer(self, status: int, document: dict[str, Any]) -> None:
             payload = json.dumps(document).encode()

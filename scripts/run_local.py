@@ -2,35 +2,39 @@
 
 It starts, each in its own process and all on 127.0.0.1:
 
-- local receivers standing in for the push providers (the wire-protocol fakes of fakes/):
-  a Web Push service that decrypts and prints every wake-up it receives, an FCM and an APNs
-  server that print every wake-up they accept (message type, the device's hash, the headers
-  that matter; never the device token). The dispatchers are configured for them: VAPID keys, a service-account JSON and an
-  APNs signing key are made in .local/. A provider whose settings you have set yourself
-  (PUSH_VAPID_PRIVATE_KEY, PUSH_FCM_CREDENTIALS, PUSH_APNS_KEY, or their _FILE forms) is left
-  to them. Web Push endpoints follow the production rules, with the local receiver alone let
+- local receivers standing in for the push providers (the wire-protocol fakes of fakes/): a Web
+  Push service that decrypts and prints every wake-up it receives, an FCM and an APNs server that
+  print every wake-up they accept (message type, the device's hash, the headers that matter;
+  never the device token). The dispatchers are configured for them: VAPID keys, a service-account
+  JSON and an APNs signing key are made in .local/. A provider whose settings you have set
+  yourself (PUSH_VAPID_PRIVATE_KEY, PUSH_FCM_CREDENTIALS, PUSH_APNS_KEY, or their _FILE forms) is
+  left to them. Web Push endpoints follow the production rules, with the local receiver alone let
   through (PUSH_WEBPUSH_ALLOW_LOCAL_ENDPOINTS);
 - the six functions, each in its own functions-framework process (ASGI), as deployed, on SQLite
   in .local/;
 - the event router (scripts/local_router.py), standing in for the Knative broker: it routes
-  events by the Triggers in knative/.
-
-Every process's output is shown prefixed with its name. Ctrl-C (or SIGTERM) stops everything.
-
+  events by the Triggers in knative/;
 - the reference web client (examples/web/, docs/web-client.md), served as files on its own origin,
   which subscribe and unsubscribe allow (PUSH_CORS_ALLOWED_ORIGINS).
 
-Ports: the router on PUSH_LOCAL_BASE_PORT (default 8080), the functions on the next six (8081 to
-8086, see PORTS), the receivers on +10 to +12 (8090 Web Push, 8091 FCM, 8092 APNs), the web
-client on +13 (8093), metrics on +1001 to +1006 (9081 to 9086). PUSH_LOCAL_DIR moves .local/
-elsewhere.
+Every process's output is shown prefixed with its name (the functions' JSON log lines as their
+level and message). Ctrl-C (or SIGTERM) stops everything. The settings the functions were given
+are written to .local/local.env, where pushctl run from the repository finds them
+(shared/localenv.py).
+
+Ports, all on 127.0.0.1: the router on PUSH_LOCAL_BASE_PORT (default 8080), the functions on the
+next six (8081 to 8086), the receivers on +10 to +12 (8090 Web Push, 8091 FCM, 8092 APNs), the
+web client on +13 (8093), metrics on +1001 to +1006 (9081 to 9086). A port in use stops the
+start, naming it. PUSH_LOCAL_DIR moves .local/ elsewhere.
 """
 from __future__ import annotations
 
 import json
 import os
 import queue
+import secrets
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -40,6 +44,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # shared/, when the package is not installed
+
+from shared.localenv import FILE_NAME, write_settings  # noqa: E402 - after the path is set
+
 BIN = Path(sys.executable).parent
 PYTHON = sys.executable
 
@@ -51,8 +58,6 @@ FUNCTIONS = (
     "dispatch-webpush",
     "cleanup-invalid-tokens",
 )
-#: Function name -> port, with the default base: fixed, so the README's curl lines work.
-PORTS = {name: 8081 + index for index, name in enumerate(FUNCTIONS)}
 RECEIVER_OFFSETS = {"webpush": 10, "fcm": 11, "apns": 12}
 WEB_CLIENT_OFFSET = 13
 METRICS_OFFSET = 1001
@@ -71,6 +76,49 @@ def local_dir() -> Path:
     return Path(os.environ.get("PUSH_LOCAL_DIR") or REPO / ".local").resolve()
 
 
+def metrics_on(environment: dict[str, str]) -> bool:
+    return environment.get("PUSH_METRICS_PORT") != "off"
+
+
+def wanted_ports(base: int, receivers: list[str], metrics: bool) -> dict[int, str]:
+    """Every port the stack will listen on, and what for."""
+    ports = {base: "the router"}
+    ports.update({port: name for name, port in function_ports(base).items()})
+    ports.update({base + RECEIVER_OFFSETS[name]: f"the {name} receiver" for name in receivers})
+    ports[base + WEB_CLIENT_OFFSET] = "the web client"
+    if metrics:
+        ports.update({base + METRICS_OFFSET + i: f"{name}'s metrics" for i, name in enumerate(FUNCTIONS)})
+    return ports
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as probe:
+        # As the servers bind: a port that only has connections closing (TIME_WAIT) is free.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def check_ports(base: int, receivers: list[str], metrics: bool) -> None:
+    """Stop before starting anything when a port is taken, saying which and how to move."""
+    busy = {port: what for port, what in wanted_ports(base, receivers, metrics).items() if not port_free(port)}
+    if not busy:
+        return
+    taken = ", ".join(f"{port} ({what})" for port, what in sorted(busy.items()))
+    hint = "move the whole stack with PUSH_LOCAL_BASE_PORT"
+    for candidate in range(base + 10000, 65535 - METRICS_OFFSET - len(FUNCTIONS), 1000):
+        if all(port_free(port) for port in wanted_ports(candidate, receivers, metrics)):
+            hint = f"move the whole stack: PUSH_LOCAL_BASE_PORT={candidate} make run"
+            break
+    raise SystemExit(
+        f"port(s) in use on 127.0.0.1: {taken}. Stop what holds them (is `make run` already "
+        f"running?), or {hint} (every port then moves by the same amount)."
+    )
+
+
 def user_configured(*names: str) -> bool:
     return any(os.environ.get(name) or os.environ.get(f"{name}_FILE") for name in names)
 
@@ -81,6 +129,7 @@ class Stack:
     def __init__(self) -> None:
         self.processes: dict[str, subprocess.Popen] = {}
         self.banners: dict[str, queue.Queue[str]] = {}
+        self.relays: list[threading.Thread] = []
         self.print_lock = threading.Lock()
 
     def start(self, name: str, argv: list[str], env: dict[str, str], banner: bool = False) -> None:
@@ -91,7 +140,9 @@ class Stack:
         self.processes[name] = process
         if banner:
             self.banners[name] = queue.Queue()
-        threading.Thread(target=self._relay, args=(name, process), daemon=True).start()
+        relay = threading.Thread(target=self._relay, args=(name, process), daemon=True)
+        relay.start()
+        self.relays.append(relay)
 
     def _relay(self, name: str, process: subprocess.Popen) -> None:
         assert process.stdout is not None
@@ -100,7 +151,7 @@ class Stack:
             if first and name in self.banners:
                 self.banners[name].put(line)
             first = False
-            self.say(f"{name:<22} | {line.rstrip()}")
+            self.say(f"{name:<22} | {readable(line.rstrip())}")
 
     def say(self, text: str) -> None:
         with self.print_lock:
@@ -117,6 +168,9 @@ class Stack:
         return [name for name, process in self.processes.items() if process.poll() is not None]
 
     def stop(self) -> None:
+        """SIGTERM to each process still running, SIGKILL to those still running 10 s later;
+        then the last of their output. A second Ctrl-C meanwhile does not cut this short."""
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         for process in self.processes.values():
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
@@ -127,33 +181,66 @@ class Stack:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+        for relay in self.relays:
+            relay.join(timeout=2)
 
 
-def start_receivers(stack: Stack, environment: dict[str, str], local: Path, base: int) -> dict[str, str]:
-    """Start the provider receivers the user has not replaced, and point the dispatchers at them."""
+def readable(line: str) -> str:
+    """A function's JSON log line as its level and message; any other line as it is."""
+    if not line.startswith("{"):
+        return line
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return line
+    if not isinstance(record, dict) or not {"level", "message"} <= record.keys():
+        return line
+    return f"{record['level']:<7} {record['message']}"
+
+
+def receivers_to_start() -> list[str]:
+    """The Web Push receiver always starts (it is where the walkthrough's browser subscribes);
+    FCM's and APNs' only when the user has not configured that provider."""
+    started = ["webpush"]
+    if not user_configured("PUSH_FCM_CREDENTIALS"):
+        started.append("fcm")
+    if not user_configured("PUSH_APNS_KEY"):
+        started.append("apns")
+    return started
+
+
+def start_receivers(
+    stack: Stack, environment: dict[str, str], local: Path, base: int, receivers: list[str]
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Start ``receivers`` and point the dispatchers at them: where each listens, and the
+    settings made for the dispatchers (those the user has not set)."""
     settings: dict[str, str] = {}
     where: dict[str, str] = {}
     vapid_public = None
     if not user_configured("PUSH_VAPID_PRIVATE_KEY"):
         vapid_public = local_vapid_keys(local, settings)
-        settings.setdefault("PUSH_VAPID_SUBJECT", "mailto:push-dev@localhost")
+        settings["PUSH_VAPID_SUBJECT"] = "mailto:push-dev@localhost"
     webpush_ca = local / "webpush-ca.pem"
     argv = [PYTHON, "-m", "fakes.webpush", "--port", base + RECEIVER_OFFSETS["webpush"],
-            "--ca-file", webpush_ca, "--print-pushes"]
+            "--ca-file", webpush_ca, "--print-pushes",
+            "--state-file", local / "webpush-subscriptions.json"]
     if vapid_public:
         argv += ["--application-server-key", vapid_public]
     stack.start("webpush-receiver", argv, environment, banner=True)
-    if not user_configured("PUSH_FCM_CREDENTIALS"):
+    if "fcm" in receivers:
         stack.start("fcm-receiver", [
             PYTHON, "-m", "fakes.fcm", "--port", base + RECEIVER_OFFSETS["fcm"],
             "--ca-out", local / "fcm-ca.pem", "--credentials-out", local / "fcm-service-account.json",
             "--print-pushes",
         ], environment, banner=True)
-    if not user_configured("PUSH_APNS_KEY"):
+    if "apns" in receivers:
         stack.start("apns-receiver", [
             PYTHON, "-m", "fakes.apns", "--port", base + RECEIVER_OFFSETS["apns"],
             "--ca-out", local / "apns-ca.pem", "--key-out", local / "apns-key.p8",
             "--print-pushes",
+            # A key id of its own per start: the receiver makes a new key each time, and the
+            # provider token signed with the last one is kept in the database (provider_tokens).
+            "--key-id", f"LOCAL{secrets.token_hex(3)[:5].upper()}",
         ], environment, banner=True)
 
     webpush = stack.banner("webpush-receiver")
@@ -161,8 +248,8 @@ def start_receivers(stack: Stack, environment: dict[str, str], local: Path, base
     # The production rules for Web Push endpoints (push services only, docs: Hardening), with
     # exactly this receiver let through: subscribe refuses every other local endpoint.
     settings["PUSH_WEBPUSH_ALLOW_LOCAL_ENDPOINTS"] = webpush["origin"].removeprefix("https://")
-    where["webpush-receiver"] = f"{webpush['origin']}  (new device: POST /subscriptions; CA {webpush_ca})"
-    if "fcm-receiver" in stack.banners:
+    where["webpush-receiver"] = f"{webpush['origin']}   new device: POST /subscriptions (CA {webpush_ca})"
+    if "fcm" in receivers:
         fcm = stack.banner("fcm-receiver")
         settings.update({
             "PUSH_FCM_CREDENTIALS": fcm["credentials_path"],
@@ -170,7 +257,9 @@ def start_receivers(stack: Stack, environment: dict[str, str], local: Path, base
             "PUSH_FCM_CA_FILE": fcm["ca_path"],
         })
         where["fcm-receiver"] = fcm["endpoint"]
-    if "apns-receiver" in stack.banners:
+    else:
+        where["fcm"] = "yours (PUSH_FCM_CREDENTIALS is set)"
+    if "apns" in receivers:
         apns = stack.banner("apns-receiver")
         settings.update({
             "PUSH_APNS_KEY": apns["key_path"],
@@ -181,9 +270,11 @@ def start_receivers(stack: Stack, environment: dict[str, str], local: Path, base
             "PUSH_APNS_CA_FILE": apns["ca_path"],
         })
         where["apns-receiver"] = apns["base_url"]
-    for name, value in settings.items():
-        environment.setdefault(name, value)
-    return where
+    else:
+        where["apns"] = "yours (PUSH_APNS_KEY is set)"
+    made = {name: value for name, value in settings.items() if name not in environment}
+    environment.update(made)
+    return where, made
 
 
 def local_vapid_keys(local: Path, settings: dict[str, str]) -> str:
@@ -218,69 +309,99 @@ def wait_until_ready(stack: Stack, urls: dict[str, str]) -> None:
         time.sleep(0.2)
 
 
+def ready_banner(base: int, metrics: bool, receivers: dict[str, str], settings_file: Path) -> str:
+    """What is where: every port the stack listens on, and what to try first."""
+    lines = [f"  {'router (the broker)':<24} http://127.0.0.1:{base}/"]
+    for index, (name, port) in enumerate(function_ports(base).items()):
+        metrics_url = f"   metrics http://127.0.0.1:{base + METRICS_OFFSET + index}/metrics" if metrics else ""
+        lines.append(f"  {name:<24} http://127.0.0.1:{port}/{metrics_url}")
+    lines += [f"  {name:<24} {url}" for name, url in receivers.items()]
+    return (
+        "\npush-functions is running locally, on 127.0.0.1:\n" + "\n".join(lines)
+        + f"\n\nSettings (read by pushctl run from here): {settings_file}"
+        + "\nA token for user 1:  .venv/bin/pushctl dev-token --user 1"
+        + "\nA notification:      .venv/bin/python scripts/post_event.py --user 1"
+        + "\nWalkthrough: README.md. Ctrl-C stops everything.\nReady.\n"
+    )
+
+
 def interrupted(*_: object) -> None:
     raise KeyboardInterrupt
 
 
 def main() -> int:
-    signal.signal(signal.SIGTERM, interrupted)  # stop as cleanly as on Ctrl-C
+    # SIGTERM and a closed terminal stop as cleanly as Ctrl-C.
+    signal.signal(signal.SIGTERM, interrupted)
+    signal.signal(signal.SIGHUP, interrupted)
+    stack = Stack()
+    try:
+        return run(stack)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        stack.stop()
+
+
+def run(stack: Stack) -> int:
     local = local_dir()
     local.mkdir(parents=True, exist_ok=True)
     base = base_port()
     ports = function_ports(base)
     environment = dict(os.environ)
     environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), environment.get("PYTHONPATH")]))
-    environment.setdefault("PUSH_DATABASE_URL", f"sqlite:///{local / 'push.sqlite3'}")
-    environment.setdefault("PUSH_AUTH_PUBLIC_KEY", str(local / "auth-public.pem"))
+    receivers = receivers_to_start()
+    check_ports(base, receivers, metrics_on(environment))
+    made = {
+        "PUSH_DATABASE_URL": f"sqlite:///{local / 'push.sqlite3'}",
+        "PUSH_AUTH_PUBLIC_KEY": str(local / "auth-public.pem"),
+    }
+    made = {name: value for name, value in made.items() if name not in environment}
+    environment.update(made)
     web_port = base + WEB_CLIENT_OFFSET
     environment.setdefault("PUSH_CORS_ALLOWED_ORIGINS", f"http://127.0.0.1:{web_port},http://localhost:{web_port}")
-    subprocess.run([BIN / "pushctl", "dev-keys", local], check=True, env=environment, cwd=REPO)
-    subprocess.run([BIN / "pushctl", "migrate"], check=True, env=environment, cwd=REPO)
+    for step in (["dev-keys", local], ["migrate"]):
+        if subprocess.run([BIN / "pushctl", *step], env=environment, cwd=REPO).returncode != 0:
+            raise SystemExit(f"stopped: `pushctl {step[0]}` failed, saying why above")
 
-    stack = Stack()
-    try:
-        receivers = start_receivers(stack, environment, local, base)
-        for index, name in enumerate(FUNCTIONS):
-            source = REPO / "functions" / name / "main.py"
-            function_environment = dict(environment)
-            if environment.get("PUSH_METRICS_PORT") != "off":
-                function_environment["PUSH_METRICS_PORT"] = str(base + METRICS_OFFSET + index)
-            stack.start(name, [
-                BIN / "functions-framework", "--asgi", "--target", name.replace("-", "_"),
-                "--source", source, "--host", "127.0.0.1", "--port", ports[name],
-            ], function_environment)
-        stack.start("router", [
-            PYTHON, REPO / "scripts" / "local_router.py", "--port", base,
-            "--manifests", REPO / "knative",
-            *[arg for name in FUNCTIONS for arg in ("--service", f"{name}=http://127.0.0.1:{ports[name]}/")],
-        ], environment)
-        stack.start("web-client", [
-            PYTHON, "-m", "http.server", web_port, "--bind", "127.0.0.1", "--directory", REPO / "examples" / "web",
-        ], environment)
-        wait_until_ready(stack, {
-            **{name: f"http://127.0.0.1:{port}/readyz" for name, port in ports.items()},
-            "router": f"http://127.0.0.1:{base}/healthz",
-            "web-client": f"http://127.0.0.1:{web_port}/",
-        })
-        lines = [f"  {'router (the broker)':<24} http://127.0.0.1:{base}/"]
-        lines += [f"  {name:<24} http://127.0.0.1:{port}/" for name, port in ports.items()]
-        lines += [f"  {name:<24} {url}" for name, url in receivers.items()]
-        lines.append(f"  {'web client':<24} http://127.0.0.1:{web_port}/?subscribe=http://127.0.0.1:{ports['subscribe']}"
-                     f"&unsubscribe=http://127.0.0.1:{ports['unsubscribe']}&standin=https://localhost:{base + RECEIVER_OFFSETS['webpush']}")
-        stack.say(
-            "\npush-functions is running locally:\n" + "\n".join(lines)
-            + f"\n\nA token for user 1:  {BIN / 'pushctl'} dev-token --user 1 --key {local / 'auth-private.pem'}"
-            + "\nA notification:      python scripts/post_event.py --user 1"
-            + "\nWalkthrough: README.md. Ctrl-C stops everything.\nReady.\n"
-        )
-        while not stack.failed():
-            time.sleep(0.5)
-        stack.say(f"stopped: {', '.join(stack.failed())} exited")
-        return 1
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        stack.stop()
+    where, provider_settings = start_receivers(stack, environment, local, base, receivers)
+    settings_file = local / FILE_NAME
+    write_settings(settings_file, {
+        **made, **provider_settings,
+        # The database the functions use, even one of the user's: pushctl must find the same.
+        "PUSH_DATABASE_URL": environment["PUSH_DATABASE_URL"], "PUSH_LOCAL_BASE_PORT": str(base),
+    })
+    for index, name in enumerate(FUNCTIONS):
+        source = REPO / "functions" / name / "main.py"
+        function_environment = dict(environment)
+        if metrics_on(environment):
+            function_environment["PUSH_METRICS_PORT"] = str(base + METRICS_OFFSET + index)
+            function_environment["PUSH_METRICS_ADDR"] = "127.0.0.1"
+        stack.start(name, [
+            BIN / "functions-framework", "--asgi", "--target", name.replace("-", "_"),
+            "--source", source, "--host", "127.0.0.1", "--port", ports[name],
+        ], function_environment)
+    stack.start("router", [
+        PYTHON, REPO / "scripts" / "local_router.py", "--port", base,
+        "--manifests", REPO / "knative",
+        *[arg for name in FUNCTIONS for arg in ("--service", f"{name}=http://127.0.0.1:{ports[name]}/")],
+    ], environment)
+    stack.start("web-client", [
+        PYTHON, "-m", "http.server", web_port, "--bind", "127.0.0.1", "--directory", REPO / "examples" / "web",
+    ], environment)
+    wait_until_ready(stack, {
+        **{name: f"http://127.0.0.1:{port}/readyz" for name, port in ports.items()},
+        "router": f"http://127.0.0.1:{base}/healthz",
+        "web-client": f"http://127.0.0.1:{web_port}/",
+    })
+    where["web client"] = (
+        f"http://127.0.0.1:{web_port}/?subscribe=http://127.0.0.1:{ports['subscribe']}"
+        f"&unsubscribe=http://127.0.0.1:{ports['unsubscribe']}&standin=https://localhost:{base + RECEIVER_OFFSETS['webpush']}"
+    )
+    stack.say(ready_banner(base, metrics_on(environment), where, settings_file))
+    while not stack.failed():
+        time.sleep(0.5)
+    stack.say(f"stopped: {', '.join(stack.failed())} exited")
+    return 1
 
 
 if __name__ == "__main__":
