@@ -309,16 +309,18 @@ def wait_until_ready(stack: Stack, urls: dict[str, str]) -> None:
         time.sleep(0.2)
 
 
-def ready_banner(base: int, metrics: bool, receivers: dict[str, str], settings_file: Path) -> str:
+def ready_banner(base: int, metrics: bool, receivers: dict[str, str], local: Path) -> str:
     """What is where: every port the stack listens on, and what to try first."""
     lines = [f"  {'router (the broker)':<24} http://127.0.0.1:{base}/"]
     for index, (name, port) in enumerate(function_ports(base).items()):
         metrics_url = f"   metrics http://127.0.0.1:{base + METRICS_OFFSET + index}/metrics" if metrics else ""
         lines.append(f"  {name:<24} http://127.0.0.1:{port}/{metrics_url}")
     lines += [f"  {name:<24} {url}" for name, url in receivers.items()]
+    moved = local != (REPO / ".local").resolve()
     return (
         "\npush-functions is running locally, on 127.0.0.1:\n" + "\n".join(lines)
-        + f"\n\nSettings (read by pushctl run from here): {settings_file}"
+        + f"\n\nSettings (read by pushctl run from here): {local / FILE_NAME}"
+        + (f"\nIn another shell, first:  export PUSH_LOCAL_DIR={local}" if moved else "")
         + "\nA token for user 1:  .venv/bin/pushctl dev-token --user 1"
         + "\nA notification:      .venv/bin/python scripts/post_event.py --user 1"
         + "\nWalkthrough: README.md. Ctrl-C stops everything.\nReady.\n"
@@ -364,8 +366,7 @@ def run(stack: Stack) -> int:
             raise SystemExit(f"stopped: `pushctl {step[0]}` failed, saying why above")
 
     where, provider_settings = start_receivers(stack, environment, local, base, receivers)
-    settings_file = local / FILE_NAME
-    write_settings(settings_file, {
+    write_settings(local / FILE_NAME, {
         **made, **provider_settings,
         # The database the functions use, even one of the user's: pushctl must find the same.
         "PUSH_DATABASE_URL": environment["PUSH_DATABASE_URL"], "PUSH_LOCAL_BASE_PORT": str(base),
@@ -397,7 +398,7 @@ def run(stack: Stack) -> int:
         f"http://127.0.0.1:{web_port}/?subscribe=http://127.0.0.1:{ports['subscribe']}"
         f"&unsubscribe=http://127.0.0.1:{ports['unsubscribe']}&standin=https://localhost:{base + RECEIVER_OFFSETS['webpush']}"
     )
-    stack.say(ready_banner(base, metrics_on(environment), where, settings_file))
+    stack.say(ready_banner(base, metrics_on(environment), where, local))
     while not stack.failed():
         time.sleep(0.5)
     stack.say(f"stopped: {', '.join(stack.failed())} exited")
