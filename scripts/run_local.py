@@ -332,9 +332,10 @@ def interrupted(*_: object) -> None:
 
 
 def main() -> int:
-    # SIGTERM and a closed terminal stop as cleanly as Ctrl-C.
-    signal.signal(signal.SIGTERM, interrupted)
-    signal.signal(signal.SIGHUP, interrupted)
+    # SIGTERM and a closed terminal stop as cleanly as Ctrl-C. SIGINT is set too: a process
+    # started in the background by a shell inherits it ignored, and would outlive its children.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, interrupted)
     stack = Stack()
     try:
         return run(stack)
