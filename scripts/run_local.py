@@ -29,6 +29,7 @@ start, naming it. PUSH_LOCAL_DIR moves .local/ elsewhere.
 """
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import queue
@@ -304,7 +305,9 @@ def wait_until_ready(stack: Stack, urls: dict[str, str]) -> None:
                 with urllib.request.urlopen(url, timeout=2) as response:
                     if response.status == 200:
                         del waiting[name]
-            except OSError:
+            except (OSError, http.client.HTTPException):
+                # Not listening yet; or, on a port in the ephemeral range, the probe connected
+                # to itself and read its own request back (BadStatusLine).
                 pass
         time.sleep(0.2)
 
