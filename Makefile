@@ -14,9 +14,11 @@ $(STAMP): requirements.txt requirements/*.txt requirements-dev.txt pyproject.tom
 run: $(STAMP)
 	$(PY) scripts/run_local.py
 
-## Run the whole test suite (SQLite and MariaDB; with CI=true a missing MariaDB fails).
+## Run the whole test suite (SQLite and MariaDB; with CI=true a missing MariaDB fails), on
+## TEST_WORKERS processes (pytest-xdist; 0 runs it in this one). Each makes its own database.
+TEST_WORKERS ?= 2
 test: $(STAMP) tools
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 ## Debian packages the tests use: promtool (prometheus) for the alert-rule tests, chromium and
 ## chromium-driver for the web client's browser tests. Installed when run as root.

@@ -30,6 +30,10 @@ import pytest
 
 from tests import subscription_bodies as bodies
 
+#: Under pytest-xdist these run on one worker, one stack at a time: each stack is a dozen
+#: processes, and two picking their blocks of ports at once could pick overlapping ones.
+pytestmark = pytest.mark.xdist_group("local_stack")
+
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 START_TIMEOUT = 60.0

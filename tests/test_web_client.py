@@ -46,6 +46,9 @@ from shared.vapid import generate_vapid_keys
 from tests.conftest import IN_CI, REPO, empty_tables, fresh_database
 from tests.deployed import deployed_all, free_port
 
+#: Under pytest-xdist these run on one worker: the module's functions and browser start once.
+pytestmark = pytest.mark.xdist_group("web_client")
+
 WEB_CLIENT = REPO / "examples" / "web"
 #: Without these the browser tries to reach Google's hosts (sign-in, components, field trials,
 #: QUIC probes), which on a closed network only slows every start.
