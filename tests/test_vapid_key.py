@@ -140,7 +140,9 @@ def test_a_public_key_that_is_not_the_private_keys_stops_the_dispatcher():
         )
 
 
-@pytest.mark.parametrize("value", ["not base64!", DEFAULT.private_key, "BAAA"])
+@pytest.mark.parametrize(  # ids: the key is made at import, and pytest-xdist's workers must agree
+    "value", ["not base64!", DEFAULT.private_key, "BAAA"], ids=["not-base64", "a-private-key", "too-short"]
+)
 def test_a_malformed_public_key_stops_subscribe_naming_it(monkeypatch, database_url, value):
     monkeypatch.setenv("PUSH_VAPID_PUBLIC_KEY", value)
     with pytest.raises(ConfigError, match="PUSH_VAPID_PUBLIC_KEY"):
