@@ -33,6 +33,7 @@ test, so scripts, records, counters and issued access tokens never leak between 
     fcm_server.messages                              # accepted messages, in order
     fcm_server.requests                              # every send request, with its status
     fcm_server.token_requests                        # access tokens issued so far
+    fcm_server.grants_refused                        # token requests refused (invalid_grant)
     fcm_server.connections_made, fcm_server.peak_streams
     fcm_server.service_account_json()                # credentials whose token_uri is the fake
 
@@ -292,6 +293,7 @@ class FakeFcm(FakeServer):
         self._requests: list[ReceivedRequest] = []
         self._access_tokens: set[str] = set()
         self._token_requests = 0
+        self._grants_refused = 0
         self._send_requests = 0
         self._message_ids = itertools.count(1)
 
@@ -343,6 +345,12 @@ class FakeFcm(FakeServer):
         """How many access tokens the token endpoint issued."""
         with self.lock:
             return self._token_requests
+
+    @property
+    def grants_refused(self) -> int:
+        """How many token requests were refused (``invalid_grant``)."""
+        with self.lock:
+            return self._grants_refused
 
     @property
     def send_requests(self) -> int:
@@ -505,6 +513,8 @@ class FakeFcm(FakeServer):
                                + form.get("grant_type", "")})
         problem = self._check_assertion(form.get("assertion", ""))
         if problem is not None:
+            with self.lock:
+                self._grants_refused += 1
             return _json(400, {"error": "invalid_grant", "error_description": problem})
         access_token = f"ya29.fake.{secrets.token_urlsafe(32)}"
         with self.lock:

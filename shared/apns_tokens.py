@@ -36,7 +36,7 @@ from datetime import datetime, timedelta, timezone
 from functools import partial
 
 import jwt
-from sqlalchemy import Connection, Engine, select, update
+from sqlalchemy import Connection, Engine, delete, select, update
 
 from shared.config import ConfigError, env_int
 from shared.db import (
@@ -132,6 +132,21 @@ class ApnsTokenStore:
             issued = self._load_or_refresh(team_id, key_id, sign)
             self._cache[key] = issued
             return issued
+
+    def forget(self, team_id: str, key_id: str, issued_at: datetime) -> None:
+        """Drop the token issued at ``issued_at``, which Apple refused (``InvalidProviderToken``:
+        signed by another key than Apple holds under this key id, say, before an operator fixed
+        the key): the next :meth:`get` signs a new one with the caller's key. A token replaced
+        meanwhile is left alone."""
+        key = (team_id, key_id)
+        with self._lock(key):
+            cached = self._cache.get(key)
+            if cached is not None and cached.issued_at == issued_at:
+                del self._cache[key]
+            run_transaction(self.engine, lambda connection: connection.execute(
+                delete(ProviderToken).where(
+                    ProviderToken.team_id == team_id, ProviderToken.key_id == key_id,
+                    ProviderToken.issued_at == issued_at)))
 
     def _lock(self, key: tuple[str, str]) -> threading.Lock:
         with self._locks_guard:

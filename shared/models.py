@@ -11,6 +11,7 @@ from datetime import datetime
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     DateTime,
     Index,
     Integer,
@@ -126,8 +127,37 @@ class PendingPush(Base):
     version: Mapped[int] = mapped_column(Integer, nullable=False)
     claim: Mapped[str | None] = mapped_column(String(32))
     claimed_until: Mapped[datetime | None] = mapped_column(Timestamp)
+    app: Mapped[str] = mapped_column(String(64), nullable=False, server_default="")
+    """The subscription's app (``""``: the default app), so a hold on one app holds its rows."""
+    kept: Mapped[str | None] = mapped_column(String(16))
+    """Why a hold keeps it (``paused``, ``credentials``); ``None``: it only waits for its delay."""
+    expires_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    """When its TTL runs out for a kept wake-up: past it, it is dropped (counted as expired)."""
 
     __table_args__ = (Index("ix_pending_pushes_provider_due", "provider", "due_at"),)
+
+
+class Hold(Base):
+    """Sends to one provider and app held back (see :mod:`shared.holds`).
+
+    ``kind`` ``pause``: an operator's ``pushctl pause`` (``provider`` and ``app`` may be ``*``:
+    all), with its ``reason``, who (``held_by``) and ``discard`` (drop instead of keep).
+    ``kind`` ``credentials``: the provider refused our credentials for this app; ``reason`` is
+    the provider's word, ``probe_at`` when the next real send may test them, ``failures`` how
+    many probes failed (the backoff). ``app`` ``""`` is the default app.
+    """
+
+    __tablename__ = "holds"
+
+    kind: Mapped[str] = mapped_column(String(16), primary_key=True)
+    provider: Mapped[str] = mapped_column(String(16), primary_key=True)
+    app: Mapped[str] = mapped_column(String(64), primary_key=True)
+    reason: Mapped[str] = mapped_column(String(255), nullable=False)
+    held_by: Mapped[str | None] = mapped_column(String(64))
+    since: Mapped[datetime] = mapped_column(Timestamp, nullable=False)
+    discard: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    probe_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    failures: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
 
 
 class ProviderToken(Base):

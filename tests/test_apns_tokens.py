@@ -495,3 +495,21 @@ def test_every_app_provider_gets_the_shared_store(fake, monkeypatch) -> None:
     assert isinstance(router, AppRouter)
     for provider in router.providers.values():
         assert provider._shared_token is not None and provider._shared_token._store is store
+
+
+async def test_a_token_apple_refused_is_not_handed_to_the_replica_with_the_fixed_key(
+    engine, fake, real_clock
+) -> None:
+    """A wrong key under the right key id signs the shared token; once the key is fixed (a new
+    replica with the right one), that token must not be presented again for half an hour."""
+    wrong = make_provider(fake, ApnsTokenStore(engine, clock=real_clock), key=make_p8_key())
+    refused = await wrong.send(device(), WAKEUP)
+    await wrong.aclose()
+    fixed = make_provider(fake, ApnsTokenStore(engine, clock=real_clock))
+    try:
+        result = await fixed.send(device(), WAKEUP)
+    finally:
+        await fixed.aclose()
+
+    assert (refused.outcome, refused.reason) == (Outcome.CREDENTIALS, "InvalidProviderToken")
+    assert result.outcome is Outcome.DELIVERED

@@ -275,7 +275,7 @@ async def test_expired_provider_token_is_transient(
     [{"key": make_p8_key()}, {"key_id": "OTHERKEY99"}, {"team_id": "OTHERTEAM9"}],
     ids=["other-key", "other-key-id", "other-team"],
 )
-async def test_provider_token_apple_cannot_verify_is_rejected(
+async def test_provider_token_apple_cannot_verify_is_our_credentials(
     apns_server: FakeApns, override: dict[str, str]  # noqa: F811
 ) -> None:
     provider = make_provider(apns_server, **override)
@@ -284,7 +284,20 @@ async def test_provider_token_apple_cannot_verify_is_rejected(
     finally:
         await provider.aclose()
 
-    assert (result.outcome, result.reason) == (Outcome.REJECTED, "InvalidProviderToken")
+    assert (result.outcome, result.reason) == (Outcome.CREDENTIALS, "InvalidProviderToken")
+
+
+@pytest.mark.parametrize("reason", [
+    "BadCertificate", "BadCertificateEnvironment", "Forbidden", "MissingProviderToken",
+    "UnrelatedKeyIdInToken", "BadEnvironmentKeyInToken"])
+async def test_apples_other_refusals_of_our_authentication_are_our_credentials(
+    provider: ApnsProvider, apns_server: FakeApns, reason: str  # noqa: F811
+) -> None:
+    apns_server.respond(TOKEN, 403, reason)
+
+    result = await provider.send(device(), WAKEUP)
+
+    assert (result.outcome, result.reason) == (Outcome.CREDENTIALS, reason)
 
 
 @pytest.mark.parametrize(
@@ -294,7 +307,6 @@ async def test_provider_token_apple_cannot_verify_is_rejected(
         (400, "TopicDisallowed"),
         (400, "MissingTopic"),
         (400, "BadCollapseId"),
-        (403, "Forbidden"),
         (413, "PayloadTooLarge"),
     ],
 )

@@ -154,13 +154,13 @@ async def test_refreshes_the_token_and_retries_once_when_fcm_refuses_it(
     assert [m.token for m in fcm_server.messages] == ["a", "b"]
 
 
-async def test_a_token_refused_again_after_the_refresh_is_rejected(
+async def test_a_token_refused_again_after_the_refresh_is_our_credentials(
         provider: FcmProvider, fcm_server: FakeFcm) -> None:  # noqa: F811
     fcm_server.script(TOKEN, "UNAUTHENTICATED")
 
     result = await provider.send(device(), WAKEUP)
 
-    assert result == SendResult(Outcome.REJECTED, "UNAUTHENTICATED")
+    assert result == SendResult(Outcome.CREDENTIALS, "UNAUTHENTICATED")
     assert [r.status for r in fcm_server.requests] == [401, 401]
     assert fcm_server.token_requests == 2
 
@@ -188,15 +188,27 @@ async def test_a_token_endpoint_out_of_reach_is_transient(fcm_server: FakeFcm) -
     assert fcm_server.requests == []
 
 
-async def test_a_service_account_key_google_refuses_is_rejected(
+async def test_a_service_account_key_google_refuses_is_our_credentials(
         fcm_server: FakeFcm) -> None:  # noqa: F811
     fcm = make_provider(fcm_server, credentials=fcm_server.service_account_json(trusted=False))
 
     result = await fcm.send(device(), WAKEUP)
     await fcm.aclose()
 
-    assert result == SendResult(Outcome.REJECTED, "oauth_refused")
+    assert result == SendResult(Outcome.CREDENTIALS, "oauth_refused")
     assert fcm_server.requests == []
+
+
+async def test_a_refused_grant_is_not_asked_again_by_every_send_of_an_event(
+        fcm_server: FakeFcm) -> None:  # noqa: F811
+    """invalid_grant fails every send; each asking the token endpoint in turn would hammer it."""
+    fcm = make_provider(fcm_server, credentials=fcm_server.service_account_json(trusted=False))
+
+    results = await asyncio.gather(*(fcm.send(device(f"t{n}"), WAKEUP) for n in range(20)))
+    await fcm.aclose()
+
+    assert {r.outcome for r in results} == {Outcome.CREDENTIALS}
+    assert fcm_server.grants_refused == 1
 
 
 # -- classification of FCM's answers -----------------------------------------------------------
@@ -255,23 +267,33 @@ async def test_leaves_retrying_to_the_caller(
     assert second.outcome is Outcome.DELIVERED
 
 
-@pytest.mark.parametrize("answer", ["INVALID_ARGUMENT", "PERMISSION_DENIED"])
-async def test_refusals_of_the_request_itself_are_rejected_and_keep_the_token(
-        provider: FcmProvider, fcm_server: FakeFcm, answer: str) -> None:  # noqa: F811
-    fcm_server.script(TOKEN, answer)
+async def test_a_refusal_of_the_request_itself_is_rejected_and_keeps_the_token(
+        provider: FcmProvider, fcm_server: FakeFcm) -> None:  # noqa: F811
+    fcm_server.script(TOKEN, "INVALID_ARGUMENT")
 
     result = await provider.send(device(), WAKEUP)
 
-    assert result == SendResult(Outcome.REJECTED, answer)
+    assert result == SendResult(Outcome.REJECTED, "INVALID_ARGUMENT")
 
 
-async def test_a_wrong_project_is_rejected_not_dead(fcm_server: FakeFcm) -> None:  # noqa: F811
+async def test_permission_denied_is_our_credentials_not_the_message(
+        provider: FcmProvider, fcm_server: FakeFcm) -> None:  # noqa: F811
+    """403 PERMISSION_DENIED (an IAM permission the service account lacks) refuses any message;
+    403 SENDER_ID_MISMATCH, about the token, stays dead (above)."""
+    fcm_server.script(TOKEN, "PERMISSION_DENIED")
+
+    result = await provider.send(device(), WAKEUP)
+
+    assert result == SendResult(Outcome.CREDENTIALS, "PERMISSION_DENIED")
+
+
+async def test_a_wrong_project_is_our_credentials_not_dead(fcm_server: FakeFcm) -> None:  # noqa: F811
     fcm = make_provider(fcm_server, project_id="someone-elses-project")
 
     result = await fcm.send(device(), WAKEUP)
     await fcm.aclose()
 
-    assert result == SendResult(Outcome.REJECTED, "PERMISSION_DENIED")
+    assert result == SendResult(Outcome.CREDENTIALS, "PERMISSION_DENIED")
 
 
 # -- network failures --------------------------------------------------------------------------

@@ -351,7 +351,7 @@ async def test_a_push_retried_after_a_503_is_delivered(provider, webpush_server)
     assert [push.status for push in webpush_server.pushes] == [503, 201]
 
 
-@pytest.mark.parametrize("status", [400, 401, 403, 413, 422])
+@pytest.mark.parametrize("status", [400, 413, 422])
 async def test_other_client_errors_are_rejected(provider, webpush_server, status):
     subscription = webpush_server.subscribe()
     webpush_server.script(subscription, status)
@@ -361,12 +361,23 @@ async def test_other_client_errors_are_rejected(provider, webpush_server, status
     assert result == SendResult(Outcome.REJECTED, f"http_{status}")
 
 
-async def test_a_subscription_made_for_another_vapid_key_is_rejected(provider, webpush_server):
+@pytest.mark.parametrize("status", [401, 403])
+async def test_the_push_service_refusing_our_vapid_header_is_our_credentials(provider, webpush_server, status):
+    subscription = webpush_server.subscribe()
+    webpush_server.script(subscription, status)
+
+    result = await provider.send(device(subscription), wakeup())
+
+    assert result == SendResult(Outcome.CREDENTIALS, f"http_{status}")
+
+
+async def test_a_vapid_key_other_than_the_subscriptions_is_our_credentials(provider, webpush_server):
+    """RFC 8292 section 4.2: the push service answers 403 (a key rotated wrongly, say)."""
     subscription = webpush_server.subscribe(application_server_key=generate_vapid_keys().public_key)
 
     result = await provider.send(device(subscription), wakeup())
 
-    assert result == SendResult(Outcome.REJECTED, "http_403")
+    assert result == SendResult(Outcome.CREDENTIALS, "http_403")
 
 
 def _replace_keys(**keys: str | None) -> Callable[[dict[str, Any]], str]:

@@ -147,6 +147,20 @@ class _SharedToken:
             task = self._refreshing = loop.create_task(self._refresh())
         await asyncio.shield(task)
 
+    async def refused(self, header: bytes) -> None:
+        """Apple refused the token sent as ``header``: drop it from the store, if it is still
+        the shared one, so the next send signs a new one with this process's key. Without this,
+        a key fixed under the same key id would go on presenting the refused token, shared
+        through the database, until it reached the refresh age."""
+        token = self._token
+        if token is None or header != self.header:
+            return
+        self._token = None
+        try:
+            await asyncio.to_thread(self._store.forget, self._team_id, self._key_id, token.issued_at)
+        except Exception as exc:  # noqa: BLE001 - the next refresh finds out for itself
+            log.warning("APNs provider token: could not drop a refused token (%s)", type(exc).__name__)
+
     async def _refresh(self) -> None:
         try:
             token = await asyncio.to_thread(
@@ -195,12 +209,18 @@ def _check_key(pem: str) -> None:
 
 def _classify(status: int, body: bytes, retry_after: bytes | None) -> SendResult:
     """Apple's answer as a result: 200 delivered; 410 or a dead-token reason DEAD; 429, 5xx and
-    an expired provider token (we sign a new one) TRANSIENT; other 4xx REJECTED."""
+    an expired provider token (we sign a new one) TRANSIENT; 403 otherwise CREDENTIALS (Apple
+    refused our provider token or certificate: ``InvalidProviderToken``,
+    ``MissingProviderToken``, ``BadCertificate``, ``BadCertificateEnvironment``, ``Forbidden``,
+    ``UnrelatedKeyIdInToken``, ``BadEnvironmentKeyInToken``: any message would be refused);
+    other 4xx REJECTED."""
     if status == 200:
         return SendResult(Outcome.DELIVERED)
     reason = _reason(body) or f"http_{status}"
     if status == 410 or reason in _DEAD_REASONS:
         return SendResult(Outcome.DEAD, reason)
+    if status == 403 and reason != "ExpiredProviderToken":
+        return SendResult(Outcome.CREDENTIALS, reason)
     if 400 <= status < 500 and status != 429 and reason != "ExpiredProviderToken":
         return SendResult(Outcome.REJECTED, reason)
     delay = None if retry_after is None else retry_after_seconds(retry_after.decode("latin-1"))
@@ -300,6 +320,7 @@ class ApnsProvider:
             (b"apns-expiration", b"%d" % (int(time.time()) + wakeup.ttl_seconds)),
             (b"apns-collapse-id", message_type.encode()),
         ]
+        presented = self._token.header
         try:
             response = await pool.request(headers, self._body(message_type))
         except TimeoutError:  # before OSError: it is one
@@ -307,7 +328,10 @@ class ApnsProvider:
         except (OSError, H2Error) as exc:
             log.warning("APNs unreachable: %s: %s", type(exc).__name__, exc)
             return SendResult(Outcome.TRANSIENT, "connection_error")
-        return _classify(response.status, response.body, response.header(b"retry-after"))
+        result = _classify(response.status, response.body, response.header(b"retry-after"))
+        if result.reason == "InvalidProviderToken" and self._shared_token is not None:
+            await self._shared_token.refused(presented)
+        return result
 
     async def aclose(self) -> None:
         """Drop every connection and wait until they are closed."""

@@ -26,8 +26,19 @@ class Outcome(enum.Enum):
     TRANSIENT = "transient"
     """Try again later (429, 5xx, timeout, connection error): never delete on this."""
     REJECTED = "rejected"
-    """The provider refused this request for a reason retrying will not fix (bad credentials,
-    payload too large, wrong topic configuration...): not retried, token kept."""
+    """The provider refused this message for a reason retrying it will not fix (payload too
+    large, wrong topic configuration...): not retried, token kept."""
+    CREDENTIALS = "credentials"
+    """The provider refused our credentials, not this message (a key deleted, rotated wrongly,
+    lacking a permission): any message would be refused the same way until a person fixes
+    them. The dispatcher's hold gate (:mod:`shared.holds`) keeps such a wake-up in the database
+    and holds the app's sends to the provider until a probe gets through; a result with this
+    outcome that leaves the gate means "kept"."""
+    KEPT = "kept"
+    """Not sent: an operator's pause holds the provider or app, and the wake-up is kept in the
+    database to be sent once the pause ends (set by the hold gate, never by a provider)."""
+    DISCARDED = "discarded"
+    """Not sent and dropped on purpose: a pause with ``--discard`` (set by the hold gate)."""
 
 
 @dataclass(frozen=True)

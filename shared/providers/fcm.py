@@ -56,6 +56,10 @@ MAX_TTL_SECONDS = 2_419_200
 FCM_ERROR_TYPE = "type.googleapis.com/google.firebase.fcm.v1.FcmError"
 BAD_REQUEST_TYPE = "type.googleapis.com/google.rpc.BadRequest"
 
+GRANT_REFUSED_MEMO_SECONDS = 30.0
+"""After Google refused our grant, sends for this long get the same answer without asking
+again: every send of an event would otherwise ask the token endpoint in turn."""
+
 _CREDENTIALS_VAR = "PUSH_FCM_CREDENTIALS"
 _PROJECT_VAR = "PUSH_FCM_PROJECT_ID"
 _ENDPOINT_VAR = "PUSH_FCM_ENDPOINT"
@@ -109,9 +113,15 @@ def classify(status_code: int, body: bytes, retry_after: str | None) -> SendResu
       A 404 or 403 without those error codes (a wrong URL or project) kills no token.
     - TRANSIENT: 429 (``QUOTA_EXCEEDED``) and every 5xx (``INTERNAL``, ``UNAVAILABLE``, a proxy's
       502), with the ``Retry-After`` FCM may send.
-    - REJECTED: everything else, i.e. 401 (``THIRD_PARTY_AUTH_ERROR``: the project's APNs or
-      Web Push credentials; ``UNAUTHENTICATED``: ours, after one refresh), 403
-      ``PERMISSION_DENIED``, payload 400s: retrying the same request would fail the same way.
+    - CREDENTIALS: FCM refused us, not the message: 401 ``UNAUTHENTICATED`` (our access token,
+      still refused after one refresh: :meth:`FcmProvider.send`) and 403 ``PERMISSION_DENIED``
+      without ``SENDER_ID_MISMATCH`` (the service account lacks
+      ``cloudmessaging.messages.create``, or the project id is not its project). Every message
+      would be refused the same way until the key or its permissions are fixed.
+    - REJECTED: everything else, i.e. 401 ``THIRD_PARTY_AUTH_ERROR`` (the project's APNs
+      certificate or Web Push key, uploaded to Firebase: it refuses only the devices FCM hands to
+      Apple or a browser, so holding the app's Android sends for it would be wrong), payload
+      400s: retrying the same request would fail the same way.
 
     ``reason`` is the ``errorCode`` when FCM gave one, else the status word, else ``http_<code>``.
     """
@@ -124,6 +134,9 @@ def classify(status_code: int, body: bytes, retry_after: str | None) -> SendResu
     if error.error_code in ("UNREGISTERED", "SENDER_ID_MISMATCH") or (
             status_code == 400 and error.names_token):
         return SendResult(Outcome.DEAD, reason)
+    if error.error_code != "THIRD_PARTY_AUTH_ERROR" and (
+            status_code == 401 or (status_code == 403 and error.status == "PERMISSION_DENIED")):
+        return SendResult(Outcome.CREDENTIALS, reason)
     return SendResult(Outcome.REJECTED, reason)
 
 
@@ -169,6 +182,7 @@ class FcmProvider:
         self._max_connections = max_connections
         self._ca_file = ca_file
         self._token_request: functools.partial[Any] | None = None
+        self._grant_refused: tuple[float, auth_exceptions.GoogleAuthError] | None = None
         self._headers: tuple[str | None, list[Header]] = (None, [])
         self._loop_state: _LoopState | None = None
 
@@ -255,7 +269,15 @@ class FcmProvider:
             if credentials.token != refused and credentials.token_state is TokenState.FRESH:
                 return credentials.token
             started = time.monotonic()
-            await asyncio.to_thread(credentials.refresh, self._token_transport())
+            if self._grant_refused is not None and started - self._grant_refused[0] < GRANT_REFUSED_MEMO_SECONDS:
+                raise self._grant_refused[1]
+            try:
+                await asyncio.to_thread(credentials.refresh, self._token_transport())
+            except auth_exceptions.GoogleAuthError as exc:
+                if not (isinstance(exc, auth_exceptions.TransportError) or exc.retryable):
+                    self._grant_refused = (time.monotonic(), exc)
+                raise
+            self._grant_refused = None
             log.debug("FCM access token refreshed in %.3f s", time.monotonic() - started)
             return credentials.token
 
@@ -299,12 +321,13 @@ def _message(device: Device, wakeup: WakeUp) -> bytes:
 
 def _token_failure(exc: auth_exceptions.GoogleAuthError) -> SendResult:
     """No access token. Network trouble, or Google's token endpoint saying "try later", is
-    TRANSIENT; a refused grant (deleted key, disabled account) is REJECTED: it needs a human."""
+    TRANSIENT; a refused grant (``invalid_grant``: a deleted key, a disabled account) is
+    CREDENTIALS: it needs a person. Not logged here: the hold gate logs a refusal once a minute
+    per app (a refused grant fails every send of an event at once)."""
     if isinstance(exc, auth_exceptions.TransportError) or exc.retryable:
         log.warning("FCM access token unavailable: %s", type(exc).__name__)
         return SendResult(Outcome.TRANSIENT, "oauth_unavailable")
-    log.error("FCM access token refused: %s", exc)
-    return SendResult(Outcome.REJECTED, "oauth_refused")
+    return SendResult(Outcome.CREDENTIALS, "oauth_refused")
 
 
 def _load_credentials(text: str) -> tuple[service_account.Credentials, str | None]:

@@ -368,12 +368,19 @@ def _encrypt(payload: bytes, subscription: _Subscription) -> bytes:
 
 
 def _classify(status: int, retry_after: str | None) -> SendResult:
-    """What a push service's HTTP status means (RFC 8030 section 5 and the services' docs)."""
+    """What a push service's HTTP status means (RFC 8030 section 5 and the services' docs).
+
+    401 and 403 are the push service refusing our VAPID header, not the message (RFC 8292
+    section 4: 401 for a token it cannot accept (signature, ``aud``, ``exp``, ``sub``), 403 for
+    a key other than the one the subscription was made with, e.g. after a key rotated wrongly);
+    Mozilla's autopush, FCM's and Apple's push services answer the same way: CREDENTIALS."""
     if 200 <= status < 300:
         return SendResult(Outcome.DELIVERED)
     reason = f"http_{status}"
     if status in (404, 410):
         return SendResult(Outcome.DEAD, reason)
+    if status in (401, 403):
+        return SendResult(Outcome.CREDENTIALS, reason)
     if status == 429 or status >= 500:
         return SendResult(Outcome.TRANSIENT, reason, retry_after_seconds(retry_after))
     return SendResult(Outcome.REJECTED, reason)
