@@ -7,6 +7,12 @@
   sends no CloudEvent headers): delete subscriptions not refreshed for ``PUSH_SUBSCRIPTION_MAX_AGE_DAYS``
   (default 270, the age after which FCM itself considers a token stale), delivery records past
   their retention and rate counters of past windows.
+- a held-work tick (``dev.knative.sources.ping`` with ``pushtick: held``, every few minutes,
+  and every cron-connector tick): when something held is due (a credentials probe, wake-ups a
+  hold kept that may go now: :func:`shared.holds.work_due`), a flush tick for the dispatchers,
+  as the reply event (through the broker to their ``flush-tick-to-*`` Triggers), or posted to
+  each URL of ``PUSH_FLUSH_TICK_URLS`` (OpenFaaS: the dispatchers' routes). Only then are the
+  scaled-to-zero dispatchers woken.
 - any event at ``POST /dead-letters`` (the broker's dead-letter sink): keep it for
   ``pushctl dead-letters`` (:mod:`shared.dead_letters`).
 
@@ -22,7 +28,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from shared import logs, metrics
-from shared.config import env_int
+from shared.config import env_int, env_list
 from shared.db import SchemaGate, get_engine
 from shared.dead_letters import DeadLetterStore
 from shared.deliveries import DeliveryLedger
@@ -30,13 +36,17 @@ from shared.events import (
     NOTIFICATION_REQUESTED,
     PING,
     SUBSCRIPTION_INVALID,
+    binary_http,
+    flush_tick_event,
     data_object,
     is_cloud_event,
     parse_invalid_tokens,
     read_cloud_event,
 )
+from shared.holds import HoldStore, post_flush_tick, work_due
 from shared.http import ApiError, read_body, require_method, serve
 from shared.logs import configure_logging
+from shared.policy import PendingStore
 from shared.ratelimits import RateLimiter
 from shared.subscriptions import Clock, SubscriptionStore, utcnow
 
@@ -45,6 +55,9 @@ log = logging.getLogger(__name__)
 DEAD_LETTERS_PATH = "/dead-letters"
 #: Event types named in the dead-letter counter's label; any other is counted as "other".
 KNOWN_TYPES = frozenset({NOTIFICATION_REQUESTED, SUBSCRIPTION_INVALID, PING})
+#: The ``pushtick`` of the schedule that asks whether held work is due.
+HELD_TICK = "held"
+SOURCE = "/push-functions/cleanup-invalid-tokens"
 
 
 class Cleanup:
@@ -54,8 +67,12 @@ class Cleanup:
         ledger: DeliveryLedger,
         max_age: timedelta = timedelta(days=270),
         clock: Clock = utcnow,
+        tick_urls: tuple[str, ...] = (),
     ) -> None:
         self.store = store
+        self.tick_urls = tick_urls
+        self.holds = HoldStore(store.engine, clock)
+        self.pending = PendingStore(store.engine, clock=clock)
         self.ledger = ledger
         self.max_age = max_age
         self.clock = clock
@@ -71,7 +88,10 @@ class Cleanup:
             SubscriptionStore(engine),
             DeliveryLedger(engine),
             max_age=timedelta(days=env_int("PUSH_SUBSCRIPTION_MAX_AGE_DAYS", 270, minimum=1)),
+            tick_urls=env_list("PUSH_FLUSH_TICK_URLS"),
         )
+        metrics.HOLD_TOTALS.read = cleanup.holds.read
+        metrics.HOLD_TOTALS.waiting = cleanup.pending.waiting
         metrics.SUBSCRIPTION_TOTALS.count = cleanup.store.count_by_provider
         metrics.DEAD_LETTER_TOTAL.count = cleanup.dead_letters.count
         return cleanup
@@ -86,9 +106,11 @@ class Cleanup:
         if not is_cloud_event(request):
             await read_body(request)  # a cron connector's tick: whatever it sends is not used
             await run_in_threadpool(self.expire)
-            return Response(status_code=202)
+            return await self._held_work_tick()
         event = await read_cloud_event(request)
         logs.event_id.set(str(event["id"])[:128])
+        if event["type"] == PING and event.get("pushtick") == HELD_TICK:
+            return await self._held_work_tick()
         if event["type"] == PING:
             await run_in_threadpool(self.expire)
         elif event["type"] == SUBSCRIPTION_INVALID:
@@ -102,6 +124,20 @@ class Cleanup:
             raise ApiError(
                 400, "unsupported_event_type", f"this function takes {SUBSCRIPTION_INVALID} and {PING}"
             )
+        return Response(status_code=202)
+
+    async def _held_work_tick(self) -> Response:
+        """Wake the dispatchers (a flush tick) only when something held is due for them."""
+        due = await run_in_threadpool(lambda: work_due(self.holds.read(), self.pending))
+        if not due:
+            return Response(status_code=202)
+        if not self.tick_urls:  # the reply goes back through the broker to the dispatchers
+            headers, body = binary_http(flush_tick_event(SOURCE))
+            return Response(body or b"", status_code=200, headers=headers)
+        for url in self.tick_urls:
+            problem = await run_in_threadpool(post_flush_tick, url, SOURCE, 10.0)
+            if problem is not None:
+                log.warning("could not post a flush tick to a dispatcher", extra={"url": url, "problem": problem})
         return Response(status_code=202)
 
     async def _keep_dead_letter(self, request: Request) -> Response:

@@ -319,6 +319,96 @@ def dev_token(args: argparse.Namespace) -> int:
     return 0
 
 
+_SCOPE = (
+    arg("--provider", choices=("apns", "fcm", "webpush"), help="only this provider (default: all)"),
+    arg("--app", metavar="NAME", help="only this app of PUSH_APPS, or default (default: all)"),
+)
+
+
+def _scope(args: argparse.Namespace) -> tuple[str, str]:
+    """The (provider, app) a pause or resume names: ``*`` for what is left out, ``""`` for the
+    default app (``--app default``)."""
+    from shared.holds import ALL, DEFAULT_APP
+
+    app = ALL if args.app is None else DEFAULT_APP if args.app == "default" else args.app
+    return args.provider or ALL, app
+
+
+def _what(provider: str, app: str) -> str:
+    from shared.holds import ALL, app_name
+
+    providers = "every provider" if provider == ALL else provider
+    return providers + (", every app" if app == ALL else f", app {app_name(app)}")
+
+
+@command(
+    "pause", "stop sending to a provider and/or app at once (every replica within 5 s)", *_SCOPE,
+    arg("--reason", required=True, help="why: shown by `pushctl status` and kept with the pause"),
+    arg("--by", help="who (default: the login name)"),
+    arg("--discard", action="store_true", help="drop the wake-ups (counted) instead of keeping them for the resume"),
+    needs_settings=True,
+)
+def pause(args: argparse.Namespace) -> int:
+    """The emergency stop: wake-ups are kept for the resume, or dropped with ``--discard``."""
+    import getpass
+
+    from shared.holds import HoldStore
+
+    provider, app = _scope(args)
+    hold = HoldStore(_database()).pause(provider, app, args.reason, args.by or getpass.getuser(), args.discard)
+    kept = "counted and dropped (--discard)" if hold.discard else "kept, and sent once on resume"
+    print(f"paused {_what(provider, app)} since {hold.since:%Y-%m-%dT%H:%M:%SZ}: wake-ups are {kept}")
+    return 0
+
+
+@command(
+    "resume", "end a pause: the kept wake-ups are sent once", *_SCOPE,
+    arg("--tick-to", metavar="URL", help="post a flush tick there (the broker's URL) so kept wake-ups leave now"),
+    arg("--timeout", type=float, default=30.0, help="seconds to wait for the tick's answer"),
+    needs_settings=True,
+)
+def resume(args: argparse.Namespace) -> int:
+    from shared.holds import HoldStore, post_flush_tick
+
+    provider, app = _scope(args)
+    if not HoldStore(_database()).resume(provider, app):
+        print(f"pushctl resume: {_what(provider, app)} is not paused (`pushctl status` lists the pauses)",
+              file=sys.stderr)
+        return 1
+    print(f"resumed {_what(provider, app)}: the kept wake-ups go out with the next flush")
+    if args.tick_to:
+        problem = post_flush_tick(args.tick_to, "/push-functions/pushctl", args.timeout)
+        if problem is not None:
+            print(f"pushctl resume: the flush tick to {args.tick_to} failed: {problem}", file=sys.stderr)
+            return 1
+        print(f"flush tick posted to {args.tick_to}")
+    return 0
+
+
+@command("status", "what is paused or held, since when, by whom and why, and the wake-ups kept",
+         needs_settings=True)
+def status(_args: argparse.Namespace) -> int:
+    from shared.holds import CREDENTIALS, HoldStore, app_name
+    from shared.policy import PendingStore
+
+    engine = _database()
+    holds = HoldStore(engine).read().holds
+    for hold in sorted(holds, key=lambda h: (h.kind, h.provider, h.app)):
+        since = f"{hold.since:%Y-%m-%dT%H:%M:%SZ}"
+        if hold.kind == CREDENTIALS:
+            probe = f", next probe {hold.probe_at:%Y-%m-%dT%H:%M:%SZ}" if hold.probe_at else ""
+            print(f"credentials refused: {_what(hold.provider, hold.app)} since {since} "
+                  f"({hold.reason}; {hold.failures} probe(s) failed{probe})")
+        else:
+            mode = ", discarding" if hold.discard else ""
+            print(f"paused: {_what(hold.provider, hold.app)} since {since} by {hold.held_by or '?'}{mode}: {hold.reason}")
+    if not holds:
+        print("nothing is paused or held")
+    for (provider, app), (count, kept) in sorted(PendingStore(engine).waiting().items()):
+        print(f"waiting: {provider} app {app_name(app)}: {kept} kept, {count - kept} in the privacy delay")
+    return 0
+
+
 # --- plumbing -----------------------------------------------------------------------------------
 
 

@@ -34,6 +34,7 @@ from shared.batching import Batcher
 from shared.config import env, env_float, env_int, env_list
 from shared.db import DatabaseUnavailable, SchemaGate, get_engine, run_transaction
 from shared.deliveries import Claims, DeliveryLedger, Outcomes
+from shared.holds import HoldGate, HoldStore
 from shared.events import (
     NOTIFICATION_REQUESTED,
     PING,
@@ -50,7 +51,7 @@ from shared.events import (
 )
 from shared.http import ApiError, internal_headers, read_json, require_method, serve
 from shared.logs import configure_logging
-from shared.policy import DeliveryPolicy, Due, PendingStore
+from shared.policy import DeliveryPolicy, Due, FlushScope, PendingStore
 from shared.providers.base import Device, Outcome, Provider, SendResult, WakeUp
 from shared.ratelimits import RateLimiter
 from shared.subscriptions import Clock, SubscriptionStore, devices_of, token_sha256, utcnow
@@ -164,10 +165,12 @@ class Dispatcher:
         delivery: DeliveryPolicy = DeliveryPolicy(),
         pending: PendingStore | None = None,
     ) -> None:
-        self.provider = provider
         self.delivery = delivery
         self.limiter = RateLimiter(store.engine, clock)
-        self.pending = pending
+        self.pending = pending or PendingStore(store.engine, clock=clock)
+        # Every send passes the holds (an operator's pause, credentials a provider refused).
+        self.gate = HoldGate(provider, HoldStore(store.engine, clock), self.pending)
+        self.provider: Provider = self.gate
         self.store = store
         self.ledger = ledger
         self.policy = policy
@@ -191,10 +194,11 @@ class Dispatcher:
         metrics.configure()
         engine = get_engine()
         delivery = DeliveryPolicy.from_env()
-        pending = None
+        pending = PendingStore(engine, delivery.privacy_delay)
         if delivery.privacy_delay is not None:
-            pending = PendingStore(engine, delivery.privacy_delay)
             metrics.PENDING_TOTALS.stats = pending.stats
+        metrics.HOLD_TOTALS.read = HoldStore(engine).read
+        metrics.HOLD_TOTALS.waiting = pending.waiting
         dispatcher = cls(
             provider,
             SubscriptionStore(engine),
@@ -258,6 +262,9 @@ class Dispatcher:
         notification = parse_notification(data_object(event), self.policy)
         metrics.NOTIFICATIONS_REQUESTED.labels(self.provider.name, "cloudevent").inc()
         report = await self.dispatch(notification, event_key(event))
+        if self.gate.release_wanted:  # a hold ended: send what it kept, in what time is left
+            flushed = await self.flush(self.settings.deadline_seconds - (time.perf_counter() - started))
+            report.dead += flushed.dead
         return self._logged(await self._answer(report), report, started, notification)
 
     def _logged(
@@ -310,11 +317,11 @@ class Dispatcher:
         counted_at = self.clock()  # the limits' window: a refund goes back to the same one
         to_send, held = await self._apply_limits(to_send, notification.event_type, counted_at)
         report.limited = len(held)
-        if self.pending is not None:
+        if self.delivery.privacy_delay is not None:
             report.queued = len(to_send)
             await run_in_threadpool(
                 self.pending.enqueue, self.provider.name, [s.id for s in to_send],
-                notification.message_type, notification.ttl_seconds,
+                notification.message_type, notification.ttl_seconds, {s.id: s.app for s in to_send},
             )
             queued = SendResult(Outcome.DELIVERED, "queued")
             outcomes = Outcomes({s.id: (queued, self.clock()) for s in to_send} | held)
@@ -381,9 +388,10 @@ class Dispatcher:
                 self.limiter.refund, [f"{s.id}\n{event_type}" for s in retried], limit, counted_at
             )
 
-    async def flush(self) -> DispatchReport:
-        """Send the pending wake-ups that are due (privacy delay), round after round, until none
-        is due or the flush's deadline is near; transient failures stay pending for a later tick.
+    async def flush(self, seconds: float | None = None) -> DispatchReport:
+        """Send the pending wake-ups that are due (privacy delay, and those a hold kept once it
+        lifted: :mod:`shared.holds`), round after round, until none is due or the flush's
+        deadline is near; transient failures stay pending for a later tick.
 
         Every tick drains the queue rather than sending a share of it, so the queue empties at
         the rate the dispatcher sends, and a tick that never came (a PingSource tick is not
@@ -393,21 +401,22 @@ class Dispatcher:
         may still send.
         """
         report = DispatchReport()
-        if self.pending is None:
-            return report
-        deadline = time.monotonic() + self.settings.deadline_seconds
+        deadline = time.monotonic() + (self.settings.deadline_seconds if seconds is None else seconds)
         last_round = self.settings.deadline_seconds * FLUSH_LAST_ROUND_SHARE
-        while deadline - time.monotonic() > last_round:
-            claimed = await self._flush_round(report, deadline - time.monotonic())
-            if claimed < FLUSH_BATCH:
-                break
+        scope = await self.gate.prepare_flush()
+        with self.gate.flushing():
+            while deadline - time.monotonic() > last_round:
+                claimed = await self._flush_round(report, deadline - time.monotonic(), scope)
+                if claimed < FLUSH_BATCH:
+                    break
         return report
 
-    async def _flush_round(self, report: DispatchReport, seconds: float) -> int:
+    async def _flush_round(self, report: DispatchReport, seconds: float, scope: FlushScope = FlushScope()) -> int:
         """Claim up to :data:`FLUSH_BATCH` due wake-ups and send them within ``seconds``: every
         (message type, TTL) group at once. As for events, what was sent is recorded as the
         sends go on, so a flush that dies midway does not send it again. How many were claimed."""
-        token, due = await run_in_threadpool(self.pending.claim_due, self.provider.name, FLUSH_BATCH)
+        token, due = await run_in_threadpool(
+            self.pending.claim_due, self.provider.name, FLUSH_BATCH, scope=scope)
         if not due:
             return 0
         rows = await run_in_threadpool(self.store.by_ids, [d.subscription_id for d in due])

@@ -199,6 +199,23 @@ def invalid_tokens_event(source: str, provider: str, invalid: list[InvalidToken]
     )
 
 
+FLUSH_TICK = "flush"
+"""The ``pushtick`` of a tick that asks the dispatchers to flush (their ``flush-tick-to-*``
+Triggers take it): the privacy delay's PingSource, clean-up when held work is due, and
+``pushctl resume --tick-to``."""
+
+
+def flush_tick_event(source: str) -> CloudEvent:
+    """A flush tick, as the privacy delay's PingSource sends it."""
+    return CloudEvent({"type": PING, "source": source, "id": str(uuid.uuid4()), "pushtick": FLUSH_TICK})
+
+
+def flush_tick_headers(source: str) -> dict[str, str]:
+    """:func:`flush_tick_event` in binary mode: the headers (it has no body)."""
+    headers, _ = binary_http(flush_tick_event(source))
+    return headers
+
+
 def binary_http(event: CloudEvent) -> tuple[dict[str, str], bytes]:
     """Headers and body of ``event`` in binary mode, the broker's default."""
     headers, body = to_binary(event)

@@ -17,6 +17,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import timezone
 from typing import Any
 
 from prometheus_client import (
@@ -68,7 +69,7 @@ NOTIFICATIONS_REQUESTED = Counter(
 SENDS = Counter(
     "push_sends_total",
     "Wake-ups sent to devices, by provider, outcome (delivered, dead, transient, rate_limited, "
-    "rejected) and the provider's reason.",
+    "rejected; credentials, kept, discarded, expired for held ones) and the provider's reason.",
     ["provider", "outcome", "reason"],
 )
 PROVIDER_LATENCY = Histogram(
@@ -196,12 +197,59 @@ class DeadLetterTotal(_CachedCollector):
                                 value=self._cache.get(self.count))
 
 
+class HoldTotals(_CachedCollector):
+    """The holds (:mod:`shared.holds`), read from the database at scrape time:
+    ``push_paused`` and ``push_paused_seconds`` per paused provider and app (``*``: all),
+    ``push_credentials_refused`` per provider and app whose credentials are held, and
+    ``push_kept`` per provider and app: the wake-ups kept for them. Only holds that exist are
+    reported, so a series ends with its hold."""
+
+    def __init__(self, ttl: float = 5.0) -> None:
+        super().__init__(ttl, ((), {}), "holds")
+        self.read: Callable[[], Any] | None = None
+        self.waiting: Callable[[], dict[tuple[str, str], tuple[int, int]]] | None = None
+
+    def _read_both(self) -> tuple[Any, dict[tuple[str, str], tuple[int, int]]]:
+        assert self.read is not None and self.waiting is not None
+        return self.read().holds, self.waiting()
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        if self.read is None or self.waiting is None:
+            return
+        from shared.holds import CREDENTIALS, PAUSE, app_name
+
+        holds, waiting = self._cache.get(self._read_both)
+        labels = ["provider", "app"]
+        paused = GaugeMetricFamily("push_paused", "1 while an operator's pause holds the sends.", labels=labels)
+        age = GaugeMetricFamily("push_paused_seconds", "How long the pause has lasted.", labels=labels)
+        refused = GaugeMetricFamily(
+            "push_credentials_refused", "1 while the provider refuses our credentials for the app.", labels=labels)
+        kept = GaugeMetricFamily("push_kept", "Wake-ups a hold keeps in the database.", labels=labels)
+        now = time.time()
+        for hold in holds:
+            names = [hold.provider, app_name(hold.app)]
+            if hold.kind == PAUSE:
+                paused.add_metric(names, 1)
+                age.add_metric(names, max(0.0, now - hold.since.replace(tzinfo=timezone.utc).timestamp()))
+            elif hold.kind == CREDENTIALS:
+                refused.add_metric(names, 1)
+        for (provider, app), (_, held) in sorted(waiting.items()):
+            if held:
+                kept.add_metric([provider, app_name(app)], held)
+        yield paused
+        yield age
+        yield refused
+        yield kept
+
+
 SUBSCRIPTION_TOTALS = SubscriptionTotals()
 REGISTRY.register(SUBSCRIPTION_TOTALS)
 DEAD_LETTER_TOTAL = DeadLetterTotal()
 REGISTRY.register(DEAD_LETTER_TOTAL)
 PENDING_TOTALS = PendingTotals()
 REGISTRY.register(PENDING_TOTALS)
+HOLD_TOTALS = HoldTotals()
+REGISTRY.register(HOLD_TOTALS)
 
 _server_lock = threading.Lock()
 _settings: tuple[int, str] | None = None
@@ -257,6 +305,7 @@ def serve_metrics() -> int | None:
             registry.register(SUBSCRIPTION_TOTALS)
             registry.register(PENDING_TOTALS)
             registry.register(DEAD_LETTER_TOTAL)
+            registry.register(HOLD_TOTALS)
         try:
             server, _thread = start_http_server(port, addr=addr, registry=registry)
             _served = (pid, server.server_address[1])

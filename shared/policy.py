@@ -21,12 +21,12 @@ from __future__ import annotations
 import json
 import random
 import secrets
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import partial
 
-from sqlalchemy import Connection, Engine, delete, func, select, tuple_, update
+from sqlalchemy import Connection, Engine, case, delete, func, select, tuple_, update
 
 from shared.config import ConfigError, env, env_float, secret
 from shared.db import insert_ignore, read_session, run_transaction, unavailable_as_503
@@ -109,30 +109,80 @@ class Due:
     version: int
 
 
+@dataclass(frozen=True)
+class FlushScope:
+    """What a flush of one provider leaves alone: the apps whose sends are held (``"*"``: all),
+    except one wake-up of each app in ``probe`` (a credentials probe is due)."""
+
+    held: frozenset[str] = frozenset()
+    probe: frozenset[str] = frozenset()
+
+    @property
+    def everything_held(self) -> bool:
+        return "*" in self.held
+
+
 class PendingStore:
-    """Pending wake-ups of the privacy delay, shared by every replica through the database."""
+    """Wake-ups waiting in the database, shared by every replica: those of the privacy delay
+    (``delay``), and those a hold keeps (:mod:`shared.holds`), due at once and sent when it lifts.
+    Without a ``delay`` only kept wake-ups are stored."""
 
     def __init__(
         self,
         engine: Engine,
-        delay: PrivacyDelay,
+        delay: PrivacyDelay | None = None,
         clock: Clock = utcnow,
         uniform: Callable[[float, float], float] = random.SystemRandom().uniform,
     ) -> None:
         self.engine = engine
         self.delay = delay
-        self.lease = timedelta(seconds=delay.lease_seconds)
+        self.lease = timedelta(seconds=delay.lease_seconds if delay else _pending_lease_seconds())
         self.clock = clock
         self.uniform = uniform
 
     def _due_at(self, now: datetime) -> datetime:
-        """A delay drawn afresh for every pending push (not once per process)."""
+        """A delay drawn afresh for every pending push (not once per process); none without it."""
+        if self.delay is None:
+            return now
         return now + timedelta(seconds=self.uniform(self.delay.min_seconds, self.delay.max_seconds))
 
-    def enqueue(self, provider: str, subscription_ids: Iterable[int], message_type: str, ttl: int) -> None:
+    def keep(self, provider: str, items: Iterable[tuple[int, str]], message_type: str, ttl: int, why: str) -> None:
+        """Keep a wake-up per (subscription id, app), due at once but held back by ``why`` (a
+        hold's kind), until its TTL runs out; folded into one already waiting for the device,
+        whose deadline it extends."""
+        rows = list(items)
+        if not rows:
+            return
+        table = PendingPush.__table__
+
+        def work(connection: Connection) -> None:
+            now = self.clock()
+            deadline = now + timedelta(seconds=ttl)
+            # A statement for the rows already there and one for the new ones (the INSERT leaves
+            # those alone), not one per row: a paused app's event keeps a wake-up per device.
+            connection.execute(
+                update(table).where(_keys_in((sub_id, message_type) for sub_id, _ in rows)).values(
+                    version=table.c.version + 1, ttl_seconds=ttl, kept=why,
+                    expires_at=case((table.c.expires_at < deadline, deadline), else_=table.c.expires_at),
+                )
+            )
+            connection.execute(insert_ignore(connection, PendingPush), [
+                {"subscription_id": sub_id, "message_type": message_type, "provider": provider, "app": app,
+                 "ttl_seconds": ttl, "created_at": now, "due_at": now, "version": 1, "kept": why,
+                 "expires_at": deadline}
+                for sub_id, app in rows
+            ])
+
+        run_transaction(self.engine, work)
+
+    def enqueue(
+        self, provider: str, subscription_ids: Iterable[int], message_type: str, ttl: int,
+        apps: Mapping[int, str | None] | None = None,
+    ) -> None:
         """Store a wake-up per device, or fold it into the one already pending (which keeps its
-        due time and takes the newest event's TTL)."""
+        due time and takes the newest event's TTL). ``apps`` names each device's app."""
         ids = list(subscription_ids)
+        apps = apps or {}
         table = PendingPush.__table__
 
         def work(connection: Connection) -> None:
@@ -147,27 +197,36 @@ class PendingStore:
                 if not joined:
                     fresh.append(
                         {"subscription_id": sub_id, "message_type": message_type, "provider": provider,
-                         "ttl_seconds": ttl, "created_at": now, "due_at": self._due_at(now), "version": 1}
+                         "app": apps.get(sub_id) or "", "ttl_seconds": ttl, "created_at": now,
+                         "due_at": self._due_at(now), "version": 1}
                     )
             if fresh:
                 connection.execute(insert_ignore(connection, PendingPush), fresh)
 
         run_transaction(self.engine, work)
 
-    def claim_due(self, provider: str, limit: int = 500, batch: int = 500) -> tuple[str, list[Due]]:
+    def claim_due(
+        self, provider: str, limit: int = 500, batch: int = 500, scope: FlushScope = FlushScope()
+    ) -> tuple[str, list[Due]]:
         """Claim up to ``limit`` due wake-ups of ``provider`` that no live flush holds, ``batch``
-        per transaction so that none holds many row locks for long."""
+        per transaction so that none holds many row locks for long; none of the apps ``scope``
+        holds, but one of each app it names for a probe."""
         token = secrets.token_hex(16)
         table = PendingPush.__table__
 
-        def claim_batch(connection: Connection, size: int) -> int:
+        def claim_batch(connection: Connection, size: int, app: str | None = None) -> int:
             """How many due rows the SELECT found (some may have gone to a racing flush: the
             UPDATE takes only those still free)."""
             now = self.clock()
             free = (table.c.claim.is_(None)) | (table.c.claimed_until < now)
+            where = [table.c.provider == provider, table.c.due_at <= now, free]
+            if app is not None:
+                where.append(table.c.app == app)
+            elif scope.held:
+                where.append(table.c.app.not_in(scope.held))
             keys = connection.execute(
                 select(table.c.subscription_id, table.c.message_type)
-                .where(table.c.provider == provider, table.c.due_at <= now, free)
+                .where(*where)
                 .order_by(table.c.due_at)
                 .limit(size)
             ).all()
@@ -179,8 +238,10 @@ class PendingStore:
                 )
             return len(keys)
 
+        for app in sorted(scope.probe):
+            run_transaction(self.engine, partial(claim_batch, size=1, app=app))
         seen = 0
-        while seen < limit:
+        while seen < limit and not scope.everything_held:
             size = min(batch, limit - seen)
             found = run_transaction(self.engine, partial(claim_batch, size=size))
             seen += found
@@ -235,11 +296,48 @@ class PendingStore:
             )
 
     def stats(self) -> dict[str, tuple[int, float]]:
-        """Per provider: how many wake-ups are pending, and the oldest one's age in seconds."""
+        """Per provider: how many wake-ups wait for their privacy delay (not those a hold keeps:
+        they wait for a person), and the oldest one's age in seconds."""
         now = self.clock()
         with unavailable_as_503(), read_session(self.engine) as session:
             rows = session.execute(
                 select(PendingPush.provider, func.count(), func.min(PendingPush.created_at))
+                .where(PendingPush.kept.is_(None))
                 .group_by(PendingPush.provider)
             ).all()
         return {provider: (count, (now - oldest).total_seconds()) for provider, count, oldest in rows}
+
+    def waiting(self) -> dict[tuple[str, str], tuple[int, int]]:
+        """Per (provider, app): the wake-ups waiting, and how many of them a hold keeps."""
+        kept = func.sum(case((PendingPush.kept.is_not(None), 1), else_=0))
+        with unavailable_as_503(), read_session(self.engine) as session:
+            rows = session.execute(
+                select(PendingPush.provider, PendingPush.app, func.count(), kept)
+                .group_by(PendingPush.provider, PendingPush.app)
+            ).all()
+        return {(provider, app): (count, int(held or 0)) for provider, app, count, held in rows}
+
+    def tidy(self, provider: str, held: dict[str, str], discard: frozenset[str]) -> tuple[int, int]:
+        """Before a flush of ``provider``: drop the wake-ups no flush holds whose TTL ran out, and
+        those of the apps in ``discard`` (``"*"``: all); mark the due ones of ``held`` apps (app
+        -> the hold's kind) as kept, so the privacy delay's figures leave them out. How many
+        expired and how many were discarded."""
+        table = PendingPush.__table__
+
+        def work(connection: Connection) -> tuple[int, int]:
+            now = self.clock()
+            free = (table.c.claim.is_(None)) | (table.c.claimed_until < now)
+            mine = (table.c.provider == provider, free)
+            expired = connection.execute(
+                delete(table).where(*mine, table.c.expires_at < now)).rowcount
+            discarded = 0
+            if discard:
+                apps = () if "*" in discard else (table.c.app.in_(discard),)
+                discarded = connection.execute(delete(table).where(*mine, *apps)).rowcount
+            for app, why in held.items():
+                apps = () if app == "*" else (table.c.app == app,)
+                connection.execute(update(table).where(
+                    *mine, *apps, table.c.due_at <= now, table.c.kept.is_(None)).values(kept=why))
+            return expired, discarded
+
+        return run_transaction(self.engine, work)

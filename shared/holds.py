@@ -1,0 +1,409 @@
+"""Holds: sends to a provider (or one app of it) held back, with nothing lost meanwhile.
+
+Two kinds, kept in the ``holds`` table so every replica sees them within :data:`CACHE_SECONDS`:
+
+- **pause**: an operator's emergency stop (``pushctl pause [--provider P] [--app A] --reason
+  TEXT [--discard]``; ``pushctl resume``). Nothing is sent to what it covers. Its wake-ups are
+  kept in the pending table, due at once, and sent once when the pause ends, unless their TTL
+  ran out first (counted ``push_sends_total{outcome="expired"}``); with ``--discard`` they are
+  counted (``outcome="discarded"``) and dropped instead, those already kept included.
+- **credentials**: a provider refused our credentials for an app (``Outcome.CREDENTIALS``: a
+  deleted or wrongly rotated key, a missing permission). Every message would be refused alike
+  until a person fixes them, so the wake-up is kept as for a pause, the hold is set, and further
+  sends of that app to that provider are kept without contacting it. One real send, the probe,
+  is let through at a time with backoff (:data:`FIRST_PROBE_SECONDS` doubling up to
+  :data:`MAX_PROBE_SECONDS`); when it gets through, the hold lifts and the kept wake-ups go out.
+
+:class:`HoldGate` stands in front of the dispatcher's provider and does all of it per send, so
+the dispatcher's loop only sees outcomes: ``KEPT`` / ``CREDENTIALS`` (kept in the database: the
+event is done for that device, and the ledger keeps a redelivery from sending it), ``DISCARDED``,
+or ``TRANSIENT`` when keeping failed (the database is down: the broker redelivers, nothing is
+lost). The event itself succeeds (202): its wake-ups are safe in the database, and a retry from
+the broker would only be held again.
+
+Kept wake-ups go out on a flush (:meth:`shared.dispatch.Dispatcher.flush`): on the tick the
+privacy delay has, on the tick clean-up sends when it finds held work due (:func:`work_due`), on
+``pushctl resume --tick-to URL``, and after the next event a dispatcher handles once it saw a
+hold end (:attr:`HoldGate.release_wanted`).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+
+from sqlalchemy import Connection, Engine, delete, select, update
+from starlette.concurrency import run_in_threadpool
+
+from shared import metrics
+from shared.batching import Batcher
+from shared.db import DatabaseUnavailable, insert_ignore, read_session, run_transaction, unavailable_as_503
+from shared.models import Hold as HoldRow
+from shared.models import PendingPush
+from shared.policy import FlushScope, PendingStore
+from shared.providers.base import Device, Outcome, Provider, SendResult, WakeUp
+from shared.subscriptions import Clock, utcnow
+
+log = logging.getLogger(__name__)
+
+PAUSE = "pause"
+CREDENTIALS = "credentials"
+ALL = "*"
+"""A pause's provider or app that covers every one."""
+DEFAULT_APP = ""
+"""How the default app (subscriptions naming none) is stored; ``pushctl`` calls it ``default``."""
+CACHE_SECONDS = 5.0
+"""A replica's view of the holds is at most this old: a pause stops every replica's sends
+within it, and a resume lets them go within it."""
+FIRST_PROBE_SECONDS = 60.0
+MAX_PROBE_SECONDS = 1800.0
+LOG_EVERY_SECONDS = 60.0
+"""The error naming an app and provider whose credentials are refused is logged at most this
+often per process."""
+
+#: Set while a flush sends: its wake-ups are rows of the pending table already, so a hold that
+#: covers one hands it back (``TRANSIENT``) rather than keeping it a second time.
+_flushing: contextvars.ContextVar[bool] = contextvars.ContextVar("flushing", default=False)
+
+
+def app_name(app: str) -> str:
+    """An app as operators name it: ``default`` for the default app, ``*`` for all."""
+    return "default" if app == DEFAULT_APP else app
+
+
+@dataclass(frozen=True)
+class Hold:
+    kind: str
+    provider: str
+    app: str
+    reason: str
+    held_by: str | None
+    since: datetime
+    discard: bool = False
+    probe_at: datetime | None = None
+    failures: int = 0
+
+
+@dataclass(frozen=True)
+class Holds:
+    """Every hold, as read at one moment."""
+
+    holds: tuple[Hold, ...] = ()
+
+    def hold_for(self, provider: str, app: str) -> Hold | None:
+        """What holds ``provider``'s sends for ``app``: the most specific pause, else a
+        credentials hold, else ``None``."""
+        pauses = {(h.provider, h.app): h for h in self.holds if h.kind == PAUSE}
+        for key in ((provider, app), (provider, ALL), (ALL, app), (ALL, ALL)):
+            if key in pauses:
+                return pauses[key]
+        return next((h for h in self.holds if h.kind == CREDENTIALS and (h.provider, h.app) == (provider, app)), None)
+
+    def of(self, provider: str) -> list[Hold]:
+        return [h for h in self.holds if h.provider in (provider, ALL)]
+
+    def flush_scope(self, provider: str, now: datetime) -> tuple[FlushScope, dict[str, str], frozenset[str]]:
+        """For a flush of ``provider``: what it leaves alone (apps held, probes due), the held
+        apps' kinds, and the apps whose wake-ups it drops (paused with ``--discard``)."""
+        mine = self.of(provider)
+        held = {h.app: h.kind for h in mine if h.kind == CREDENTIALS}
+        held |= {h.app: h.kind for h in mine if h.kind == PAUSE}  # a pause wins
+        discard = frozenset(h.app for h in mine if h.kind == PAUSE and h.discard)
+        probe = frozenset(
+            h.app for h in mine
+            if h.kind == CREDENTIALS and h.probe_at is not None and h.probe_at <= now
+            and self.hold_for(provider, h.app) is h
+        )
+        return FlushScope(frozenset(held), probe), held, discard
+
+
+class HoldStore:
+    """The ``holds`` table."""
+
+    def __init__(self, engine: Engine, clock: Clock = utcnow) -> None:
+        self.engine = engine
+        self.clock = clock
+
+    def read(self) -> Holds:
+        with unavailable_as_503(), read_session(self.engine) as session:
+            rows = session.execute(select(HoldRow.__table__)).all()
+        return Holds(tuple(
+            Hold(r.kind, r.provider, r.app, r.reason, r.held_by, r.since, bool(r.discard), r.probe_at, r.failures)
+            for r in rows
+        ))
+
+    def pause(self, provider: str, app: str, reason: str, by: str | None, discard: bool) -> Hold:
+        """Pause ``provider`` (``*``: all) for ``app`` (``*``: all); a pause of the same scope
+        is replaced (its start kept, so its age stays true)."""
+        table = HoldRow.__table__
+
+        def work(connection: Connection) -> Hold:
+            now = self.clock()
+            values = {"reason": reason[:255], "held_by": (by or None) and by[:64], "discard": discard}
+            key = (table.c.kind == PAUSE, table.c.provider == provider, table.c.app == app)
+            if not connection.execute(update(table).where(*key).values(**values)).rowcount:
+                connection.execute(insert_ignore(connection, HoldRow), [
+                    {"kind": PAUSE, "provider": provider, "app": app, "since": now, "failures": 0, **values}])
+            since = connection.execute(select(table.c.since).where(*key)).scalar_one()
+            return Hold(PAUSE, provider, app, values["reason"], values["held_by"], since, discard)
+
+        return run_transaction(self.engine, work)
+
+    def resume(self, provider: str, app: str) -> int:
+        """End the pause of exactly this scope; how many ended (0 or 1)."""
+        table = HoldRow.__table__
+        return run_transaction(self.engine, lambda connection: connection.execute(delete(table).where(
+            table.c.kind == PAUSE, table.c.provider == provider, table.c.app == app)).rowcount)
+
+    def trip(self, provider: str, app: str, reason: str) -> None:
+        """Hold ``provider``'s sends for ``app``: it refused our credentials. The first probe
+        comes :data:`FIRST_PROBE_SECONDS` later; a hold already there is left as it is."""
+        now = self.clock()
+        run_transaction(self.engine, lambda connection: connection.execute(insert_ignore(connection, HoldRow), [{
+            "kind": CREDENTIALS, "provider": provider, "app": app, "reason": reason[:255], "held_by": None,
+            "since": now, "discard": False, "probe_at": now + timedelta(seconds=FIRST_PROBE_SECONDS),
+            "failures": 0}]))
+
+    def take_probe(self, provider: str, app: str) -> bool:
+        """Whether this caller may make the probe now: one replica wins, and the next probe
+        moves away by the backoff at once (a probe that dies on the way is not retried sooner)."""
+        table = HoldRow.__table__
+
+        def work(connection: Connection) -> bool:
+            now = self.clock()
+            key = (table.c.kind == CREDENTIALS, table.c.provider == provider, table.c.app == app)
+            failures = connection.execute(
+                select(table.c.failures).where(*key, table.c.probe_at <= now)).scalar_one_or_none()
+            if failures is None:
+                return False
+            wait = min(FIRST_PROBE_SECONDS * 2 ** (failures + 1), MAX_PROBE_SECONDS)
+            return connection.execute(update(table).where(*key, table.c.probe_at <= now).values(
+                probe_at=now + timedelta(seconds=wait), failures=failures + 1)).rowcount == 1
+
+        return run_transaction(self.engine, work)
+
+    def lift(self, provider: str, app: str) -> None:
+        """The credentials work again (a probe got through)."""
+        table = HoldRow.__table__
+        run_transaction(self.engine, lambda connection: connection.execute(delete(table).where(
+            table.c.kind == CREDENTIALS, table.c.provider == provider, table.c.app == app)))
+
+
+def work_due(holds: Holds, pending: PendingStore) -> bool:
+    """Whether a flush has held work to do: a credentials probe due, or kept wake-ups that no
+    hold holds any more (a pause ended, credentials fixed), to drop (``--discard``) or past their
+    TTL. Clean-up asks this on its schedule and wakes the dispatchers only then."""
+    now = pending.clock()
+    if any(h.kind == CREDENTIALS and h.probe_at is not None and h.probe_at <= now for h in holds.holds):
+        return True
+    table = PendingPush.__table__
+    with unavailable_as_503(), read_session(pending.engine) as session:
+        kept = session.execute(
+            select(table.c.provider, table.c.app, table.c.expires_at).where(table.c.kept.is_not(None)).distinct()
+        ).all()
+    for provider, app, expires_at in kept:
+        hold = holds.hold_for(provider, app)
+        if hold is None or hold.discard or (expires_at is not None and expires_at < now):
+            return True
+    return False
+
+
+def post_flush_tick(url: str, source: str, timeout: float = 30.0) -> str | None:
+    """Post a flush tick to ``url`` (the broker, or a dispatcher's route): ``None`` when it was
+    taken, else what went wrong. Blocking (urllib: clean-up's image has no httpx)."""
+    import urllib.error
+    import urllib.request
+
+    from shared.events import flush_tick_headers
+    from shared.http import internal_headers
+
+    request = urllib.request.Request(
+        url, data=b"", method="POST", headers=flush_tick_headers(source) | internal_headers())
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return None if response.status < 300 else f"HTTP {response.status}"
+    except urllib.error.HTTPError as exc:
+        return f"HTTP {exc.code}"
+    except OSError as exc:
+        return f"not reachable ({getattr(exc, 'reason', exc)})"
+
+
+@dataclass
+class _View:
+    holds: Holds = field(default_factory=Holds)
+    read_at: float = float("-inf")
+
+
+class HoldGate:
+    """The dispatcher's provider, behind the holds (see the module doc). ``store`` and
+    ``pending`` share the dispatcher's database."""
+
+    def __init__(
+        self, provider: Provider, store: HoldStore, pending: PendingStore, cache_seconds: float = CACHE_SECONDS
+    ) -> None:
+        self.provider = provider
+        self.name = provider.name
+        self.store = store
+        self.pending = pending
+        self.cache_seconds = cache_seconds
+        self.release_wanted = False
+        """A hold this process knew of ended: kept wake-ups wait for a flush."""
+        self._view = _View()
+        self._reading: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
+        self._logged: dict[tuple[str, str], float] = {}
+        self._keeps: Batcher[tuple[str, tuple[int, str], str, int], None] = Batcher(self._keep_many)
+
+    # -- the view of the holds -------------------------------------------------------------------
+
+    async def holds(self) -> Holds:
+        """The holds, read again when the view is older than ``cache_seconds``."""
+        if time.monotonic() - self._view.read_at <= self.cache_seconds:
+            return self._view.holds
+        loop = asyncio.get_running_loop()
+        if self._reading is None or self._reading[0] is not loop:  # locks belong to one loop
+            self._reading = (loop, asyncio.Lock())
+        async with self._reading[1]:
+            if time.monotonic() - self._view.read_at > self.cache_seconds:
+                try:
+                    self._see(await run_in_threadpool(self.store.read))
+                except DatabaseUnavailable:
+                    log.warning("could not read the holds: database unavailable; using the last seen")
+        return self._view.holds
+
+    def _see(self, holds: Holds) -> None:
+        mine = {(h.kind, h.app) for h in holds.of(self.name)}
+        if any(key not in mine for key in ((h.kind, h.app) for h in self._view.holds.of(self.name))):
+            self.release_wanted = True
+        self._view = _View(holds, time.monotonic())
+
+    def _changed(self, holds: tuple[Hold, ...]) -> None:
+        """This process changed the holds: its own view follows at once."""
+        self._view = replace(self._view, holds=Holds(holds))
+
+    # -- sending ---------------------------------------------------------------------------------
+
+    async def send(self, device: Device, wakeup: WakeUp) -> SendResult:
+        app = device.app or DEFAULT_APP
+        hold = (await self.holds()).hold_for(self.name, app)
+        if hold is None:
+            return await self._send(device, wakeup, app)
+        if wakeup.dry_run:  # validates nothing while held: says why instead
+            return SendResult(Outcome.REJECTED, hold.kind)
+        if hold.kind == PAUSE:
+            if hold.discard:
+                return SendResult(Outcome.DISCARDED, "paused")
+            return await self._keep(device, wakeup, app, PAUSE, SendResult(Outcome.KEPT, "paused"))
+        if await self._take_probe(app):
+            return await self._send(device, wakeup, app, probe=True)
+        self._log_refused(app, hold.reason)
+        return await self._keep(device, wakeup, app, CREDENTIALS, SendResult(Outcome.CREDENTIALS, "held"))
+
+    async def _send(self, device: Device, wakeup: WakeUp, app: str, probe: bool = False) -> SendResult:
+        result = await self.provider.send(device, wakeup)
+        if result.outcome is Outcome.CREDENTIALS:
+            self._log_refused(app, result.reason, force=probe)
+            if not probe:
+                await self._trip(app, result.reason)
+            return await self._keep(device, wakeup, app, CREDENTIALS, result)
+        if probe and result.outcome is not Outcome.TRANSIENT:
+            await self._lift(app)
+        return result
+
+    async def _keep(self, device: Device, wakeup: WakeUp, app: str, why: str, kept: SendResult) -> SendResult:
+        if _flushing.get():
+            return SendResult(Outcome.TRANSIENT, "held")  # its row stays where it is
+        if not device.id:  # a device Echo named that is not subscribed: nowhere to keep it
+            return SendResult(Outcome.TRANSIENT, "held")
+        try:
+            await self._keeps.submit((why, (device.id, app), wakeup.message_type, wakeup.ttl_seconds))
+        except DatabaseUnavailable:
+            log.warning("could not keep a held wake-up: database unavailable; the event is retried")
+            return SendResult(Outcome.TRANSIENT, "held")
+        return kept
+
+    def _keep_many(self, requests: list[tuple[str, tuple[int, str], str, int]]) -> list[None]:
+        groups: dict[tuple[str, str, int], list[tuple[int, str]]] = {}
+        for why, item, message_type, ttl in requests:
+            groups.setdefault((why, message_type, ttl), []).append(item)
+        for (why, message_type, ttl), items in groups.items():
+            self.pending.keep(self.name, items, message_type, ttl, why)
+        return [None] * len(requests)
+
+    async def _trip(self, app: str, reason: str) -> None:
+        now = self.store.clock()
+        held = Hold(CREDENTIALS, self.name, app, reason, None, now, probe_at=now + timedelta(seconds=FIRST_PROBE_SECONDS))
+        self._changed((*self._view.holds.holds, held))
+        try:
+            await run_in_threadpool(self.store.trip, self.name, app, reason)
+        except DatabaseUnavailable:
+            log.warning("could not record the credentials hold: database unavailable")
+
+    async def _take_probe(self, app: str) -> bool:
+        view = self._view.holds
+        hold = view.hold_for(self.name, app)
+        now = self.store.clock()
+        if hold is None or hold.probe_at is None or hold.probe_at > now:
+            return False
+        # Not again from this process before the next backoff step, whoever wins the probe.
+        later = replace(hold, probe_at=now + timedelta(seconds=FIRST_PROBE_SECONDS))
+        self._changed(tuple(later if h is hold else h for h in view.holds))
+        try:
+            return await run_in_threadpool(self.store.take_probe, self.name, app)
+        except DatabaseUnavailable:
+            return False
+
+    async def _lift(self, app: str) -> None:
+        log.warning("%s accepts the credentials of app %s again: sending what was kept", self.name, app_name(app))
+        self._changed(tuple(h for h in self._view.holds.holds
+                            if not (h.kind == CREDENTIALS and (h.provider, h.app) == (self.name, app))))
+        self.release_wanted = True
+        try:
+            await run_in_threadpool(self.store.lift, self.name, app)
+        except DatabaseUnavailable:
+            log.warning("could not lift the credentials hold: database unavailable")
+
+    def _log_refused(self, app: str, reason: str, force: bool = False) -> None:
+        """The error an operator must see, at most once a minute per app: never the key, only
+        the provider's word for the refusal."""
+        now = time.monotonic()
+        key = (self.name, app)
+        if force or now - self._logged.get(key, float("-inf")) >= LOG_EVERY_SECONDS:
+            self._logged[key] = now
+            log.error(
+                "%s refuses our credentials for app %s (%s): wake-ups are kept until they are fixed",
+                self.name, app_name(app), reason,
+                extra={"provider": self.name, "app": app_name(app), "reason": reason},
+            )
+
+    # -- flushing --------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def flushing(self) -> Iterator[None]:
+        token = _flushing.set(True)
+        try:
+            yield
+        finally:
+            _flushing.reset(token)
+
+    async def prepare_flush(self) -> FlushScope:
+        """Read the holds afresh, drop what expired or is discarded (counted), mark the held
+        wake-ups kept; what the flush must leave alone."""
+        self._view = _View()  # a flush acts on the holds as they are now
+        holds = await self.holds()
+        self.release_wanted = False
+        scope, held, discard = holds.flush_scope(self.name, self.store.clock())
+        expired, discarded = await run_in_threadpool(self.pending.tidy, self.name, held, discard)
+        if expired:
+            metrics.SENDS.labels(self.name, "expired", "ttl").inc(expired)
+            log.info("kept wake-ups expired before they could be sent", extra={"count": expired})
+        if discarded:
+            metrics.SENDS.labels(self.name, "discarded", "paused").inc(discarded)
+        return scope
+
+    async def aclose(self) -> None:
+        await self.provider.aclose()
