@@ -23,6 +23,11 @@ matching Service has answered its first delivery, with each answer: ``{"id", "ro
     python scripts/local_router.py --port 8080 \\
         --service dispatch-fcm=http://127.0.0.1:8083/ ... [--manifests knative] [--time-scale 1]
 
+It also runs the PingSources of those manifests on their schedules (minute precision, UTC): a
+sink that is the Broker gets the tick routed like any event (so clean-up's reply to the held-work
+tick reaches the dispatchers), a sink that is a Service gets it posted (its reply ignored, as a
+PingSource ignores it).
+
 --time-scale multiplies every wait (backoff and Retry-After) so tests can live through an hour
 of retries in seconds. It depends on nothing of this repository but the manifests (PyYAML).
 """
@@ -237,6 +242,68 @@ def iso_seconds(duration: str) -> float:
     return hours * 3600 + minutes * 60 + seconds
 
 
+@dataclass(frozen=True)
+class PingSource:
+    name: str
+    schedule: str
+    attributes: dict[str, str]
+    """The tick's extension attributes (``ceOverrides.extensions``)."""
+    sink: str | None
+    """The local URL of a Service sink; ``None``: the Broker."""
+
+    def due(self, when: time.struct_time) -> bool:
+        """Whether the cron ``schedule`` (5 fields: numbers, ``*``, ``*/n``, ``a-b``, lists)
+        names the minute ``when``."""
+        values = (when.tm_min, when.tm_hour, when.tm_mday, when.tm_mon, (when.tm_wday + 1) % 7)
+        return all(cron_field_matches(field, value) for field, value in zip(self.schedule.split(), values))
+
+    def event(self, when: time.struct_time) -> Event:
+        return Event({"specversion": "1.0", "type": "dev.knative.sources.ping",
+                      "source": f"/apis/v1/namespaces/local/pingsources/{self.name}",
+                      "id": f"{self.name}-{time.strftime('%Y%m%dT%H%M', when)}", **self.attributes})
+
+
+def cron_field_matches(field: str, value: int) -> bool:
+    for part in field.split(","):
+        base, _, step = part.partition("/")
+        if base == "*":
+            low, high = 0, 59
+        elif "-" in base:
+            low, high = (int(x) for x in base.split("-", 1))
+        else:
+            low = high = int(base)
+        if low <= value <= high and (value - low) % int(step or 1) == 0:
+            return True
+    return False
+
+
+def deployed_documents(folder: Path) -> list[dict[str, Any]]:
+    """The resources of ``folder``'s kustomization and of the components it lists (not those it
+    leaves out, such as the privacy delay's once-a-minute PingSource by default)."""
+    top = yaml.safe_load((folder / "kustomization.yaml").read_text()) or {}
+    documents = []
+    for base in [folder, *(folder / c for c in top.get("components") or [])]:
+        spec = yaml.safe_load((base / "kustomization.yaml").read_text()) or {}
+        for entry in spec.get("resources", []):
+            documents += [d for d in yaml.safe_load_all((base / entry).read_text()) if isinstance(d, dict)]
+    return documents
+
+
+def load_ping_sources(folder: Path, services: dict[str, str]) -> list[PingSource]:
+    """The PingSources deployed from ``folder``, each with its sink's local URL."""
+    sources = []
+    for document in (d for d in deployed_documents(folder) if d.get("kind") == "PingSource"):
+        spec = document.get("spec", {})
+        ref = (spec.get("sink") or {}).get("ref") or {}
+        sink = None if ref.get("kind") == "Broker" else destination_url(spec.get("sink") or {}, services)
+        if sink is None and ref.get("kind") != "Broker":
+            continue
+        extensions = ((spec.get("ceOverrides") or {}).get("extensions") or {})
+        sources.append(PingSource(document["metadata"]["name"], spec["schedule"],
+                                  {k: str(v) for k, v in extensions.items()}, sink))
+    return sources
+
+
 class Router:
     def __init__(self, routes: list[Route], delivery: Delivery, max_hops: int = 4, time_scale: float = 1.0,
                  sleep: Callable[[float], None] = time.sleep) -> None:
@@ -245,6 +312,32 @@ class Router:
         self.max_hops = max_hops
         self.time_scale = time_scale
         self.sleep = sleep
+
+    def ping(self, source: PingSource, when: time.struct_time) -> None:
+        """Deliver ``source``'s tick for the minute ``when``."""
+        event = source.event(when)
+        if source.sink is None:
+            self.accept(event)
+        else:
+            headers, body = event.binary()
+            threading.Thread(target=self.post, args=(source.sink, headers, body, self.delivery.timeout),
+                             daemon=True).start()
+
+    def run_schedules(self, sources: list[PingSource]) -> None:
+        """Tick each PingSource on its schedule, for ever (a daemon thread's work)."""
+        last = None
+        while True:
+            now = time.gmtime()
+            minute = now[:5]
+            if minute != last:
+                last = minute
+                for source in sources:
+                    if source.due(now):
+                        log(f"PingSource {source.name}: tick")
+                        self.ping(source, now)
+            self.sleep_real(1.0)
+
+    sleep_real = staticmethod(time.sleep)
 
     def accept(self, event: Event, hops: int = 0) -> int:
         """Start delivering ``event`` to every matching route; how many matched."""
@@ -423,8 +516,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time-scale", type=float, default=1.0,
                         help="multiply every wait by this (tests compress an hour of retries)")
     args = parser.parse_args(argv)
-    routes, delivery = load_routes(args.manifests, parse_services(args.service))
+    services = parse_services(args.service)
+    routes, delivery = load_routes(args.manifests, services)
     router = Router(routes, delivery, time_scale=args.time_scale)
+    sources = load_ping_sources(args.manifests, services)
+    for source in sources:
+        log(f"PingSource {source.name}: {source.schedule} -> {source.sink or 'the broker'}")
+    threading.Thread(target=router.run_schedules, args=(sources,), daemon=True).start()
     server = ThreadingHTTPServer((args.host, args.port), make_handler(router))
     server.daemon_threads = True
     for route in routes:

@@ -107,10 +107,25 @@ def test_the_routes_are_the_knative_triggers(receivers):
     assert by_type == {
         NOTIFICATION_REQUESTED: {"dispatch-fcm", "dispatch-apns", "dispatch-webpush"},
         SUBSCRIPTION_INVALID: {"cleanup-invalid-tokens"},
-        "dev.knative.sources.ping": {"dispatch-fcm", "dispatch-apns", "dispatch-webpush"},
+        "dev.knative.sources.ping": {"dispatch-fcm", "dispatch-apns", "dispatch-webpush", "cleanup-invalid-tokens"},
     }
     assert (delivery.retry, delivery.backoff_policy, delivery.backoff_delay, delivery.timeout) == (20, "linear", 30, 120)
     assert delivery.dead_letter == receivers["cleanup-invalid-tokens"].url + "dead-letters"
+
+
+def test_the_ping_sources_tick_on_their_schedules(receivers, router):
+    """The held-work tick goes through the broker to clean-up; the daily expiry straight to it."""
+    sources = {p.name: p for p in local_router.load_ping_sources(REPO / "knative", {n: r.url for n, r in receivers.items()})}
+    assert set(sources) == {"cleanup-daily", "held-check"}  # privacy-delay is not listed
+    at_0315 = time.struct_time((2026, 1, 5, 3, 15, 0, 0, 5, 0))
+    at_0317 = time.struct_time((2026, 1, 5, 3, 17, 0, 0, 5, 0))
+    assert sources["held-check"].due(at_0315) and not sources["held-check"].due(at_0317)
+    assert sources["cleanup-daily"].due(at_0317) and not sources["cleanup-daily"].due(at_0315)
+    router.ping(sources["held-check"], at_0315)
+    router.ping(sources["cleanup-daily"], at_0317)
+    receivers["cleanup-invalid-tokens"].wait(2)
+    ticks = sorted(headers.get("ce-pushtick", "") for headers, _ in receivers["cleanup-invalid-tokens"].received)
+    assert ticks == ["", "held"]
 
 
 def test_retries_are_spaced_as_the_kafka_broker_spaces_them():

@@ -27,7 +27,7 @@ import jsonschema
 import pytest
 import yaml
 
-from shared.events import NOTIFICATION_REQUESTED, SUBSCRIPTION_INVALID
+from shared.events import FLUSH_TICK, NOTIFICATION_REQUESTED, PING, SUBSCRIPTION_INVALID
 from shared.metrics import DEFAULT_PORT as DEFAULT_METRICS_PORT
 from tests.conftest import IN_CI
 
@@ -476,7 +476,8 @@ def test_the_emitted_event_types_are_read_from_the_code():
     not sending one."""
     assert set(EMITS) == set(FUNCTIONS)
     assert all(SUBSCRIPTION_INVALID in EMITS[name] for name in DISPATCHERS)
-    assert EMITS["cleanup-invalid-tokens"] == EMITS["subscribe"] == set()
+    assert EMITS["cleanup-invalid-tokens"] == {PING}  # the flush tick, when held work is due
+    assert EMITS["subscribe"] == set()
 
 
 def test_a_new_event_type_sent_by_a_function_needs_a_trigger(documents, tmp_path):
@@ -539,6 +540,31 @@ def test_the_daily_ping_goes_to_cleanup(documents):
     assert len(pings) == 1
     assert pings[0]["spec"]["sink"]["ref"]["name"] == "cleanup-invalid-tokens"
     assert len(pings[0]["spec"]["schedule"].split()) == 5
+
+
+def test_the_held_work_tick_reaches_cleanup_and_its_reply_every_dispatcher(documents):
+    """Held wake-ups need a tick without keeping the dispatchers awake: a PingSource through
+    the broker to clean-up, whose reply (a flush tick) the dispatchers' Triggers take."""
+    (ping,) = [p for p in of_kind(documents, ("sources.knative.dev/v1", "PingSource")) if p["metadata"]["name"] == "held-check"]
+    assert ping["spec"]["sink"]["ref"]["kind"] == "Broker"
+    tick = {"type": PING, **ping["spec"]["ceOverrides"]["extensions"]}
+    triggers = of_kind(documents, ("eventing.knative.dev/v1", "Trigger"))
+
+    def takers(event: dict[str, str]) -> set[str]:
+        return {t["spec"]["subscriber"]["ref"]["name"] for t in triggers
+                if t["spec"]["filter"]["attributes"].items() <= event.items()}
+
+    assert takers(tick) == {"cleanup-invalid-tokens"}
+    assert takers({"type": PING, "pushtick": FLUSH_TICK}) == set(DISPATCHERS)
+    minutes = ping["spec"]["schedule"].split()[0]
+    assert minutes.startswith("*/") and int(minutes[2:]) >= 5  # not every minute
+
+
+def test_openfaas_cleanup_posts_flush_ticks_to_every_dispatcher(stack):
+    cleanup = stack["functions"]["cleanup-invalid-tokens"]
+    urls = cleanup["environment"]["PUSH_FLUSH_TICK_URLS"].split(",")
+    assert sorted(url.rsplit("/", 1)[1].split(".")[0] for url in urls) == sorted(DISPATCHERS)
+    assert all("/async-function/" in url for url in urls)
 
 
 # --- every function is deployed on both platforms ---------------------------------------------
