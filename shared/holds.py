@@ -244,13 +244,13 @@ class HoldGate:
     ``pending`` share the dispatcher's database."""
 
     def __init__(
-        self, provider: Provider, store: HoldStore, pending: PendingStore, cache_seconds: float = CACHE_SECONDS
+        self, provider: Provider, store: HoldStore, pending: PendingStore, cache_seconds: float | None = None
     ) -> None:
         self.provider = provider
         self.name = provider.name
         self.store = store
         self.pending = pending
-        self.cache_seconds = cache_seconds
+        self.cache_seconds = CACHE_SECONDS if cache_seconds is None else cache_seconds
         self.release_wanted = False
         """A hold this process knew of ended: kept wake-ups wait for a flush."""
         self._view = _View()
