@@ -52,6 +52,15 @@ def test_every_metric_the_rules_name_is_exported(monkeypatch):
     monkeypatch.setattr(metrics.PENDING_TOTALS, "stats", lambda: {"fcm": (1, 60.0)})
     monkeypatch.setattr(metrics.PENDING_TOTALS, "ttl", 0.0)
     monkeypatch.setattr(metrics.DEAD_LETTER_TOTAL, "count", lambda: 0)
+    from datetime import datetime
+
+    from shared.holds import Hold, Holds
+
+    since = datetime(2026, 1, 1)
+    monkeypatch.setattr(metrics.HOLD_TOTALS, "read", lambda: Holds((
+        Hold("pause", "fcm", "*", "r", "ops", since), Hold("credentials", "apns", "", "r", None, since))))
+    monkeypatch.setattr(metrics.HOLD_TOTALS, "waiting", lambda: {("apns", ""): (1, 1)})
+    monkeypatch.setattr(metrics.HOLD_TOTALS, "ttl", 0.0)
     named = set(re.findall(r"\bpush_[a-z_]+", RULES.read_text()))
     exported = exported_names()
     suffixes = ("_bucket", "_count", "_sum", "_total")
