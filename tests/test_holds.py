@@ -261,6 +261,20 @@ async def test_refused_credentials_lose_nothing_and_each_wake_up_goes_once_after
 
     assert [rig.wakeups(row) for row in rows] == [["checkEchoV1"], ["checkEchoV1"]]
     assert holds(engine) == [] and kept(engine) == []
+    assert not any(secret in caplog.text for secret in secrets_of(rig, monkeypatch) | {row.token for row in rows})
+
+
+def secrets_of(rig, monkeypatch) -> set[str]:
+    """The key material a dispatcher held: none of it may reach a log line."""
+    import os
+
+    found = set()
+    for name in ("PUSH_APNS_KEY", "PUSH_VAPID_PRIVATE_KEY"):
+        if os.environ.get(name):
+            found.add(os.environ[name].strip().splitlines()[1 if "BEGIN" in os.environ[name] else 0][:40])
+    if rig.provider == "fcm":
+        found |= {json.loads(rig.fake.service_account_json(trusted=t))["private_key"].splitlines()[1] for t in (True, False)}
+    return found
 
 
 async def test_a_failed_probe_keeps_the_wake_ups_and_backs_off(webpush_rig, function_client, engine, immediate_holds):
