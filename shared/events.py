@@ -5,6 +5,10 @@ dispatchers report dead tokens as ``org.wikimedia.push.subscription.invalid.v1``
 ``dev.knative.sources.ping``. Binary and structured CloudEvents are both accepted. A malformed
 event is answered 400 (not an event, missing attribute, data not JSON) or 422 (data of the wrong
 shape), which the broker does not retry.
+
+The data of both event types is published as JSON Schema in ``openapi/events/``, for producers;
+``tests/test_event_schemas.py`` holds those schemas and the parsers here to the same verdicts, so
+a rule changed here is changed there too.
 """
 from __future__ import annotations
 
@@ -30,9 +34,22 @@ PING = "dev.knative.sources.ping"
 
 MAX_EVENT_BYTES = 256 * 1024
 MAX_USER_ID_LENGTH = 64
+MAX_EVENT_TYPE_LENGTH = 64
 MAX_TTL_SECONDS = 28 * 24 * 3600  # FCM's and Web Push services' longest
 MAX_SUBSCRIPTION_ID = 2**63 - 1  # the largest id a signed 64-bit column holds
+MAX_REASON_LENGTH = 64
+MAX_REPORTED_SUBSCRIPTIONS = 10_000
 SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
+# RFC 3339's date-time, as written: a date, T, a time, an offset (Z or +hh:mm), T and Z in either
+# case; not year 0, which RFC 3339 allows and datetime has not. datetime.fromisoformat alone takes
+# much more (a date alone, a time without offset read as UTC, ISO week dates, any separator). The
+# subscription.invalid.v1 schema's pattern for observed_at is this one; the calendar (February
+# 30) is left to fromisoformat.
+RFC3339_DATE_TIME = re.compile(
+    r"(?!0000)[0-9]{4}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12][0-9]|3[01])[Tt]"
+    r"(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\.[0-9]+)?"
+    r"(?:[Zz]|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])"
+)
 
 
 async def read_cloud_event(request: Request, max_bytes: int = MAX_EVENT_BYTES) -> CloudEvent:
@@ -112,15 +129,20 @@ def parse_notification(data: dict[str, Any], policy: NotificationPolicy) -> Noti
         raise _invalid("users", f"at most {policy.max_users} users per event")
     for user in users:
         if not isinstance(user, str) or not user or len(user) > MAX_USER_ID_LENGTH or not is_text(user):
-            raise _invalid("users", "each user id must be UTF-8 text of 1 to 64 characters")
+            raise _invalid(
+                "users", f"each user id must be UTF-8 text of 1 to {MAX_USER_ID_LENGTH} characters"
+            )
     message_type = data.get("message_type")
     if message_type not in policy.message_types:
         raise _invalid("message_type", f"message_type must be one of {', '.join(policy.message_types)}")
     event_type = data.get("event_type")
     if event_type is not None and (
-        not isinstance(event_type, str) or not 0 < len(event_type) <= 64 or not is_text(event_type)
+        not isinstance(event_type, str) or not 0 < len(event_type) <= MAX_EVENT_TYPE_LENGTH
+        or not is_text(event_type)
     ):
-        raise _invalid("event_type", "event_type must be UTF-8 text of 1 to 64 characters")
+        raise _invalid(
+            "event_type", f"event_type must be UTF-8 text of 1 to {MAX_EVENT_TYPE_LENGTH} characters"
+        )
     dry_run = data.get("dry_run", False)
     if not isinstance(dry_run, bool):
         raise _invalid("dry_run", "dry_run must be true or false")
@@ -179,10 +201,14 @@ class InvalidToken:
     observed_at: datetime
 
     def as_json(self) -> dict[str, Any]:
+        """The report's item. ``reason`` is what the provider answered, which is not bounded
+        (FCM's error code is any string of its body): it is cut to what clean-up accepts, so a
+        strange answer cannot get the whole report refused."""
+        reason = self.reason.encode("utf-8", "replace").decode()[:MAX_REASON_LENGTH]
         return {
             "id": self.id,
             "token_sha256": self.token_sha256,
-            "reason": self.reason,
+            "reason": reason,
             "observed_at": self.observed_at.isoformat(timespec="microseconds") + "Z",
         }
 
@@ -225,8 +251,10 @@ def binary_http(event: CloudEvent) -> tuple[dict[str, str], bytes]:
 def parse_invalid_tokens(data: dict[str, Any]) -> list[InvalidToken]:
     """Validate ``subscription.invalid.v1`` data; 422 naming the field when it is wrong."""
     items = data.get("subscriptions")
-    if not isinstance(items, list) or len(items) > 10_000:
-        raise _invalid("subscriptions", "subscriptions must be a list of at most 10000 items")
+    if not isinstance(items, list) or len(items) > MAX_REPORTED_SUBSCRIPTIONS:
+        raise _invalid(
+            "subscriptions", f"subscriptions must be a list of at most {MAX_REPORTED_SUBSCRIPTIONS} items"
+        )
     parsed = []
     for item in items:
         if not isinstance(item, dict):
@@ -238,25 +266,31 @@ def parse_invalid_tokens(data: dict[str, Any]) -> list[InvalidToken]:
             raise _invalid("subscriptions.id", f"id must be a whole number from 1 to {MAX_SUBSCRIPTION_ID}")
         if not isinstance(digest, str) or not SHA256_HEX.fullmatch(digest):
             raise _invalid("subscriptions.token_sha256", "token_sha256 must be 64 hex digits")
-        if not isinstance(reason, str) or len(reason) > 64 or not is_text(reason):
-            raise _invalid("subscriptions.reason", "reason must be UTF-8 text of at most 64 characters")
+        if not isinstance(reason, str) or len(reason) > MAX_REASON_LENGTH or not is_text(reason):
+            raise _invalid(
+                "subscriptions.reason", f"reason must be UTF-8 text of at most {MAX_REASON_LENGTH} characters"
+            )
         parsed.append(InvalidToken(sub_id, digest.lower(), reason, _timestamp(observed)))
     return parsed
 
 
 def _timestamp(value: Any) -> datetime:
-    if not isinstance(value, str):
-        raise _invalid("subscriptions.observed_at", "observed_at must be an RFC 3339 timestamp")
+    """An RFC 3339 date-time as naive UTC. Its offset is required: a time without one would be
+    read as UTC whatever zone its writer meant, and could then keep a dead subscription or
+    delete one the device had just refreshed."""
+    not_rfc3339 = _invalid(
+        "subscriptions.observed_at", "observed_at must be an RFC 3339 date-time with an offset"
+    )
+    if not isinstance(value, str) or not RFC3339_DATE_TIME.fullmatch(value):
+        raise not_rfc3339
     try:
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise _invalid("subscriptions.observed_at", "observed_at must be an RFC 3339 timestamp") from None
-    if moment.tzinfo is not None:
-        try:
-            moment = moment.astimezone(timezone.utc).replace(tzinfo=None)
-        except OverflowError:  # 0001-01-01T00:00+01:00 is in year 0 in UTC, which has none
-            raise _invalid("subscriptions.observed_at", "observed_at is out of range") from None
-    return moment
+        moment = datetime.fromisoformat(value.upper().replace("Z", "+00:00"))
+    except ValueError:  # not in the calendar: February 30
+        raise not_rfc3339 from None
+    try:
+        return moment.astimezone(timezone.utc).replace(tzinfo=None)
+    except OverflowError:  # 0001-01-01T00:00+01:00 is in year 0 in UTC, which has none
+        raise _invalid("subscriptions.observed_at", "observed_at is out of range") from None
 
 
 def _invalid(field: str, message: str) -> ApiError:

@@ -130,6 +130,13 @@ MALFORMED = {
     "hash_lone_surrogates": ({"subscriptions": [item(token_sha256="\ud800" * 64)]}, "subscriptions.token_sha256"),
     "reason_lone_surrogate": ({"subscriptions": [item(reason="\ud800")]}, "subscriptions.reason"),
     "observed_at_not_a_time": ({"subscriptions": [item(observed_at="yesterday")]}, "subscriptions.observed_at"),
+    # Not RFC 3339, though datetime.fromisoformat reads them (the first two as UTC, the last as +01:00).
+    "observed_at_without_offset": ({"subscriptions": [item(observed_at="2026-01-01T00:00:00")]}, "subscriptions.observed_at"),
+    "observed_at_a_date_alone": ({"subscriptions": [item(observed_at="2026-01-01")]}, "subscriptions.observed_at"),
+    "observed_at_a_week_date": ({"subscriptions": [item(observed_at="2026-W01-1T00:00:00Z")]}, "subscriptions.observed_at"),
+    "observed_at_offset_minute_60": (
+        {"subscriptions": [item(observed_at="2026-01-01T00:00:00+00:60")]}, "subscriptions.observed_at"
+    ),
     # In UTC these fall in years 0 and 10000, which datetime cannot hold.
     "observed_at_before_year_1_in_utc": (
         {"subscriptions": [item(observed_at="0001-01-01T00:00:00+01:00")]}, "subscriptions.observed_at"
