@@ -129,7 +129,8 @@ class FakeWebPushService(FakeServer):
     """The fake push service; use as a context manager or :meth:`start`/:meth:`stop`.
 
     ``application_server_key`` is the default key new subscriptions are bound to (a push signed
-    with another key gets 403, as from a real service); ``None`` accepts any valid signature.
+    with another key gets ``key_mismatch_status``: 403 as from FCM and Apple, or 401 as from
+    Mozilla's autopush); ``None`` accepts any valid signature.
     ``max_records`` caps the kept :attr:`pushes` (``None``: keep all; standalone runs cap it).
     ``echo``, when given, gets one JSON line per accepted push (the demo's ``--print-pushes``).
     ``state_file``, when given, keeps the subscriptions across restarts (read at start, rewritten
@@ -157,6 +158,7 @@ class FakeWebPushService(FakeServer):
         self.host = host
         self.http2 = http2
         self.application_server_key = application_server_key
+        self.key_mismatch_status = 403
         self._records: collections.deque[ReceivedPush] = collections.deque(maxlen=max_records)
         self._echo = echo
         self._subscriptions: dict[str, _Subscription] = {}
@@ -309,7 +311,7 @@ class FakeWebPushService(FakeServer):
         seen["claims"] = claims
         _check_claims(claims, f"https://{authority}")
         if subscription.application_server_key and key != subscription.application_server_key:
-            raise _Refusal(403, "VAPID key differs from the subscription's applicationServerKey")
+            raise _Refusal(self.key_mismatch_status, "VAPID key differs from the subscription's applicationServerKey")
         ttl = headers.get("ttl")
         if ttl is None or not ttl.isdigit():
             raise _Refusal(400, "missing or invalid TTL header")

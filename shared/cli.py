@@ -388,17 +388,20 @@ def resume(args: argparse.Namespace) -> int:
 @command("status", "what is paused or held, since when, by whom and why, and the wake-ups kept",
          needs_settings=True)
 def status(_args: argparse.Namespace) -> int:
-    from shared.holds import CREDENTIALS, HoldStore, app_name
+    from shared.holds import CREDENTIALS, REFUSED, HoldStore, app_name
     from shared.policy import PendingStore
 
     engine = _database()
     holds = HoldStore(engine).read().holds
     for hold in sorted(holds, key=lambda h: (h.kind, h.provider, h.app)):
         since = f"{hold.since:%Y-%m-%dT%H:%M:%SZ}"
+        probe = f", next probe {hold.probe_at:%Y-%m-%dT%H:%M:%SZ}" if hold.probe_at else ""
         if hold.kind == CREDENTIALS:
-            probe = f", next probe {hold.probe_at:%Y-%m-%dT%H:%M:%SZ}" if hold.probe_at else ""
             print(f"credentials refused: {_what(hold.provider, hold.app)} since {since} "
                   f"({hold.reason}; {hold.failures} probe(s) failed{probe})")
+        elif hold.kind == REFUSED:
+            print(f"key refused by some devices: {_what(hold.provider, hold.app)} since {since} "
+                  f"({hold.reason}; their wake-ups wait for a delivery to the app{probe}; nothing held)")
         else:
             mode = ", discarding" if hold.discard else ""
             print(f"paused: {_what(hold.provider, hold.app)} since {since} by {hold.held_by or '?'}{mode}: {hold.reason}")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
@@ -108,30 +108,38 @@ class DispatchReport:
     """Devices over their per-event-type limit: nothing sent."""
     queued: int = 0
     """Wake-ups left for the privacy delay's flush."""
+    kept: int = 0
+    """Wake-ups an operator's pause kept in the database (:mod:`shared.holds`)."""
+    credentials: int = 0
+    """Wake-ups kept because the provider refuses our credentials for their app."""
+    key_refused: int = 0
+    """Web Push wake-ups kept because their device refused our key (its fault or ours: to be
+    told by the next delivery)."""
+    discarded: int = 0
+    """Wake-ups a pause with ``--discard`` dropped."""
+    expired: int = 0
+    """Kept wake-ups whose TTL ran out before they could be sent (flushes only)."""
     dead: list[InvalidToken] = field(default_factory=list)
     retry_after: float | None = None
     only_rate_limited: bool = True
 
     def count(self, result: SendResult) -> None:
-        if result.outcome is Outcome.DELIVERED:
-            self.delivered += 1
-        elif result.outcome is Outcome.DEAD:
-            self.dead_count += 1
-        elif result.outcome is Outcome.REJECTED:
-            self.rejected += 1
-        elif result.outcome is Outcome.TRANSIENT:
+        if result.outcome is Outcome.TRANSIENT:
             self.transient += 1
             self.only_rate_limited &= result.reason in RATE_LIMITED
             if result.retry_after is not None:
                 self.retry_after = max(self.retry_after or 0, result.retry_after)
+        else:
+            setattr(self, _COUNTED[result.outcome], getattr(self, _COUNTED[result.outcome]) + 1)
 
     def summary(self, provider: str, notification: NotificationRequest | None) -> str:
         """What the event came to, in words: a user without devices, a redelivery with nothing
         left to send, a flush and a delivery each read differently."""
         devices = _count(self.found, f"{provider} device")
         if notification is None:
-            return f"privacy-delay flush, {self.found} due: {self.counts()}" if self.found else (
-                "privacy-delay flush, nothing due")
+            if not self.found and not self.expired and not self.discarded:
+                return "flush, nothing due"
+            return f"flush, {self.found} due: {self.counts()}"
         users = _count(len(notification.users), "user")
         dry_run = "dry run: " if notification.dry_run else ""
         if not self.found:
@@ -143,9 +151,30 @@ class DispatchReport:
     def counts(self) -> str:
         counts = [f"{self.delivered} delivered", f"{self.dead_count} dead", f"{self.transient} transient",
                   f"{self.skipped} skipped (already served)", f"{self.limited} limited"]
-        counts += [f"{self.rejected} rejected"] if self.rejected else []
-        counts += [f"{self.queued} queued for the privacy delay"] if self.queued else []
-        return ", ".join(counts)
+        optional = [
+            (self.rejected, "rejected"), (self.queued, "queued for the privacy delay"),
+            (self.kept, "kept (paused)"), (self.credentials, "kept (credentials refused)"),
+            (self.key_refused, "kept (device refused our key)"), (self.discarded, "discarded (paused)"),
+            (self.expired, "expired"),
+        ]
+        return ", ".join(counts + [f"{number} {what}" for number, what in optional if number])
+
+    def fields(self) -> dict[str, int]:
+        """The counts, as fields of the event's log line."""
+        return {
+            "devices": self.found, "delivered": self.delivered, "dead": self.dead_count,
+            "transient": self.transient, "skipped": self.skipped, "limited": self.limited,
+            "rejected": self.rejected, "kept": self.kept, "credentials": self.credentials,
+            "key_refused": self.key_refused, "discarded": self.discarded, "expired": self.expired,
+        }
+
+
+#: The report's count of each final outcome.
+_COUNTED = {
+    Outcome.DELIVERED: "delivered", Outcome.DEAD: "dead_count", Outcome.REJECTED: "rejected",
+    Outcome.KEPT: "kept", Outcome.CREDENTIALS: "credentials", Outcome.KEY_REFUSED: "key_refused",
+    Outcome.DISCARDED: "discarded",
+}
 
 
 def _count(number: int, noun: str) -> str:
@@ -264,7 +293,9 @@ class Dispatcher:
         report = await self.dispatch(notification, event_key(event))
         if self.gate.release_wanted:  # a hold ended: send what it kept, in what time is left
             flushed = await self.flush(self.settings.deadline_seconds - (time.perf_counter() - started))
-            report.dead += flushed.dead
+            log.info("event %s: a hold ended; then %s", logs.event_id.get(),
+                     flushed.summary(self.provider.name, None), extra=flushed.fields())
+            report.dead += flushed.dead  # reported with the event's own
         return self._logged(await self._answer(report), report, started, notification)
 
     def _logged(
@@ -276,11 +307,7 @@ class Dispatcher:
         log.info(
             "event %s: %s; answered %d in %d ms", logs.event_id.get(),
             report.summary(self.provider.name, notification), response.status_code, elapsed,
-            extra={
-                "devices": report.found, "delivered": report.delivered, "dead": report.dead_count,
-                "transient": report.transient, "skipped": report.skipped, "limited": report.limited,
-                "rejected": report.rejected, "status": response.status_code, "elapsed_ms": elapsed,
-            },
+            extra={**report.fields(), "status": response.status_code, "elapsed_ms": elapsed},
         )
         return response
 
@@ -403,18 +430,18 @@ class Dispatcher:
         report = DispatchReport()
         deadline = time.monotonic() + (self.settings.deadline_seconds if seconds is None else seconds)
         last_round = self.settings.deadline_seconds * FLUSH_LAST_ROUND_SHARE
-        scope = await self.gate.prepare_flush()
-        with self.gate.flushing():
-            while deadline - time.monotonic() > last_round:
-                claimed = await self._flush_round(report, deadline - time.monotonic(), scope)
-                if claimed < FLUSH_BATCH:
-                    break
+        scope, report.expired, report.discarded = await self.gate.prepare_flush()
+        while deadline - time.monotonic() > last_round:
+            claimed = await self._flush_round(report, deadline - time.monotonic(), scope)
+            if claimed < FLUSH_BATCH:
+                break
         return report
 
     async def _flush_round(self, report: DispatchReport, seconds: float, scope: FlushScope = FlushScope()) -> int:
         """Claim up to :data:`FLUSH_BATCH` due wake-ups and send them within ``seconds``: every
-        (message type, TTL) group at once. As for events, what was sent is recorded as the
-        sends go on, so a flush that dies midway does not send it again. How many were claimed."""
+        message type at once, each wake-up with what is left of its TTL. As for events, what was
+        sent is recorded as the sends go on, so a flush that dies midway does not send it again.
+        How many were claimed."""
         token, due = await run_in_threadpool(
             self.pending.claim_due, self.provider.name, FLUSH_BATCH, scope=scope)
         if not due:
@@ -424,10 +451,24 @@ class Dispatcher:
         gone = [d.subscription_id for d in due if d.subscription_id not in rows]
         if gone:
             await run_in_threadpool(self.pending.drop, gone)
-        groups: dict[tuple[str, int], dict[int, Due]] = {}
+        # One group per message type (a device has at most one wake-up of each), each wake-up
+        # with what is left of its TTL; one whose TTL ran out since the claim is not sent.
+        now = self.clock()
+        groups: dict[str, dict[int, Due]] = {}
+        wakeups: dict[str, dict[int, WakeUp]] = {}
+        expired: list[Due] = []
         for item in due:
-            if item.subscription_id in rows:
-                groups.setdefault((item.message_type, item.ttl_seconds), {})[item.subscription_id] = item
+            if item.subscription_id not in rows:
+                continue
+            ttl = item.ttl_at(now)
+            if ttl is None:
+                expired.append(item)
+            else:
+                groups.setdefault(item.message_type, {})[item.subscription_id] = item
+                wakeups.setdefault(item.message_type, {})[item.subscription_id] = WakeUp(item.message_type, ttl)
+        if expired:
+            report.expired += len(expired)
+            metrics.SENDS.labels(self.provider.name, "expired", "ttl").inc(len(expired))
         recorded: set[Due] = set()
 
         def checkpoint_of(items: dict[int, Due]) -> Callable[[Outcomes], Awaitable[None]]:
@@ -441,12 +482,13 @@ class Dispatcher:
 
             return checkpoint
 
-        results = await asyncio.gather(*(
-            self._send_all([rows[sub_id] for sub_id in items], WakeUp(message_type, ttl), report,
-                           checkpoint_of(items), deadline_seconds=seconds)
-            for (message_type, ttl), items in groups.items()
-        ))
-        sent: list[Due] = []
+        with self.gate.flushing({(d.subscription_id, d.message_type): d.kept for d in due}):
+            results = await asyncio.gather(*(
+                self._send_all([rows[sub_id] for sub_id in items], wakeups[message_type], report,
+                               checkpoint_of(items), deadline_seconds=seconds)
+                for message_type, items in groups.items()
+            ))
+        sent: list[Due] = list(expired)
         retry: list[Due] = []
         for items, outcomes in zip(groups.values(), results):
             for sub_id, item in items.items():
@@ -472,13 +514,14 @@ class Dispatcher:
     async def _send_all(
         self,
         subscriptions: Sequence[Device],
-        wakeup: WakeUp,
+        wakeup: WakeUp | Mapping[int, WakeUp],
         report: DispatchReport,
         checkpoint: Callable[[Outcomes], Awaitable[None]] | None = None,
         deadline_seconds: float | None = None,
     ) -> Outcomes:
-        """Send to every device, at most ``concurrency`` at once, until the deadline (the
-        dispatch deadline, or ``deadline_seconds`` when given: what is left of a flush's).
+        """Send ``wakeup`` to every device (or each its own, by subscription id), at most
+        ``concurrency`` at once, until the deadline (the dispatch deadline, or
+        ``deadline_seconds`` when given: what is left of a flush's).
 
         With ``checkpoint``, final outcomes are handed over in small batches while the other sends
         go on, so a process killed mid-event has recorded what it already sent and the
@@ -493,7 +536,8 @@ class Dispatcher:
             async with limit:
                 started = time.perf_counter()
                 try:
-                    result = await self.provider.send(subscription, wakeup)
+                    result = await self.provider.send(
+                        subscription, wakeup if isinstance(wakeup, WakeUp) else wakeup[subscription.id])
                 except Exception as exc:  # noqa: BLE001 - see below
                     # Providers classify every answer; what escapes is a device they cannot
                     # send to at all (a stored Web Push endpoint the HTTP client refuses, say).

@@ -92,11 +92,25 @@ def _pending_lease_seconds() -> float:
     return lease
 
 
+def _later(deadline: datetime, column):
+    """The later of ``deadline`` and a deadline column (``deadline`` where the column has none)."""
+    return case(((column.is_(None)) | (column < deadline), deadline), else_=column)
+
+
 def _keys_in(items: Iterable[Due] | Iterable[tuple[int, str]]):
     """``(subscription_id, message_type) IN (...)`` for these pending wake-ups or keys."""
     table = PendingPush.__table__
     keys = [(i.subscription_id, i.message_type) if isinstance(i, Due) else tuple(i) for i in items]
     return tuple_(table.c.subscription_id, table.c.message_type).in_(keys)
+
+
+REFUSED = "refused"
+"""``kept`` of a wake-up whose device refused our Web Push key, while it is not known yet whether
+the key is wrong for that subscription or for every one (:mod:`shared.holds`): no flush sends
+it, but as a probe; a delivery to the app makes it a :data:`RECHECK`."""
+RECHECK = "recheck"
+"""``kept`` of a wake-up whose device refused our key before a delivery showed that key to work:
+sent once more, and rejected as ``vapid_key_mismatch`` if refused again."""
 
 
 @dataclass(frozen=True)
@@ -107,15 +121,31 @@ class Due:
     message_type: str
     ttl_seconds: int
     version: int
+    expires_at: datetime | None = None
+    """When its TTL runs out; ``None`` for a privacy-delay wake-up never kept by a hold."""
+    kept: str | None = None
+    """Why a hold kept it, if one did."""
+
+    def ttl_at(self, now: datetime) -> int | None:
+        """The TTL to send it with at ``now``: what is left of its own (a wake-up kept for an
+        hour by a hold goes out with an hour less), ``None`` once that ran out."""
+        if self.expires_at is None:
+            return self.ttl_seconds
+        if self.expires_at < now:
+            return None
+        return int((self.expires_at - now).total_seconds())
 
 
 @dataclass(frozen=True)
 class FlushScope:
     """What a flush of one provider leaves alone: the apps whose sends are held (``"*"``: all),
-    except one wake-up of each app in ``probe`` (a credentials probe is due)."""
+    except one wake-up of each app in ``probe`` (a credentials probe is due), and the
+    :data:`REFUSED` wake-ups, except one of each app in ``probe_refused``."""
 
     held: frozenset[str] = frozenset()
     probe: frozenset[str] = frozenset()
+    probe_refused: frozenset[str] = frozenset()
+    """Apps one of whose :data:`REFUSED` wake-ups goes out as a probe: does our key work now?"""
 
     @property
     def everything_held(self) -> bool:
@@ -151,29 +181,32 @@ class PendingStore:
         hold's kind), until its TTL runs out; folded into one already waiting for the device,
         whose deadline it extends."""
         rows = list(items)
-        if not rows:
-            return
+        if rows:
+            run_transaction(self.engine, partial(self.keep_in, provider=provider, rows=rows,
+                                                 message_type=message_type, ttl=ttl, why=why))
+
+    def keep_in(
+        self, connection: Connection, provider: str, rows: list[tuple[int, str]], message_type: str, ttl: int,
+        why: str,
+    ) -> None:
+        """:meth:`keep`, in the caller's transaction."""
         table = PendingPush.__table__
-
-        def work(connection: Connection) -> None:
-            now = self.clock()
-            deadline = now + timedelta(seconds=ttl)
-            # A statement for the rows already there and one for the new ones (the INSERT leaves
-            # those alone), not one per row: a paused app's event keeps a wake-up per device.
-            connection.execute(
-                update(table).where(_keys_in((sub_id, message_type) for sub_id, _ in rows)).values(
-                    version=table.c.version + 1, ttl_seconds=ttl, kept=why,
-                    expires_at=case((table.c.expires_at < deadline, deadline), else_=table.c.expires_at),
-                )
+        now = self.clock()
+        deadline = now + timedelta(seconds=ttl)
+        # A statement for the rows already there and one for the new ones (the INSERT leaves
+        # those alone), not one per row: a paused app's event keeps a wake-up per device. A
+        # privacy-delay wake-up it folds into has no deadline yet: it takes this one's.
+        connection.execute(
+            update(table).where(_keys_in((sub_id, message_type) for sub_id, _ in rows)).values(
+                version=table.c.version + 1, ttl_seconds=ttl, kept=why, expires_at=_later(deadline, table.c.expires_at),
             )
-            connection.execute(insert_ignore(connection, PendingPush), [
-                {"subscription_id": sub_id, "message_type": message_type, "provider": provider, "app": app,
-                 "ttl_seconds": ttl, "created_at": now, "due_at": now, "version": 1, "kept": why,
-                 "expires_at": deadline}
-                for sub_id, app in rows
-            ])
-
-        run_transaction(self.engine, work)
+        )
+        connection.execute(insert_ignore(connection, PendingPush), [
+            {"subscription_id": sub_id, "message_type": message_type, "provider": provider, "app": app,
+             "ttl_seconds": ttl, "created_at": now, "due_at": now, "version": 1, "kept": why,
+             "expires_at": deadline}
+            for sub_id, app in rows
+        ])
 
     def enqueue(
         self, provider: str, subscription_ids: Iterable[int], message_type: str, ttl: int,
@@ -189,10 +222,14 @@ class PendingStore:
             now = self.clock()
             fresh = []
             for sub_id in ids:
+                # A kept wake-up it joins (a hold ended, not yet flushed) keeps its deadline
+                # unless this event's is later; one of the privacy delay has none.
                 joined = connection.execute(
                     update(table)
                     .where(table.c.subscription_id == sub_id, table.c.message_type == message_type)
-                    .values(version=table.c.version + 1, ttl_seconds=ttl)
+                    .values(version=table.c.version + 1, ttl_seconds=ttl, expires_at=case(
+                        (table.c.expires_at.is_(None), None),
+                        else_=_later(now + timedelta(seconds=ttl), table.c.expires_at)))
                 ).rowcount
                 if not joined:
                     fresh.append(
@@ -210,13 +247,14 @@ class PendingStore:
     ) -> tuple[str, list[Due]]:
         """Claim up to ``limit`` due wake-ups of ``provider`` that no live flush holds, ``batch``
         per transaction so that none holds many row locks for long; none of the apps ``scope``
-        holds, but one of each app it names for a probe."""
+        holds, nor any :data:`REFUSED` wake-up, but one of each app it names for a probe."""
         token = secrets.token_hex(16)
         table = PendingPush.__table__
 
-        def claim_batch(connection: Connection, size: int, app: str | None = None) -> int:
+        def claim_batch(connection: Connection, size: int, app: str | None = None, refused: bool = False) -> int:
             """How many due rows the SELECT found (some may have gone to a racing flush: the
-            UPDATE takes only those still free)."""
+            UPDATE takes only those still free). With ``app``, that app's rows only (a probe):
+            its :data:`REFUSED` ones when ``refused``."""
             now = self.clock()
             free = (table.c.claim.is_(None)) | (table.c.claimed_until < now)
             where = [table.c.provider == provider, table.c.due_at <= now, free]
@@ -224,6 +262,10 @@ class PendingStore:
                 where.append(table.c.app == app)
             elif scope.held:
                 where.append(table.c.app.not_in(scope.held))
+            if refused:
+                where.append(table.c.kept == REFUSED)
+            elif app is None:
+                where.append(table.c.kept.is_(None) | (table.c.kept != REFUSED))
             keys = connection.execute(
                 select(table.c.subscription_id, table.c.message_type)
                 .where(*where)
@@ -240,6 +282,8 @@ class PendingStore:
 
         for app in sorted(scope.probe):
             run_transaction(self.engine, partial(claim_batch, size=1, app=app))
+        for app in sorted(scope.probe_refused):
+            run_transaction(self.engine, partial(claim_batch, size=1, app=app, refused=True))
         seen = 0
         while seen < limit and not scope.everything_held:
             size = min(batch, limit - seen)
@@ -249,7 +293,8 @@ class PendingStore:
                 break
         with unavailable_as_503(), read_session(self.engine) as session:
             rows = session.execute(
-                select(table.c.subscription_id, table.c.message_type, table.c.ttl_seconds, table.c.version)
+                select(table.c.subscription_id, table.c.message_type, table.c.ttl_seconds, table.c.version,
+                       table.c.expires_at, table.c.kept)
                 .where(table.c.claim == token)
             ).all()
         return token, [Due(*row) for row in rows]

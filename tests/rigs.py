@@ -4,6 +4,7 @@ against all three providers."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from fakes import fcm as fake_fcm
@@ -66,6 +67,11 @@ class FcmRig(Rig):
     def attempts(self, row: Subscription) -> int:
         return len([r for r in self.fake.requests if r.token == row.token])
 
+    def ttls(self, row: Subscription) -> list[int]:
+        """The TTL (seconds) of each wake-up that reached the device."""
+        return [int(m.body["message"]["android"]["ttl"].removesuffix("s")) for m in self.fake.messages
+                if m.token == row.token and not m.validate_only]
+
 
 class ApnsRig(Rig):
     provider = "apns"
@@ -103,6 +109,11 @@ class ApnsRig(Rig):
     def attempts(self, row: Subscription) -> int:
         return len([r for r in self.fake.requests if r.token == row.token])
 
+    def ttls(self, row: Subscription) -> list[int]:
+        """What is left of each delivered wake-up's TTL now (APNs takes an expiry time)."""
+        return [int(r.headers["apns-expiration"]) - int(time.time()) for r in self.fake.requests
+                if r.token == row.token and r.status == 200]
+
 
 class WebPushRig(Rig):
     provider = "webpush"
@@ -115,9 +126,15 @@ class WebPushRig(Rig):
         # The fake push service is a local receiver: the one endpoint the rules let through.
         monkeypatch.setenv("PUSH_WEBPUSH_ALLOW_LOCAL_ENDPOINTS", f"localhost:{self.fake.port}")
 
-    def new_subscription(self) -> NewSubscription:
-        subscription = self.fake.subscribe()
+    def new_subscription(self, application_server_key: str | None = None) -> NewSubscription:
+        subscription = self.fake.subscribe(application_server_key)
         return NewSubscription("webpush", json.dumps(subscription), subscription["endpoint"])
+
+    def add_stale(self, engine, user: str) -> Subscription:
+        """A device of ``user`` whose browser subscribed with a VAPID key other than ours (one
+        rotated away since): the push service refuses our pushes to it, and only to it."""
+        other = generate_vapid_keys().public_key
+        return SubscriptionStore(engine).subscribe(user, self.new_subscription(other)).subscription
 
     def dead(self, row: Subscription) -> None:
         self.fake.script(json.loads(row.token), 410, then=410)
@@ -139,6 +156,9 @@ class WebPushRig(Rig):
 
     def attempts(self, row: Subscription) -> int:
         return len(self.fake.pushes_to(json.loads(row.token)))
+
+    def ttls(self, row: Subscription) -> list[int]:
+        return [int(p.ttl) for p in self.fake.pushes_to(json.loads(row.token)) if p.status == 201]
 
 
 RIGS = {"fcm": (FcmRig, "fcm_server"), "apns": (ApnsRig, "apns_server"), "webpush": (WebPushRig, "webpush_server")}

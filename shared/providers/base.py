@@ -34,6 +34,12 @@ class Outcome(enum.Enum):
     them. The dispatcher's hold gate (:mod:`shared.holds`) keeps such a wake-up in the database
     and holds the app's sends to the provider until a probe gets through; a result with this
     outcome that leaves the gate means "kept"."""
+    KEY_REFUSED = "key_refused"
+    """The push service refused our key for this device (Web Push 401/403), which is either the
+    device's fault (its subscription was made with another key: a per-subscription fact after a
+    key rotation) or ours (the key is wrong for every device); no status tells them apart. The
+    hold gate (:mod:`shared.holds`) keeps the wake-up and decides by what the app's other devices
+    answer; a result with this outcome that leaves the gate means "kept"."""
     KEPT = "kept"
     """Not sent: an operator's pause holds the provider or app, and the wake-up is kept in the
     database to be sent once the pause ends (set by the hold gate, never by a provider)."""

@@ -370,17 +370,22 @@ def _encrypt(payload: bytes, subscription: _Subscription) -> bytes:
 def _classify(status: int, retry_after: str | None) -> SendResult:
     """What a push service's HTTP status means (RFC 8030 section 5 and the services' docs).
 
-    401 and 403 are the push service refusing our VAPID header, not the message (RFC 8292
-    section 4: 401 for a token it cannot accept (signature, ``aud``, ``exp``, ``sub``), 403 for
-    a key other than the one the subscription was made with, e.g. after a key rotated wrongly);
-    Mozilla's autopush, FCM's and Apple's push services answer the same way: CREDENTIALS."""
+    401 and 403 are the push service refusing our VAPID header, not the message: KEY_REFUSED.
+    RFC 8292 section 4.2 names 401 for authentication absent and 403 for invalid, where invalid
+    includes a key other than the one the subscription was created with; the services differ:
+    Mozilla's autopush answers 401 (errno 109) both to a key mismatch and to a bad or expired
+    JWT, FCM 403 to a mismatch ("the VAPID credentials in the authorization header do not
+    correspond to the credentials used to create the subscriptions"), Apple 403 ``BadJwtToken``
+    to a JWT signed with the wrong key and to a subject or audience it will not take. So neither
+    status says whether one subscription is stale or our key is wrong for all: the hold gate
+    tells them apart by the app's other devices."""
     if 200 <= status < 300:
         return SendResult(Outcome.DELIVERED)
     reason = f"http_{status}"
     if status in (404, 410):
         return SendResult(Outcome.DEAD, reason)
     if status in (401, 403):
-        return SendResult(Outcome.CREDENTIALS, reason)
+        return SendResult(Outcome.KEY_REFUSED, reason)
     if status == 429 or status >= 500:
         return SendResult(Outcome.TRANSIENT, reason, retry_after_seconds(retry_after))
     return SendResult(Outcome.REJECTED, reason)
