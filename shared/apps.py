@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shared.config import ConfigError, file_or_value, no_missing_file, secret
-from shared.providers.base import Device, Outcome, Provider, SendResult, WakeUp
+from shared.providers.base import Device, EchoTokens, Outcome, Provider, SendResult, WakeUp
 
 APP_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 PROVIDERS = ("fcm", "apns", "webpush")
@@ -110,9 +110,12 @@ def _resolve(where: str, key: str, value: Any) -> Any:
 class AppRouter:
     """A :class:`Provider` that sends each device through its app's own provider client."""
 
-    def __init__(self, name: str, providers: dict[str | None, Provider]) -> None:
+    def __init__(
+        self, name: str, providers: dict[str | None, Provider], echo: EchoTokens | None = None
+    ) -> None:
         self.name = name
         self.providers = providers
+        self.echo = echo  # every app's provider is of one class, which reads Echo's request alike
 
     async def send(self, device: Device, wakeup: WakeUp) -> SendResult:
         provider = self.providers.get(device.app)
@@ -154,4 +157,4 @@ def providers_from_env(provider_class: Any, **shared: Any) -> Provider:
             raise
     if list(per_app) == [None]:
         return per_app[None]
-    return AppRouter(name, per_app)
+    return AppRouter(name, per_app, provider_class.echo)

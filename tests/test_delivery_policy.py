@@ -221,6 +221,7 @@ class Rendezvous:
     """A provider whose sends return only once ``count`` of them are in flight together."""
 
     name = "fcm"
+    echo = None  # serves no Echo request
 
     def __init__(self, count: int) -> None:
         self.count = count
@@ -243,6 +244,7 @@ class HeldBack:
     ``release``."""
 
     name = "fcm"
+    echo = None  # serves no Echo request
 
     def __init__(self, held: int) -> None:
         self.held = held
@@ -439,6 +441,7 @@ class Counting:
     """A provider that delivers every send after ``seconds``, and remembers whom it sent to."""
 
     name = "fcm"
+    echo = None  # serves no Echo request
 
     def __init__(self, seconds: float = 0.0) -> None:
         self.seconds = seconds
@@ -455,7 +458,7 @@ class Counting:
 
 async def test_a_flush_sends_everything_due_round_after_round(engine, monkeypatch):
     """More is due than one round claims (two missed ticks' worth, say): one tick sends it all."""
-    monkeypatch.setattr("shared.dispatch.FLUSH_BATCH", 3)
+    monkeypatch.setattr("shared.dispatch.flush.FLUSH_BATCH", 3)
     clock = Clock(datetime(2026, 1, 1, 10, 0, 0))
     store = PendingStore(engine, PrivacyDelay(0, 0), clock=clock)
     devices = [fcm_device(engine) for _ in range(8)]
@@ -471,7 +474,7 @@ async def test_a_flush_sends_everything_due_round_after_round(engine, monkeypatc
 async def test_a_flush_starts_no_round_once_its_deadline_is_near(engine, monkeypatch):
     """Rounds of two sends taking 0.3 s each, under a 1 s deadline: the flush stops after a few
     rounds, what it did not reach stays pending unclaimed for the next tick, nothing twice."""
-    monkeypatch.setattr("shared.dispatch.FLUSH_BATCH", 2)
+    monkeypatch.setattr("shared.dispatch.flush.FLUSH_BATCH", 2)
     clock = Clock(datetime(2026, 1, 1, 10, 0, 0))
     store = PendingStore(engine, PrivacyDelay(0, 0), clock=clock)
     devices = [fcm_device(engine, f"user-{n}") for n in range(20)]  # a user keeps at most 10

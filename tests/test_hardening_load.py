@@ -3,9 +3,8 @@ what it cannot take at once with a retryable answer (503 + Retry-After) instead 
 everything in memory, never crash (no 500), stay within a memory bound, and every event must
 complete on redelivery with each device woken exactly once per event.
 
-This asserts the per-process cap on events in flight proposed for shared/dispatch.py
-(``PUSH_DISPATCH_MAX_IN_FLIGHT``, answered 503 ``overloaded`` with Retry-After): until the
-dispatcher has it, the cap assertion fails.
+This asserts the per-process cap on events in flight (shared/dispatch/admission.py,
+``PUSH_DISPATCH_MAX_IN_FLIGHT``, answered 503 ``overloaded`` with Retry-After).
 """
 from __future__ import annotations
 

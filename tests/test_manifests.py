@@ -471,9 +471,9 @@ def test_the_routing_check_catches_an_unrouted_event_type(documents):
 
 
 def test_the_emitted_event_types_are_read_from_the_code():
-    """The dispatchers' dead-token reports (shared/dispatch.py calls invalid_tokens_event) are
-    found; importing shared/events.py, as cleanup-invalid-tokens does to read those reports, is
-    not sending one."""
+    """The dispatchers' dead-token reports (shared/dispatch/dead_tokens.py calls
+    invalid_tokens_event) are found; importing shared/events.py, as cleanup-invalid-tokens does
+    to read those reports, is not sending one."""
     assert set(EMITS) == set(FUNCTIONS)
     assert all(SUBSCRIPTION_INVALID in EMITS[name] for name in DISPATCHERS)
     assert EMITS["cleanup-invalid-tokens"] == {PING}  # the flush tick, when held work is due

@@ -250,6 +250,24 @@ async def test_throttling_and_server_errors_are_transient(
     assert (result.outcome, result.reason) == (Outcome.TRANSIENT, reason)
 
 
+@pytest.mark.parametrize(
+    ("status", "reason", "rate_limited"),
+    [
+        (429, "TooManyRequests", True),
+        (429, "TooManyProviderTokenUpdates", True),
+        (503, "ServiceUnavailable", False),
+    ],
+)
+async def test_only_a_429_says_it_is_a_rate_limit(
+    provider: ApnsProvider, apns_server: FakeApns, status: int, reason: str, rate_limited: bool  # noqa: F811
+) -> None:
+    apns_server.respond(TOKEN, status, reason)
+
+    result = await provider.send(device(), WAKEUP)
+
+    assert result.rate_limited is rate_limited
+
+
 async def test_a_retry_after_apple_sends_is_reported(
     provider: ApnsProvider, apns_server: FakeApns  # noqa: F811
 ) -> None:

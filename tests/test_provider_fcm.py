@@ -226,13 +226,13 @@ async def test_answers_that_condemn_the_token_are_dead(
     assert result.reason == ("INVALID_ARGUMENT" if answer.startswith("INVALID_TOKEN") else answer)
 
 
-async def test_quota_exceeded_is_transient_with_fcms_retry_after(
+async def test_quota_exceeded_is_a_transient_rate_limit_with_fcms_retry_after(
         provider: FcmProvider, fcm_server: FakeFcm) -> None:  # noqa: F811
     fcm_server.script(TOKEN, fcm_error("QUOTA_EXCEEDED", retry_after=30))
 
     result = await provider.send(device(), WAKEUP)
 
-    assert result == SendResult(Outcome.TRANSIENT, "QUOTA_EXCEEDED", retry_after=30.0)
+    assert result == SendResult(Outcome.TRANSIENT, "QUOTA_EXCEEDED", retry_after=30.0, rate_limited=True)
 
 
 @pytest.mark.parametrize("answer", ["INTERNAL", "UNAVAILABLE"])

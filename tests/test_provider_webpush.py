@@ -310,13 +310,13 @@ async def test_a_gone_subscription_is_dead(provider, webpush_server, status):
     assert result == SendResult(Outcome.DEAD, f"http_{status}")
 
 
-async def test_429_is_transient_with_retry_after_in_seconds(provider, webpush_server):
+async def test_429_is_a_transient_rate_limit_with_retry_after_in_seconds(provider, webpush_server):
     subscription = webpush_server.subscribe()
     webpush_server.script(subscription, Answer(429, retry_after="7"))
 
     result = await provider.send(device(subscription), wakeup())
 
-    assert result == SendResult(Outcome.TRANSIENT, "http_429", retry_after=7.0)
+    assert result == SendResult(Outcome.TRANSIENT, "http_429", retry_after=7.0, rate_limited=True)
 
 
 async def test_retry_after_as_an_http_date_becomes_seconds_from_now(provider, webpush_server):

@@ -62,7 +62,7 @@ from shared.config import (
     require_env,
     require_secret,
 )
-from shared.providers.base import Device, Outcome, SendResult, WakeUp, retry_after_seconds
+from shared.providers.base import Device, EchoTokens, Outcome, SendResult, WakeUp, retry_after_seconds
 from shared.transport.connect import Origin
 from shared.transport.http2 import Header, Http2Pool
 from shared.transport.proxy import proxy_for
@@ -224,7 +224,8 @@ def _classify(status: int, body: bytes, retry_after: bytes | None) -> SendResult
     if 400 <= status < 500 and status != 429 and reason != "ExpiredProviderToken":
         return SendResult(Outcome.REJECTED, reason)
     delay = None if retry_after is None else retry_after_seconds(retry_after.decode("latin-1"))
-    return SendResult(Outcome.TRANSIENT, reason, delay)
+    # 429 is Apple's "slow down" (TooManyRequests, TooManyProviderTokenUpdates).
+    return SendResult(Outcome.TRANSIENT, reason, delay, rate_limited=status == 429)
 
 
 def _reason(body: bytes) -> str | None:
@@ -241,6 +242,8 @@ class ApnsProvider:
     """Sends wake-ups through APNs. Create one per process; :meth:`aclose` at shutdown."""
 
     name = "apns"
+    #: Echo names APNs devices by hex token in either case; unknown ones get the default environment.
+    echo = EchoTokens(lower_case=True, environment=True)
 
     def __init__(
         self,

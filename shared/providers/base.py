@@ -89,6 +89,21 @@ class SendResult:
     outcome: Outcome
     reason: str = ""
     retry_after: float | None = None
+    rate_limited: bool = False
+    """A TRANSIENT answer that means "slow down" (the provider's 429, whatever its reason): the
+    dispatcher then answers the broker 429 rather than 503, and counts it as rate_limited."""
+
+
+@dataclass(frozen=True)
+class EchoTokens:
+    """How a provider reads the device tokens of Echo's ``POST /v1/message/{provider}`` (the
+    Echo-compatible path, :mod:`shared.dispatch.echo`)."""
+
+    lower_case: bool = False
+    """Tokens are compared in lower case (APNs tokens are hex, stored lower-case)."""
+    environment: bool = False
+    """Devices have an APNs environment: a known device its own, an unknown one the default
+    (``PUSH_ECHO_APNS_ENVIRONMENT``)."""
 
 
 class Provider(Protocol):
@@ -96,6 +111,8 @@ class Provider(Protocol):
 
     name: str
     """``"fcm"``, ``"apns"`` or ``"webpush"``: the value stored in ``subscriptions.provider``."""
+    echo: EchoTokens | None
+    """How Echo's request names this provider's devices; ``None``: Echo does not serve it."""
 
     async def send(self, device: Device, wakeup: WakeUp) -> SendResult:
         """Send one wake-up to one device. Never raises for provider or network errors: every

@@ -36,6 +36,7 @@ from h2.exceptions import H2Error
 from shared.config import ConfigError, env, env_float, env_int, require_secret
 from shared.providers.base import (
     Device,
+    EchoTokens,
     Outcome,
     SendResult,
     WakeUp,
@@ -130,7 +131,8 @@ def classify(status_code: int, body: bytes, retry_after: str | None) -> SendResu
     error = FcmError.parse(body)
     reason = error.error_code or error.status or f"http_{status_code}"
     if status_code == 429 or status_code >= 500:
-        return SendResult(Outcome.TRANSIENT, reason, retry_after_seconds(retry_after))
+        return SendResult(
+            Outcome.TRANSIENT, reason, retry_after_seconds(retry_after), rate_limited=status_code == 429)
     if error.error_code in ("UNREGISTERED", "SENDER_ID_MISMATCH") or (
             status_code == 400 and error.names_token):
         return SendResult(Outcome.DEAD, reason)
@@ -144,6 +146,8 @@ class FcmProvider:
     """Sends wake-ups through FCM HTTP v1. Create once per process; see the module doc."""
 
     name = "fcm"
+    #: Echo names FCM devices by their registration token, as stored.
+    echo = EchoTokens()
 
     def __init__(
         self,

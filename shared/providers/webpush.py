@@ -126,6 +126,8 @@ class WebPushProvider:
     """Sends wake-ups to browsers' push services. Create once per process; see the module doc."""
 
     name = "webpush"
+    #: Echo has no Web Push: its request is not served here.
+    echo = None
 
     def __init__(
         self,
@@ -387,7 +389,8 @@ def _classify(status: int, retry_after: str | None) -> SendResult:
     if status in (401, 403):
         return SendResult(Outcome.KEY_REFUSED, reason)
     if status == 429 or status >= 500:
-        return SendResult(Outcome.TRANSIENT, reason, retry_after_seconds(retry_after))
+        return SendResult(
+            Outcome.TRANSIENT, reason, retry_after_seconds(retry_after), rate_limited=status == 429)
     return SendResult(Outcome.REJECTED, reason)
 
 

@@ -1,0 +1,111 @@
+"""The send loop: one wake-up to many devices, at most ``concurrency`` at once, within a deadline,
+final outcomes handed to a checkpoint as the sends go on (``record_as_we_go``), so that a process
+killed mid-event has recorded what it already sent."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+
+from shared import metrics
+from shared.deliveries import Outcomes
+from shared.dispatch.report import DispatchReport
+from shared.dispatch.settings import DispatchSettings
+from shared.events import InvalidToken
+from shared.holds import HoldGate
+from shared.providers.base import Device, Outcome, SendResult, WakeUp
+from shared.subscriptions import Clock
+
+log = logging.getLogger(__package__)
+
+CHECKPOINT_SECONDS = 0.1
+#: What a device gets when its provider raised instead of answering (a bug, or an unsendable token).
+PROVIDER_ERROR = SendResult(Outcome.REJECTED, "provider_error")
+
+
+class Sender:
+    """Sends through the dispatcher's hold gate, and counts every answer into the report and the
+    metrics."""
+
+    def __init__(self, provider: HoldGate, settings: DispatchSettings, clock: Clock) -> None:
+        self.provider = provider
+        self.settings = settings
+        self.clock = clock
+
+    async def send_all(
+        self,
+        subscriptions: Sequence[Device],
+        wakeup: WakeUp | Mapping[int, WakeUp],
+        report: DispatchReport,
+        checkpoint: Callable[[Outcomes], Awaitable[None]] | None = None,
+        deadline_seconds: float | None = None,
+    ) -> Outcomes:
+        """Send ``wakeup`` to every device (or each its own, by subscription id), at most
+        ``concurrency`` at once, until the deadline (the dispatch deadline, or
+        ``deadline_seconds`` when given: what is left of a flush's).
+
+        With ``checkpoint``, final outcomes are handed over in small batches while the other sends
+        go on, so a process killed mid-event has recorded what it already sent and the
+        redelivered event does not send it again.
+        """
+        limit = asyncio.Semaphore(self.settings.concurrency)
+        results: dict[int, tuple[SendResult, object]] = {}
+        unrecorded: dict[int, tuple[SendResult, object]] = {}
+        provider = self.provider.name
+
+        async def send(subscription: Device) -> None:
+            async with limit:
+                started = time.perf_counter()
+                try:
+                    result = await self.provider.send(
+                        subscription, wakeup if isinstance(wakeup, WakeUp) else wakeup[subscription.id])
+                except Exception as exc:  # noqa: BLE001 - see below
+                    # Providers classify every answer; what escapes is a device they cannot
+                    # send to at all (a stored Web Push endpoint the HTTP client refuses, say).
+                    # Retrying will not help, and must not hold the other devices' event.
+                    log.error(
+                        "%s provider failed on subscription %d: %s",
+                        provider, subscription.id, type(exc).__name__,
+                    )
+                    result = PROVIDER_ERROR
+                elapsed = time.perf_counter() - started
+            results[subscription.id] = (result, self.clock())
+            if result.outcome is not Outcome.TRANSIENT:
+                unrecorded[subscription.id] = results[subscription.id]
+            metrics.PROVIDER_LATENCY.labels(provider, result.outcome.value).observe(elapsed)
+
+        async def record_as_we_go() -> None:
+            while True:
+                await asyncio.sleep(CHECKPOINT_SECONDS)
+                if unrecorded:
+                    batch = Outcomes(dict(unrecorded))
+                    unrecorded.clear()
+                    await checkpoint(batch)
+
+        tasks = [asyncio.create_task(send(s)) for s in subscriptions]
+        recorder = asyncio.create_task(record_as_we_go()) if checkpoint and tasks else None
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=deadline_seconds or self.settings.deadline_seconds)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+        if recorder is not None:
+            recorder.cancel()
+            await asyncio.gather(recorder, return_exceptions=True)
+        now = self.clock()
+        for subscription in subscriptions:
+            if subscription.id not in results:
+                results[subscription.id] = (SendResult(Outcome.TRANSIENT, "deadline"), now)
+            result, observed_at = results[subscription.id]
+            report.count(result)
+            outcome = result.outcome.value
+            if result.outcome is Outcome.TRANSIENT and result.rate_limited:
+                outcome = "rate_limited"
+            metrics.SENDS.labels(provider, outcome, result.reason or "none").inc()
+            if result.outcome is Outcome.DEAD and subscription.id:
+                report.dead.append(
+                    InvalidToken(subscription.id, subscription.token_sha256, result.reason, observed_at)
+                )
+        return Outcomes(results)
