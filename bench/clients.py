@@ -21,7 +21,7 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from shared.providers.base import Device, WakeUp  # noqa: E402
+from shared.core import Device, WakeUp  # noqa: E402
 
 TOPIC = "org.wikimedia.wikipedia"
 

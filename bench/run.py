@@ -543,7 +543,7 @@ def section_fakes(work: Path, fakes: Fakes, quick: bool) -> None:
              streams_per_connection=streams, seconds=int(duration), statuses=statuses)
     # FCM: an access token from the fake's own token endpoint, then messages:send.
     access = fcm_access_token(fakes)
-    from shared.providers.base import Device, WakeUp
+    from shared.core import Device, WakeUp
     from shared.providers.fcm import _message
 
     body = work / "fcm-body.json"

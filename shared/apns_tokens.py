@@ -24,21 +24,20 @@ Never too old
     A token is served only while younger than the refresh age (at most 55 minutes), so never past
     Apple's hour. ``issued_at`` is stored in whole seconds, equal to the token's ``iat``.
 
-Time comes from an injectable clock (naive UTC, :func:`shared.subscriptions.utcnow`), so tests
+Time comes from an injectable clock (naive UTC, :func:`shared.core.utcnow`), so tests
 advance it rather than sleep. Replicas' clocks are assumed to agree to well within minutes (NTP).
 """
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from functools import partial
 
-import jwt
 from sqlalchemy import Connection, Engine, delete, select, update
 
 from shared.config import ConfigError, env_int
+from shared.core import Clock, IssuedToken, utcnow
 from shared.db import (
     get_engine,
     insert_ignore,
@@ -47,7 +46,6 @@ from shared.db import (
     unavailable_as_503,
 )
 from shared.models import ProviderToken
-from shared.subscriptions import Clock, utcnow
 
 DEFAULT_REFRESH_MINUTES = 40
 MIN_REFRESH_MINUTES = 20
@@ -57,22 +55,8 @@ MAX_REFRESH_MINUTES = 55
 _ATTEMPTS = 3
 
 Signer = Callable[[datetime], str]
-"""Signs a provider token issued at the given (naive UTC, whole-second) time."""
-
-
-@dataclass(frozen=True)
-class IssuedToken:
-    token: str
-    issued_at: datetime
-    """Naive UTC, whole seconds: the token's ``iat``."""
-
-
-def sign_provider_token(key_pem: str, key_id: str, team_id: str, issued_at: datetime) -> str:
-    """The APNs provider token: an ES256 JWT with header ``kid`` and claims ``iss``, ``iat``."""
-    iat = int(issued_at.replace(tzinfo=timezone.utc).timestamp())
-    return jwt.encode(
-        {"iss": team_id, "iat": iat}, key_pem, algorithm="ES256", headers={"kid": key_id}
-    )
+"""Signs a provider token issued at the given (naive UTC, whole-second) time (the APNs provider's
+:func:`shared.providers.apns.sign_provider_token`, bound to its key: the store never sees keys)."""
 
 
 class ApnsTokenStore:
@@ -113,13 +97,9 @@ class ApnsTokenStore:
         refresh age)."""
         return (now if now is not None else self.clock()) - issued_at < self.refresh_age
 
-    def get_or_refresh(self, team_id: str, key_id: str, sign: Signer) -> str:
-        """The shared token for the team and key, refreshed with ``sign`` when it is too old.
-        Blocking (it may query the database): from async code, call it in a thread."""
-        return self.get(team_id, key_id, sign).token
-
     def get(self, team_id: str, key_id: str, sign: Signer) -> IssuedToken:
-        """:meth:`get_or_refresh`, with the token's issue time. Raises
+        """The shared token for the team and key, refreshed with ``sign`` when it is too old.
+        Blocking (it may query the database): from async code, call it in a thread. Raises
         :class:`shared.db.DatabaseUnavailable` when the database cannot be reached."""
         key = (team_id, key_id)
         cached = self._cache.get(key)

@@ -28,7 +28,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from shared import logs, metrics
-from shared.config import env_int, env_list
+from shared.core import Clock, utcnow
 from shared.db import SchemaGate, get_engine
 from shared.dead_letters import DeadLetterStore
 from shared.deliveries import DeliveryLedger
@@ -41,14 +41,16 @@ from shared.events import (
     data_object,
     is_cloud_event,
     parse_invalid_tokens,
+    post_flush_tick,
     read_cloud_event,
 )
-from shared.holds import HoldStore, post_flush_tick, work_due
+from shared.holds import HoldStore, work_due
 from shared.http import ApiError, read_body, require_method, serve
 from shared.logs import configure_logging
-from shared.policy import PendingStore
+from shared.pending import PendingStore
 from shared.ratelimits import RateLimiter
-from shared.subscriptions import Clock, SubscriptionStore, utcnow
+from shared.settings import CleanupSettings
+from shared.subscriptions import SubscriptionStore
 
 log = logging.getLogger(__name__)
 
@@ -83,12 +85,13 @@ class Cleanup:
     def from_env(cls) -> Cleanup:
         configure_logging()
         metrics.configure()
+        settings = CleanupSettings.from_env()
         engine = get_engine()
         cleanup = cls(
             SubscriptionStore(engine),
             DeliveryLedger(engine),
-            max_age=timedelta(days=env_int("PUSH_SUBSCRIPTION_MAX_AGE_DAYS", 270, minimum=1)),
-            tick_urls=env_list("PUSH_FLUSH_TICK_URLS"),
+            max_age=timedelta(days=settings.subscription_max_age_days),
+            tick_urls=settings.flush_tick_urls,
         )
         metrics.HOLD_TOTALS.read = cleanup.holds.read
         metrics.HOLD_TOTALS.waiting = cleanup.pending.waiting

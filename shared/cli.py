@@ -27,6 +27,7 @@ from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 
 from shared.config import ConfigError, secret
+from shared.core import PROVIDERS
 from shared.db import SCHEMA_REVISION, DatabaseUnavailable, SchemaBehind, database_url, get_engine
 from shared.localenv import FILE_NAME, load_local_settings, local_dir
 
@@ -108,7 +109,7 @@ def vapid_keygen(_args: argparse.Namespace) -> int:
     arg("--user", help="the user whose devices to wake"),
     arg("--token", help="one raw device token instead (for webpush: the subscription JSON); "
         "needs --provider"),
-    arg("--provider", choices=["fcm", "apns", "webpush"], help="only this provider"),
+    arg("--provider", choices=PROVIDERS, help="only this provider"),
     arg("--topic", help="with --token for apns: the app's bundle id"),
     arg("--environment", choices=["production", "sandbox"], default="production",
         help="with --token for apns (default: %(default)s)"),
@@ -118,7 +119,7 @@ def vapid_keygen(_args: argparse.Namespace) -> int:
     needs_settings=True,
 )
 def send_test(args: argparse.Namespace) -> int:
-    from shared.providers.base import WakeUp
+    from shared.core import WakeUp
     from shared.sendtest import send, token_device, user_devices
 
     if (args.user is None) == (args.token is None):
@@ -157,7 +158,8 @@ def send_test(args: argparse.Namespace) -> int:
 @command("subscriptions", "list one user's devices", arg("--user", required=True, help="the user id"),
          needs_settings=True)
 def subscriptions(args: argparse.Namespace) -> int:
-    from shared.subscriptions import SubscriptionStore, utcnow
+    from shared.core import utcnow
+    from shared.subscriptions import SubscriptionStore
 
     rows = SubscriptionStore(_database()).list_for_user(args.user)
     if not rows:
@@ -328,14 +330,16 @@ _SCOPE = (
 def _scope(args: argparse.Namespace) -> tuple[str, str]:
     """The (provider, app) a pause or resume names: ``*`` for what is left out, ``""`` for the
     default app (``--app default``)."""
-    from shared.holds import ALL, DEFAULT_APP
+    from shared.core import DEFAULT_APP
+    from shared.holds import ALL
 
     app = ALL if args.app is None else DEFAULT_APP if args.app == "default" else args.app
     return args.provider or ALL, app
 
 
 def _what(provider: str, app: str) -> str:
-    from shared.holds import ALL, app_name
+    from shared.core import app_name
+    from shared.holds import ALL
 
     providers = "every provider" if provider == ALL else provider
     return providers + (", every app" if app == ALL else f", app {app_name(app)}")
@@ -368,7 +372,8 @@ def pause(args: argparse.Namespace) -> int:
     needs_settings=True,
 )
 def resume(args: argparse.Namespace) -> int:
-    from shared.holds import HoldStore, post_flush_tick
+    from shared.events import post_flush_tick
+    from shared.holds import HoldStore
 
     provider, app = _scope(args)
     if not HoldStore(_database()).resume(provider, app):
@@ -388,8 +393,9 @@ def resume(args: argparse.Namespace) -> int:
 @command("status", "what is paused or held, since when, by whom and why, and the wake-ups kept",
          needs_settings=True)
 def status(_args: argparse.Namespace) -> int:
-    from shared.holds import CREDENTIALS, REFUSED, HoldStore, app_name
-    from shared.policy import PendingStore
+    from shared.core import app_name
+    from shared.holds import CREDENTIALS, HoldStore
+    from shared.pending import REFUSED, PendingStore
 
     engine = _database()
     holds = HoldStore(engine).read().holds

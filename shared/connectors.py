@@ -34,12 +34,12 @@ from collections.abc import Mapping
 from cloudevents.http import CloudEvent
 
 from shared.config import env, env_list
+from shared.core import PING
 
 EVENT_TYPE_VAR = "PUSH_CONNECTOR_EVENT_TYPE"
 ID_HEADERS_VAR = "PUSH_CONNECTOR_ID_HEADERS"
 DEFAULT_ID_HEADERS = ("X-Call-Id",)
 TOPIC_HEADER = "x-topic"
-PING = "dev.knative.sources.ping"  # as shared.events.PING (not imported: events imports us)
 SOURCE_PREFIX = "/openfaas/connector"
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._~:@!$&'()*+,;=/-]")

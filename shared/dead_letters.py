@@ -22,10 +22,9 @@ from datetime import datetime
 from cloudevents.http import CloudEvent
 from sqlalchemy import Connection, Engine, delete, func, select, update
 
+from shared.core import PING, Clock, utcnow
 from shared.db import insert_ignore, read_session, run_transaction, unavailable_as_503
-from shared.events import PING
 from shared.models import DeadLetter
-from shared.subscriptions import Clock, utcnow
 
 #: The attributes Knative adds to a dead-lettered event; a replay leaves them out.
 ERROR_ATTRIBUTES = ("knativeerrordest", "knativeerrorcode", "knativeerrordata")

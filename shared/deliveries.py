@@ -16,10 +16,9 @@ from typing import TypeVar
 
 from sqlalchemy import Connection, Engine, bindparam, delete, select, tuple_, update
 
+from shared.core import Clock, Outcome, SendResult, utcnow
 from shared.db import insert_ignore, run_transaction
 from shared.models import Delivery
-from shared.providers.base import Outcome, SendResult
-from shared.subscriptions import Clock, utcnow
 
 CHUNK = 500  # ids per IN (...) list, rows per INSERT
 T = TypeVar("T")

@@ -66,12 +66,12 @@ from sqlalchemy import Connection, Engine, bindparam, create_engine, delete, ins
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
-from shared.config import env_int
+from shared.core import utcnow
 from shared.db import DatabaseUnavailable, SchemaBehind, check_schema, get_engine, run_transaction
 from shared.models import Subscription
-from shared.subscriptions import token_sha256, utcnow
+from shared.subscriptions import token_sha256
+from shared.settings import CleanupSettings, SubscribeSettings
 from shared.validation import (
-    SubscribePolicy,
     apns_device_token,
     apns_topic_allowed,
     valid_apns_topic,
@@ -236,7 +236,7 @@ class EchoImport:
         self,
         source: Engine,
         target: Engine,
-        policy: SubscribePolicy,
+        policy: SubscribeSettings,
         environment: str = "production",
         batch: int = DEFAULT_BATCH,
         dry_run: bool = False,
@@ -473,9 +473,9 @@ def from_settings(
         check_schema(target)
     except (SchemaBehind, DatabaseUnavailable) as exc:
         raise EchoImportError(f"PUSH_DATABASE_URL: {exc}") from None
-    max_age = timedelta(days=env_int("PUSH_SUBSCRIPTION_MAX_AGE_DAYS", 270, minimum=1))
+    max_age = timedelta(days=CleanupSettings.from_env().subscription_max_age_days)
     return EchoImport(
-        source_engine(source_url), target, SubscribePolicy.from_env(), environment, batch, dry_run, max_age,
+        source_engine(source_url), target, SubscribeSettings.from_env(), environment, batch, dry_run, max_age,
         refreshed_at_import=refreshed_at_import, default_topic=default_topic,
     )
 

@@ -25,12 +25,11 @@ from cloudevents.exceptions import GenericException
 from cloudevents.http import CloudEvent, from_http
 from starlette.requests import Request
 
-from shared.http import ApiError, read_body
+from shared.core import NOTIFICATION_REQUESTED, PING, SUBSCRIPTION_INVALID
+from shared.http import ApiError, internal_headers, read_body
+from shared.settings import NotificationSettings
 from shared.validation import is_text
 
-NOTIFICATION_REQUESTED = "org.wikimedia.push.notification.requested.v1"
-SUBSCRIPTION_INVALID = "org.wikimedia.push.subscription.invalid.v1"
-PING = "dev.knative.sources.ping"
 
 MAX_EVENT_BYTES = 256 * 1024
 MAX_USER_ID_LENGTH = 64
@@ -100,15 +99,6 @@ def data_object(event: CloudEvent) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
-class NotificationPolicy:
-    """What producers may ask for: the message types apps understand, and how much at once."""
-
-    message_types: tuple[str, ...] = ("checkEchoV1",)
-    max_users: int = 1000
-    default_ttl_seconds: int = 86400
-
-
-@dataclass(frozen=True)
 class NotificationRequest:
     users: tuple[str, ...]
     message_type: str
@@ -117,7 +107,7 @@ class NotificationRequest:
     ttl_seconds: int
 
 
-def parse_notification(data: dict[str, Any], policy: NotificationPolicy) -> NotificationRequest:
+def parse_notification(data: dict[str, Any], policy: NotificationSettings) -> NotificationRequest:
     """Validate ``notification.requested.v1`` data; 422 naming the field when it is wrong."""
     for key in data:
         if key not in ("users", "message_type", "event_type", "dry_run", "ttl_seconds"):
@@ -164,7 +154,7 @@ class EchoRequest:
     dry_run: bool
 
 
-def parse_echo_request(body: Any, policy: NotificationPolicy) -> EchoRequest:
+def parse_echo_request(body: Any, policy: NotificationSettings) -> EchoRequest:
     if not isinstance(body, dict):
         raise ApiError(400, "invalid_body", "the body must be a JSON object")
     tokens = body.get("deviceTokens")
@@ -295,3 +285,20 @@ def _timestamp(value: Any) -> datetime:
 
 def _invalid(field: str, message: str) -> ApiError:
     return ApiError(422, "invalid_data", message, field)
+
+
+def post_flush_tick(url: str, source: str, timeout: float = 30.0) -> str | None:
+    """Post a flush tick to ``url`` (the broker, or a dispatcher's route): ``None`` when it was
+    taken, else what went wrong. Blocking (urllib: clean-up's image has no httpx)."""
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(
+        url, data=b"", method="POST", headers=flush_tick_headers(source) | internal_headers())
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return None if response.status < 300 else f"HTTP {response.status}"
+    except urllib.error.HTTPError as exc:
+        return f"HTTP {exc.code}"
+    except OSError as exc:
+        return f"not reachable ({getattr(exc, 'reason', exc)})"

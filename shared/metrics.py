@@ -31,6 +31,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import REGISTRY, Collector
 
 from shared.config import ConfigError, env
+from shared.core import PROVIDERS, app_name
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +154,7 @@ class SubscriptionTotals(_CachedCollector):
     def collect(self) -> Iterator[GaugeMetricFamily]:
         family = GaugeMetricFamily("push_subscriptions", "Stored subscriptions per provider.", labels=["provider"])
         cached = self._cache.get(self.count)
-        for provider in ("fcm", "apns", "webpush"):
+        for provider in PROVIDERS:
             family.add_metric([provider], cached.get(provider, 0))
         yield family
 
@@ -174,7 +175,7 @@ class PendingTotals(_CachedCollector):
         age = GaugeMetricFamily(
             "push_pending_oldest_age_seconds", "Age of the oldest pending wake-up.", labels=["provider"]
         )
-        for provider in ("fcm", "apns", "webpush"):
+        for provider in PROVIDERS:
             pending, oldest = cached.get(provider, (0, 0.0))
             count.add_metric([provider], pending)
             age.add_metric([provider], oldest)
@@ -216,8 +217,6 @@ class HoldTotals(_CachedCollector):
     def collect(self) -> Iterator[GaugeMetricFamily]:
         if self.read is None or self.waiting is None:
             return
-        from shared.holds import CREDENTIALS, PAUSE, app_name
-
         holds, waiting = self._cache.get(self._read_both)
         labels = ["provider", "app"]
         paused = GaugeMetricFamily("push_paused", "1 while an operator's pause holds the sends.", labels=labels)
@@ -228,10 +227,10 @@ class HoldTotals(_CachedCollector):
         now = time.time()
         for hold in holds:
             names = [hold.provider, app_name(hold.app)]
-            if hold.kind == PAUSE:
+            if hold.paused:
                 paused.add_metric(names, 1)
                 age.add_metric(names, max(0.0, now - hold.since.replace(tzinfo=timezone.utc).timestamp()))
-            elif hold.kind == CREDENTIALS:
+            elif hold.credentials_refused:
                 refused.add_metric(names, 1)
         for (provider, app), (_, held) in sorted(waiting.items()):
             if held:

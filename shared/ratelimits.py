@@ -14,39 +14,16 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
 from sqlalchemy import Connection, Engine, Insert, case, delete, select, update
 from sqlalchemy.dialects import mysql, sqlite
 
-from shared.config import ConfigError
+from shared.core import Clock, utcnow
 from shared.db import run_transaction
 from shared.models import RateCounter
-from shared.subscriptions import Clock, utcnow
-
-_UNITS = {"s": 1, "second": 1, "m": 60, "minute": 60, "h": 3600, "hour": 3600, "d": 86400, "day": 86400}
-_LIMIT = re.compile(r"^\s*(\d+)\s*/\s*(\d*)\s*([a-z]+)\s*$")
-
-
-@dataclass(frozen=True)
-class Limit:
-    count: int
-    window_seconds: int
-
-    @classmethod
-    def parse(cls, text: str, setting: str) -> Limit:
-        """``"5/hour"``, ``"10/day"``, ``"3/15m"``: count per (number of) unit."""
-        match = _LIMIT.match(text.lower()) if isinstance(text, str) else None
-        if not match or match.group(3) not in _UNITS:
-            raise ConfigError(f"{setting}: {text!r} is not a limit like 5/hour, 10/day or 3/15m")
-        count, number, unit = int(match.group(1)), int(match.group(2) or 1), match.group(3)
-        if count < 1 or number < 1:
-            raise ConfigError(f"{setting}: {text!r} must allow at least 1 per window")
-        return cls(count, number * _UNITS[unit])
-
+from shared.settings import Limit
 
 class RateLimiter:
     def __init__(self, engine: Engine, clock: Clock = utcnow) -> None:

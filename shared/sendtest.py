@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from sqlalchemy import Engine
 
 from shared.apns_tokens import ApnsTokenStore
-from shared.apps import providers_from_env
+from shared.core import Device, Outcome, SendResult, WakeUp
 from shared.endpoints import EndpointRules
-from shared.providers.base import Device, Outcome, SendResult, WakeUp
+from shared.providers.router import providers_from_env
 from shared.subscriptions import SubscriptionStore, token_sha256
 
 PROVIDER_CLASSES = {"fcm": "FcmProvider", "apns": "ApnsProvider", "webpush": "WebPushProvider"}

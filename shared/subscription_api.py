@@ -20,21 +20,20 @@ from shared import metrics
 from shared.apps import APP_NAME, load_apps
 from shared.auth import Authenticator
 from shared.batching import Batcher
-from shared.config import env, env_int
 from shared.cors import CorsPolicy, allowed_origins_from_env
 from shared.db import SchemaGate, get_engine, run_transaction
 from shared.http import ApiError, read_json, require_method, serve
 from shared.logs import configure_logging
 from shared.models import Subscription
-from shared.ratelimits import Limit, RateLimiter
+from shared.ratelimits import RateLimiter
+from shared.settings import Limit, SubscribeSettings, SubscriptionApiSettings
 from shared.subscriptions import SubscribeRequest, SubscribeResult, SubscriptionStore
 from shared.vapid import PublishedKey, published_keys
-from shared.validation import SubscribePolicy, parse_subscribe, parse_unsubscribe
+from shared.validation import parse_subscribe, parse_unsubscribe
 
 log = logging.getLogger(__name__)
 
 MAX_BODY = 16 * 1024
-DEFAULT_SUBSCRIBE_RATE_LIMIT = "60/minute"
 #: subscribe's path for the VAPID public key; every other path is the subscription API.
 VAPID_KEY_PATH = "/vapid-public-key"
 #: The key changes only when an operator rotates it; an hour in a browser's or a CDN's cache
@@ -49,7 +48,7 @@ class SubscriptionApi:
         self,
         store: SubscriptionStore,
         auth: Authenticator,
-        policy: SubscribePolicy,
+        policy: SubscribeSettings,
         subscribe_limit: Limit | None = None,
         vapid_keys: dict[str | None, PublishedKey] | None = None,
         cors_origins: frozenset[str] = frozenset(),
@@ -71,16 +70,15 @@ class SubscriptionApi:
         whose schema is behind (one that cannot be reached is checked again on each request)."""
         configure_logging()
         metrics.configure()
-        store = SubscriptionStore(
-            get_engine(), cap=env_int("PUSH_MAX_SUBSCRIPTIONS_PER_USER", 10, minimum=1)
-        )
+        settings = SubscriptionApiSettings.from_env()
+        store = SubscriptionStore(get_engine(), cap=settings.max_subscriptions_per_user)
         metrics.SUBSCRIPTION_TOTALS.count = store.count_by_provider
         apps = load_apps()
         return cls(
             store,
             Authenticator.from_env(),
-            SubscribePolicy.from_env(apps),
-            subscribe_limit=subscribe_limit_from_env(),
+            SubscribeSettings.from_env(apps),
+            subscribe_limit=settings.subscribe_limit,
             vapid_keys=published_keys(apps),
             cors_origins=allowed_origins_from_env(),
         )
@@ -231,15 +229,6 @@ def _none_match(if_none_match: str, etag: str) -> bool:
     or is ``*``: then the cached copy is current and 304 answers."""
     tags = {tag.strip().removeprefix("W/") for tag in if_none_match.split(",")}
     return etag in tags or "*" in tags
-
-
-def subscribe_limit_from_env() -> Limit | None:
-    """``PUSH_SUBSCRIBE_RATE_LIMIT``: subscribe requests per user, e.g. ``60/minute``; ``off``
-    disables it."""
-    text = env("PUSH_SUBSCRIBE_RATE_LIMIT", DEFAULT_SUBSCRIBE_RATE_LIMIT)
-    if text.lower() in ("off", "none", "0"):
-        return None
-    return Limit.parse(text, "PUSH_SUBSCRIBE_RATE_LIMIT")
 
 
 def subscription_view(row: Subscription) -> dict[str, object]:

@@ -8,18 +8,17 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from functools import partial
 
-from sqlalchemy import Connection, Engine, Select, bindparam, delete, func, insert, select, update
+from sqlalchemy import Connection, Engine, Row, Select, bindparam, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from shared.core import Clock, Device, utcnow
 from shared.db import DatabaseUnavailable, read_session, run_transaction, unavailable_as_503
 from shared.models import Subscription
-from shared.providers.base import Device
 
-PROVIDERS = ("fcm", "apns", "webpush")
 _USERS_PER_QUERY = 1000  # user ids per IN (...) list
 
 # Subscribe's statements, built once: building a statement and its cache key on every
@@ -48,14 +47,6 @@ _REFRESH = (
     .where(_c.id == bindparam("b_id"))
     .values({name: bindparam(f"b_{name}") for name in _REFRESHED_COLUMNS})
 )
-
-Clock = Callable[[], datetime]
-
-
-def utcnow() -> datetime:
-    """Now, as the naive UTC datetime the database stores."""
-    return datetime.now(timezone.utc).replace(tzinfo=None)
-
 
 def token_sha256(identity: str) -> str:
     """The hash that identifies a device: of the token, or of a Web Push endpoint."""
@@ -284,8 +275,8 @@ class SubscriptionStore:
             rows = connection.execute(
                 _USERS_DEVICES, {"user_ids": ids[start : start + _USERS_PER_QUERY], "provider": provider}
             )
-            for *device, user_id in rows:
-                by_user.setdefault(user_id, []).append(Device(*device))
+            for row in rows:
+                by_user.setdefault(row.user_id, []).append(_device(row))
         return by_user
 
     def by_ids(self, ids: Iterable[int]) -> dict[int, Device]:
@@ -294,7 +285,7 @@ class SubscriptionStore:
             return {}
         with unavailable_as_503(), read_session(self.engine) as session:
             rows = session.execute(_select_devices().where(Subscription.__table__.c.id.in_(wanted)))
-            return {row.id: Device(*row) for row in rows}
+            return {row.id: _device(row) for row in rows}
 
     def count_by_provider(self) -> dict[str, int]:
         with unavailable_as_503(), read_session(self.engine) as session:
@@ -313,7 +304,7 @@ class SubscriptionStore:
             rows = session.execute(
                 _select_devices().where(table.c.token_sha256.in_(wanted), table.c.provider == provider)
             )
-            return {row.token_sha256: Device(*row) for row in rows}
+            return {row.token_sha256: _device(row) for row in rows}
 
     def delete_invalid(self, items: Iterable[tuple[int, str, datetime]]) -> int:
         """Delete subscriptions a provider called dead, given as (id, token hash, observed at).
@@ -393,10 +384,19 @@ def devices_of(by_user: dict[str, list[Device]], users: Iterable[str]) -> list[D
 
 
 def _select_devices() -> Select:
-    """The columns of a :class:`Device`, in its field order. Dispatchers read these on every
-    notification: plain rows cost a third of what loading ORM objects does."""
+    """The columns of a :class:`Device` (:func:`_device` makes one of a row). Dispatchers read
+    these on every notification: plain rows cost a third of what loading ORM objects does."""
     c = Subscription.__table__.c
     return select(c.id, c.token, c.topic, c.environment, c.app, c.token_sha256)
+
+
+def _device(row: Row) -> Device:
+    """The device a row of :func:`_select_devices` names, field by field by name (a column added
+    to the query, or a field to :class:`Device`, cannot shift the others)."""
+    return Device(
+        id=row.id, token=row.token, topic=row.topic, environment=row.environment, app=row.app,
+        token_sha256=row.token_sha256,
+    )
 
 
 #: The devices of these users with one provider, each with its user id: what a dispatcher reads

@@ -16,11 +16,12 @@ from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from shared.apps import Apps, load_apps
-from shared.config import env_list
+from shared.apps import Apps
+from shared.core import PROVIDERS
 from shared.endpoints import HOST_LABEL, EndpointRules
 from shared.http import ApiError
-from shared.subscriptions import PROVIDERS, NewSubscription
+from shared.settings import SubscribeSettings
+from shared.subscriptions import NewSubscription
 
 MAX_TOKEN_LENGTH = 4096
 MAX_ENDPOINT_LENGTH = 2048
@@ -65,34 +66,13 @@ def valid_apns_topic(topic: str) -> bool:
     return APNS_TOPIC.fullmatch(topic) is not None
 
 
-@dataclass(frozen=True)
-class SubscribePolicy:
-    """What subscribe accepts beyond the formats: the APNs topics (bundle ids) of our apps, and
-    where Web Push endpoints may lead (:mod:`shared.endpoints`: the browser push services)."""
-
-    allowed_apns_topics: tuple[str, ...] = ()
-    apps: Apps = Apps({})
-    endpoint_rules: EndpointRules = EndpointRules()
-
-    @classmethod
-    def from_env(cls, apps: Apps | None = None) -> SubscribePolicy:
-        """The policy the settings give (``PUSH_APNS_ALLOWED_TOPICS``, ``PUSH_APPS`` unless
-        ``apps`` is given, ``PUSH_WEBPUSH_ALLOWED_HOSTS`` and ``PUSH_WEBPUSH_ALLOW_LOCAL_ENDPOINTS``):
-        subscribe's, and the Echo import's."""
-        return cls(
-            allowed_apns_topics=env_list("PUSH_APNS_ALLOWED_TOPICS"),
-            apps=load_apps() if apps is None else apps,
-            endpoint_rules=EndpointRules.from_env(),
-        )
-
-
-def apns_topic_allowed(topic: str, policy: SubscribePolicy) -> bool:
+def apns_topic_allowed(topic: str, policy: SubscribeSettings) -> bool:
     """Whether this service takes subscriptions for ``topic`` (``PUSH_APNS_ALLOWED_TOPICS``;
     unset: any)."""
     return not policy.allowed_apns_topics or topic in policy.allowed_apns_topics
 
 
-def parse_subscribe(body: Any, policy: SubscribePolicy) -> NewSubscription:
+def parse_subscribe(body: Any, policy: SubscribeSettings) -> NewSubscription:
     subscription = _parse_subscribe(body, policy)
     app = _app(body, subscription, policy.apps)
     return NewSubscription(
@@ -115,7 +95,7 @@ def _app(body: dict[str, Any], subscription: NewSubscription, apps: Apps) -> str
     return app
 
 
-def _parse_subscribe(body: Any, policy: SubscribePolicy) -> NewSubscription:
+def _parse_subscribe(body: Any, policy: SubscribeSettings) -> NewSubscription:
     obj = _object(body)
     provider = _provider(obj)
     if provider == "fcm":

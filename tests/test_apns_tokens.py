@@ -16,12 +16,11 @@ from cryptography.hazmat.primitives import serialization
 from sqlalchemy import Engine, create_engine, event, select
 
 from fakes.apns import DEFAULT_KEY_ID, DEFAULT_TEAM_ID, FakeApns, make_p8_key
-from shared.apns_tokens import ApnsTokenStore, sign_provider_token
+from shared.apns_tokens import ApnsTokenStore
 from shared.config import ConfigError
+from shared.core import Device, Outcome, WakeUp, utcnow
 from shared.models import ProviderToken
-from shared.providers.apns import ApnsProvider
-from shared.providers.base import Device, Outcome, WakeUp
-from shared.subscriptions import utcnow
+from shared.providers.apns import ApnsProvider, sign_provider_token
 
 TEAM = DEFAULT_TEAM_ID
 KEY_ID = DEFAULT_KEY_ID
@@ -106,14 +105,14 @@ def iat_of(token: str) -> datetime:
 
 
 def race(calls: list, *args: object) -> list[str]:
-    """Call each of ``calls`` (bound get_or_refresh methods) in its own thread, all at once."""
+    """Call each of ``calls`` (bound ``get`` methods) in its own thread, all at once: the tokens."""
     barrier = threading.Barrier(len(calls))
     results: list[str | BaseException] = [""] * len(calls)
 
     def run(index: int) -> None:
         barrier.wait()
         try:
-            results[index] = calls[index](*args)
+            results[index] = calls[index](*args).token
         except BaseException as exc:  # noqa: BLE001 - reported below
             results[index] = exc
 
@@ -134,7 +133,7 @@ def race(calls: list, *args: object) -> list[str]:
 def test_first_call_signs_and_stores_a_token_for_the_team_and_key(engine, clock, sign) -> None:
     store = ApnsTokenStore(engine, clock=clock)
 
-    token = store.get_or_refresh(TEAM, KEY_ID, sign)
+    token = store.get(TEAM, KEY_ID, sign).token
 
     assert sign.calls == [clock.now.replace(microsecond=0)]
     assert stored(engine) == (token, clock.now.replace(microsecond=0))
@@ -147,11 +146,11 @@ def test_within_the_refresh_age_the_token_is_reused_from_memory(
     engine, clock, sign, token_queries
 ) -> None:
     store = ApnsTokenStore(engine, clock=clock)
-    token = store.get_or_refresh(TEAM, KEY_ID, sign)
+    token = store.get(TEAM, KEY_ID, sign).token
     queries = len(token_queries)
 
     clock.advance(minutes=39, seconds=59)
-    again = [store.get_or_refresh(TEAM, KEY_ID, sign) for _ in range(100)]
+    again = [store.get(TEAM, KEY_ID, sign).token for _ in range(100)]
 
     assert again == [token] * 100
     assert len(sign.calls) == 1
@@ -159,46 +158,46 @@ def test_within_the_refresh_age_the_token_is_reused_from_memory(
 
 
 def test_another_replica_uses_the_stored_token_without_signing(engine, clock, sign) -> None:
-    token = ApnsTokenStore(engine, clock=clock).get_or_refresh(TEAM, KEY_ID, sign)
+    token = ApnsTokenStore(engine, clock=clock).get(TEAM, KEY_ID, sign).token
     clock.advance(minutes=30)
 
     other_sign = CountingSigner()
-    assert ApnsTokenStore(engine, clock=clock).get_or_refresh(TEAM, KEY_ID, other_sign) == token
+    assert ApnsTokenStore(engine, clock=clock).get(TEAM, KEY_ID, other_sign).token == token
     assert other_sign.calls == []
 
 
 def test_after_the_refresh_age_one_new_token_replaces_the_stored_one(engine, clock, sign) -> None:
     store = ApnsTokenStore(engine, refresh_minutes=40, clock=clock)
-    old = store.get_or_refresh(TEAM, KEY_ID, sign)
+    old = store.get(TEAM, KEY_ID, sign).token
 
     clock.advance(minutes=40)
-    new = store.get_or_refresh(TEAM, KEY_ID, sign)
+    new = store.get(TEAM, KEY_ID, sign).token
 
     assert new != old
     assert len(sign.calls) == 2
     assert stored(engine) == (new, clock.now.replace(microsecond=0))
-    assert ApnsTokenStore(engine, clock=clock).get_or_refresh(TEAM, KEY_ID, sign) == new
+    assert ApnsTokenStore(engine, clock=clock).get(TEAM, KEY_ID, sign).token == new
 
 
 def test_teams_and_keys_have_tokens_of_their_own(engine, clock, sign) -> None:
     store = ApnsTokenStore(engine, clock=clock)
-    first = store.get_or_refresh(TEAM, KEY_ID, sign)
-    other_key = store.get_or_refresh(TEAM, "OTHERKEY99", sign)
-    other_team = store.get_or_refresh("OTHERTEAM9", KEY_ID, sign)
+    first = store.get(TEAM, KEY_ID, sign).token
+    other_key = store.get(TEAM, "OTHERKEY99", sign).token
+    other_team = store.get("OTHERTEAM9", KEY_ID, sign).token
 
     assert len({first, other_key, other_team}) == 3
-    assert store.get_or_refresh(TEAM, KEY_ID, sign) == first
+    assert store.get(TEAM, KEY_ID, sign).token == first
 
 
 @pytest.mark.parametrize("existing", [False, True], ids=["first-token", "refresh"])
 def test_ten_threads_of_one_replica_make_one_token(engine, clock, sign, existing) -> None:
     store = ApnsTokenStore(engine, clock=clock)
     if existing:
-        store.get_or_refresh(TEAM, KEY_ID, sign)
+        store.get(TEAM, KEY_ID, sign).token
         clock.advance(minutes=41)
         sign.calls.clear()
 
-    tokens = race([store.get_or_refresh] * 10, TEAM, KEY_ID, sign)
+    tokens = race([store.get] * 10, TEAM, KEY_ID, sign)
 
     assert len(sign.calls) == 1
     assert len(set(tokens)) == 1
@@ -211,18 +210,18 @@ def test_replicas_racing_make_one_token_that_all_of_them_use(
 ) -> None:
     replicas = [ApnsTokenStore(engine, clock=clock) for _ in range(2)]
     if existing:
-        replicas[0].get_or_refresh(TEAM, KEY_ID, sign)
+        replicas[0].get(TEAM, KEY_ID, sign).token
         clock.advance(minutes=41)
         sign.calls.clear()
 
     # Each replica with five threads: ten callers over two stores (and two connection pools).
-    tokens = race([replica.get_or_refresh for replica in replicas] * 5, TEAM, KEY_ID, sign)
+    tokens = race([replica.get for replica in replicas] * 5, TEAM, KEY_ID, sign)
 
     assert len(sign.calls) == 1
     assert len(set(tokens)) == 1
     assert stored_token(engine) == tokens[0]
     late = ApnsTokenStore(engine, clock=clock)
-    assert late.get_or_refresh(TEAM, KEY_ID, sign) == tokens[0]
+    assert late.get(TEAM, KEY_ID, sign).token == tokens[0]
 
 
 @pytest.mark.parametrize("existing", [False, True], ids=["first-token", "refresh"])
@@ -232,7 +231,7 @@ def test_replica_that_loses_the_race_rereads_and_uses_the_winners_token(
     """Deterministically: B reads the stale (or missing) row, A replaces it, then B tries."""
     winner, loser = ApnsTokenStore(engine, clock=clock), ApnsTokenStore(engine, clock=clock)
     if existing:
-        ApnsTokenStore(engine, clock=clock).get_or_refresh(TEAM, KEY_ID, sign)
+        ApnsTokenStore(engine, clock=clock).get(TEAM, KEY_ID, sign).token
         clock.advance(minutes=45)
         sign.calls.clear()
     read = loser._read
@@ -242,16 +241,16 @@ def test_replica_that_loses_the_race_rereads_and_uses_the_winners_token(
         found = read(team_id, key_id)
         reads.append(found)
         if len(reads) == 1:
-            winner.get_or_refresh(TEAM, KEY_ID, sign)
+            winner.get(TEAM, KEY_ID, sign).token
         return found
 
     monkeypatch.setattr(loser, "_read", read_then_let_the_winner_refresh)
 
-    token = loser.get_or_refresh(TEAM, KEY_ID, sign)
+    token = loser.get(TEAM, KEY_ID, sign).token
 
     assert len(reads) == 2  # the stale row, then the winner's after losing
     assert len(sign.calls) == 1
-    assert token == winner.get_or_refresh(TEAM, KEY_ID, sign) == stored_token(engine)
+    assert token == winner.get(TEAM, KEY_ID, sign).token == stored_token(engine)
 
 
 def test_a_stored_token_older_than_the_refresh_age_is_replaced_not_served(
@@ -266,7 +265,7 @@ def test_a_stored_token_older_than_the_refresh_age_is_replaced_not_served(
             )
         )
 
-    token = ApnsTokenStore(engine, clock=clock).get_or_refresh(TEAM, KEY_ID, sign)
+    token = ApnsTokenStore(engine, clock=clock).get(TEAM, KEY_ID, sign).token
 
     assert token != ancient
     assert iat_of(token) == clock.now.replace(microsecond=0)
@@ -284,7 +283,7 @@ def test_no_token_older_than_an_hour_is_ever_served_nor_one_replaced_within_20_m
     served: list[tuple[datetime, str]] = []
     for step in range(5 * 60 // 7):
         clock.advance(minutes=7, seconds=step % 5)
-        token = replicas[step % 3].get_or_refresh(TEAM, KEY_ID, sign)
+        token = replicas[step % 3].get(TEAM, KEY_ID, sign).token
         served.append((clock.now, token))
 
     for now, token in served:
@@ -483,7 +482,7 @@ async def test_provider_without_a_store_signs_one_token_for_all_its_connections(
 
 
 def test_every_app_provider_gets_the_shared_store(fake, monkeypatch) -> None:
-    from shared.apps import AppRouter, providers_from_env
+    from shared.providers.router import AppRouter, providers_from_env
 
     store = ApnsTokenStore(create_engine("sqlite://"))
     monkeypatch.setenv("PUSH_APNS_KEY", fake.key_pem)

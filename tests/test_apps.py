@@ -9,7 +9,8 @@ from sqlalchemy.orm import Session
 
 from fakes.apns import FakeApns
 from fakes.fcm import FakeFcm
-from shared.apps import load_apps, providers_from_env
+from shared.apps import load_apps
+from shared.providers.router import providers_from_env
 from shared.config import ConfigError
 from shared.models import Subscription
 from shared.providers.apns import ApnsProvider

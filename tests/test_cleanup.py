@@ -7,9 +7,10 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from shared.core import utcnow
 from shared.deliveries import DeliveryLedger
 from shared.models import Delivery, Subscription
-from shared.subscriptions import NewSubscription, SubscriptionStore, utcnow
+from shared.subscriptions import NewSubscription, SubscriptionStore
 from tests import events
 from tests import subscription_bodies as bodies
 

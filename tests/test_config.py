@@ -8,9 +8,10 @@ import json
 
 import pytest
 
-from shared.apps import load_apps, providers_from_env
+from shared.apps import load_apps
 from shared.config import ConfigError, require_secret, secret
 from shared.providers.fcm import FcmProvider
+from shared.providers.router import providers_from_env
 
 
 def test_a_secret_may_be_the_path_of_a_file(tmp_path, monkeypatch):

@@ -14,14 +14,14 @@ from sqlalchemy import Engine, event, select, update
 from sqlalchemy.orm import Session
 
 from shared.config import ConfigError
+from shared.core import Device, Outcome, SendResult, WakeUp, utcnow
 from shared.deliveries import DeliveryLedger
-from shared.dispatch import Dispatcher, DispatchSettings
-from shared.events import NotificationPolicy
+from shared.dispatch import Dispatcher
 from shared.models import PendingPush
-from shared.policy import DeliveryPolicy, PendingStore, PrivacyDelay
-from shared.providers.base import Device, Outcome, SendResult, WakeUp
-from shared.ratelimits import Limit, RateLimiter
-from shared.subscriptions import NewSubscription, SubscriptionStore, utcnow
+from shared.pending import PendingStore
+from shared.ratelimits import RateLimiter
+from shared.settings import DeliverySettings, DispatchSettings, Limit, NotificationSettings, PrivacyDelay
+from shared.subscriptions import NewSubscription, SubscriptionStore
 from tests import events
 from tests import subscription_bodies as bodies
 from tests.metrics_scrape import changes, scrape, series
@@ -132,14 +132,14 @@ def test_limits_are_written_as_count_per_window(text, count, window):
 def test_bad_limits_configuration_names_the_setting(raw, monkeypatch):
     monkeypatch.setenv("PUSH_EVENT_LIMITS", raw)
     with pytest.raises(ConfigError, match="PUSH_EVENT_LIMITS"):
-        DeliveryPolicy.from_env()
+        DeliverySettings.from_env()
 
 
 def test_limits_may_come_from_a_file(tmp_path, monkeypatch):
     path = tmp_path / "limits.json"
     path.write_text('{"edit-user-talk": "5/hour"}')
     monkeypatch.setenv("PUSH_EVENT_LIMITS", str(path))
-    assert DeliveryPolicy.from_env().limits == {"edit-user-talk": Limit(5, 3600)}
+    assert DeliverySettings.from_env().limits == {"edit-user-talk": Limit(5, 3600)}
 
 
 async def test_with_the_privacy_delay_every_event_queued_counts_against_its_limit(
@@ -267,7 +267,7 @@ def fcm_device(engine, user: str = "alice") -> int:
 def flushing(engine, provider, store: PendingStore) -> Dispatcher:
     """A dispatcher whose sends give up after 10 s: a flush that waits for that fails its test."""
     return Dispatcher(
-        provider, SubscriptionStore(engine), DeliveryLedger(engine), NotificationPolicy(),
+        provider, SubscriptionStore(engine), DeliveryLedger(engine), NotificationSettings(),
         DispatchSettings(deadline_seconds=10.0), pending=store,
     )
 
@@ -482,7 +482,7 @@ async def test_a_flush_starts_no_round_once_its_deadline_is_near(engine, monkeyp
     clock.now += timedelta(seconds=1)
     provider = Counting(seconds=0.3)
     dispatcher = Dispatcher(
-        provider, SubscriptionStore(engine), DeliveryLedger(engine), NotificationPolicy(),
+        provider, SubscriptionStore(engine), DeliveryLedger(engine), NotificationSettings(),
         DispatchSettings(deadline_seconds=1.0), pending=store,
     )
     report = await dispatcher.flush()
@@ -497,7 +497,8 @@ def test_a_flushs_claim_lasts_push_pending_lease_seconds(engine, monkeypatch):
     monkeypatch.setenv("PUSH_PRIVACY_DELAY", "0-0")
     monkeypatch.setenv("PUSH_PENDING_LEASE_SECONDS", "300")
     clock = Clock(datetime(2026, 1, 1, 10, 0, 0))
-    store = PendingStore(engine, DeliveryPolicy.from_env().privacy_delay, clock=clock)
+    delivery = DeliverySettings.from_env()
+    store = PendingStore(engine, delivery.privacy_delay, clock=clock, lease_seconds=delivery.pending_lease_seconds)
     store.enqueue("fcm", [1], "checkEchoV1", 3600)
     store.claim_due("fcm")
     [item] = pending(engine)
@@ -509,7 +510,7 @@ def test_pending_lease_must_be_above_the_dispatch_deadline(monkeypatch):
     monkeypatch.setenv("PUSH_PRIVACY_DELAY", "60-300")
     monkeypatch.setenv("PUSH_DISPATCH_DEADLINE_SECONDS", "120")
     with pytest.raises(ConfigError, match="PUSH_PENDING_LEASE_SECONDS .* PUSH_DISPATCH_DEADLINE_SECONDS"):
-        DeliveryPolicy.from_env()
+        DispatchSettings.from_env()
 
 
 def test_a_wake_up_handed_back_after_a_transient_failure_is_as_old_as_the_hand_back(engine):
@@ -527,4 +528,4 @@ def test_a_wake_up_handed_back_after_a_transient_failure_is_as_old_as_the_hand_b
 def test_privacy_delay_configuration_is_checked(monkeypatch):
     monkeypatch.setenv("PUSH_PRIVACY_DELAY", "300-60")
     with pytest.raises(ConfigError, match="PUSH_PRIVACY_DELAY"):
-        DeliveryPolicy.from_env()
+        DeliverySettings.from_env()

@@ -11,10 +11,11 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from shared.core import utcnow
 from shared.deliveries import DeliveryLedger
 from shared.events import SUBSCRIPTION_INVALID
 from shared.models import Delivery, Subscription
-from shared.subscriptions import NewSubscription, SubscriptionStore, utcnow
+from shared.subscriptions import NewSubscription, SubscriptionStore
 from tests import events
 
 

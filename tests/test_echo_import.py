@@ -16,12 +16,13 @@ import pytest
 from sqlalchemy import create_engine, event, select, text
 
 from shared.cli import main as pushctl
+from shared.core import utcnow
 from shared.db import get_engine
 from shared.echo_import import REASONS, EchoImport, Summary, source_engine
 from shared.models import Subscription
 from shared.progress import _Lines, progress
-from shared.subscriptions import NewSubscription, SubscriptionStore, token_sha256, utcnow
-from shared.validation import SubscribePolicy
+from shared.subscriptions import NewSubscription, SubscriptionStore, token_sha256
+from shared.settings import SubscribeSettings
 from tests.echo import Echo, create_tables
 
 T0 = datetime(2024, 1, 2, 3, 4, 5)
@@ -62,7 +63,7 @@ class Run:
         self.source, self.target = source, target
         self.skipped: list[tuple[int, str]] = []
 
-    def __call__(self, policy: SubscribePolicy = SubscribePolicy(), on_batch=None, **options) -> Summary:
+    def __call__(self, policy: SubscribeSettings = SubscribeSettings(), on_batch=None, **options) -> Summary:
         self.skipped = []
         job = EchoImport(self.source, self.target, policy, **options)
         return job.run(lambda eps_id, reason: self.skipped.append((eps_id, reason)), on_batch)
@@ -127,7 +128,7 @@ def test_the_app_comes_from_the_topic_where_push_apps_maps_it(echo, run, engine,
     echo.add(1, APNS_A, "apns", WIKIPEDIA)
     echo.add(2, APNS_B, "apns", "org.example.other")
     echo.add(3, FCM_A, "fcm")
-    run(SubscribePolicy.from_env())
+    run(SubscribeSettings.from_env())
     apps = {row["user_id"]: row["app"] for row in table(engine)}
     # An unmapped topic and Echo's FCM rows go to the default app, as subscribe would store them.
     assert apps == {"1": "wikipedia", "2": None, "3": None}
@@ -184,7 +185,7 @@ def test_each_row_it_cannot_import_is_named_with_its_reason(echo, run, engine, m
         echo.add(0, "zero-user:APA91b"): "invalid_user",
         echo.add(14, "zero-date:APA91b", updated="0000-00-00 00:00:00"): "invalid_time",
     }
-    summary = run(SubscribePolicy.from_env())
+    summary = run(SubscribeSettings.from_env())
     assert dict(run.skipped) == expected
     assert summary.read == len(expected) + 1 and summary.imported == 1
     assert sum(summary.skipped.values()) == len(expected)
@@ -346,14 +347,14 @@ def test_the_default_topic_takes_the_app_push_apps_maps_it_to(echo, run, engine,
         {"wikipedia": {"apns": {"key_id": "K", "team_id": "T", "topics": [WIKIPEDIA]}}}
     ))
     echo.add(1, APNS_A, "apns", None)
-    run(SubscribePolicy.from_env(), default_topic=WIKIPEDIA)
+    run(SubscribeSettings.from_env(), default_topic=WIKIPEDIA)
     assert table(engine)[0]["app"] == "wikipedia"
 
 
 def test_a_row_whose_own_topic_is_refused_does_not_take_the_default(echo, run, engine, monkeypatch):
     monkeypatch.setenv("PUSH_APNS_ALLOWED_TOPICS", WIKIPEDIA)
     refused = echo.add(1, APNS_A, "apns", "org.example.elsewhere")
-    summary = run(SubscribePolicy.from_env(), default_topic=WIKIPEDIA)
+    summary = run(SubscribeSettings.from_env(), default_topic=WIKIPEDIA)
     assert run.skipped == [(refused, "topic_not_allowed")] and summary.defaulted == 0
 
 

@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
-from shared.dispatch import notification_policy_from_env
+from shared.settings import NotificationSettings
 from shared.events import (
     MAX_EVENT_TYPE_LENGTH,
     MAX_REASON_LENGTH,
@@ -71,7 +71,7 @@ def parse(name: str, document: Any) -> Any:
     event = CloudEvent({"type": EVENT_TYPES[name], "source": "/t", "id": "1"}, json.dumps(document).encode())
     data = data_object(event)
     if name == NOTIFICATION:
-        return parse_notification(data, notification_policy_from_env())
+        return parse_notification(data, NotificationSettings.from_env())
     return parse_invalid_tokens(data)
 
 
@@ -120,7 +120,7 @@ def test_each_schema_is_a_valid_draft_2020_12_schema_with_examples(name):
 
 
 def test_the_bounds_that_are_settings_are_the_settings_defaults():
-    policy = notification_policy_from_env()
+    policy = NotificationSettings.from_env()
     members = schema(NOTIFICATION)["properties"]
     assert members["users"]["maxItems"] == policy.max_users
     assert members["message_type"]["enum"] == list(policy.message_types)

@@ -23,9 +23,9 @@ from sqlalchemy.orm import Session
 
 from fakes.webpush import FakeWebPushService
 from shared.config import ConfigError
+from shared.core import Outcome, SendResult
 from shared.endpoints import PUSH_SERVICES, EndpointRules, is_public_address
 from shared.models import Delivery, Subscription
-from shared.providers.base import Outcome, SendResult
 from shared.subscriptions import NewSubscription, SubscriptionStore
 from tests import events
 from tests import subscription_bodies as bodies

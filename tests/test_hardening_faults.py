@@ -308,9 +308,9 @@ async def test_dispatcher_killed_mid_event_and_redelivered_to_a_fresh_one(
 ):
     rig = FcmRig(fcm_server, tmp_path)
     rig.configure(monkeypatch)
-    lease = 3
+    lease = 5  # short, so the fresh dispatcher takes over soon; above the deadline, as it must be
     env = {**os.environ, "PUSH_DELIVERY_LEASE_SECONDS": str(lease), "PUSH_METRICS_PORT": "off",
-           "PUSH_DISPATCH_DEADLINE_SECONDS": "30", "PYTHONPATH": str(REPO)}
+           "PUSH_DISPATCH_DEADLINE_SECONDS": "4", "PYTHONPATH": str(REPO)}
     rows = [rig.add(engine, "alice") for _ in range(3)]
     stuck = rows[0]
     rig.fake.script(stuck.token, fake_fcm.HANG, fake_fcm.OK)

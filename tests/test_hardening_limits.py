@@ -214,8 +214,8 @@ async def test_subscribe_rate_limit_can_be_turned_off(function_client, auth_env,
 
 def test_a_malformed_rate_limit_stops_the_function_naming_the_setting(monkeypatch):
     from shared.config import ConfigError
-    from shared.subscription_api import subscribe_limit_from_env
+    from shared.settings import SubscriptionApiSettings
 
     monkeypatch.setenv("PUSH_SUBSCRIBE_RATE_LIMIT", "lots")
     with pytest.raises(ConfigError, match="PUSH_SUBSCRIBE_RATE_LIMIT"):
-        subscribe_limit_from_env()
+        SubscriptionApiSettings.from_env()

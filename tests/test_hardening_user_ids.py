@@ -11,7 +11,8 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from shared.ratelimits import Limit, RateLimiter
+from shared.ratelimits import RateLimiter
+from shared.settings import Limit
 from shared.subscriptions import NewSubscription, SubscriptionStore
 from tests import events
 from tests import subscription_bodies as bodies

@@ -15,11 +15,12 @@ from sqlalchemy.orm import Session
 from fakes import fcm as fake_fcm
 from fakes.apns import make_p8_key
 from shared.cli import main as pushctl
+from shared.core import utcnow
 from shared.holds import KEY_REFUSALS_TO_HOLD, HoldStore
 from shared.events import SUBSCRIPTION_INVALID
 from shared.models import Hold, PendingPush
-from shared.policy import Due, PendingStore
-from shared.subscriptions import SubscriptionStore, utcnow
+from shared.pending import Due, PendingStore
+from shared.subscriptions import SubscriptionStore
 from shared.vapid import generate_vapid_keys
 from tests import events
 from tests.metrics_scrape import changes, scrape, series
@@ -63,7 +64,7 @@ def fcm_rig(request, tmp_path, monkeypatch):
 def immediate_holds(monkeypatch):
     """Every dispatcher reads the holds on each send: the 5 s cache is tested in
     tests/test_holds_deployed.py, with processes as deployed."""
-    monkeypatch.setattr("shared.holds.CACHE_SECONDS", 0.0)
+    monkeypatch.setattr("shared.hold_gate.CACHE_SECONDS", 0.0)
 
 
 # --- pause -----------------------------------------------------------------------------------

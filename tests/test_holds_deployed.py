@@ -14,7 +14,7 @@ import httpx
 
 from shared.cli import main as pushctl
 from shared.db import get_engine
-from shared.holds import CACHE_SECONDS
+from shared.hold_gate import CACHE_SECONDS
 from shared.subscriptions import NewSubscription, SubscriptionStore
 from tests import events
 from tests import subscription_bodies as bodies

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 import pytest
 
 from fakes.webpush import FakeWebPushService
-from shared.providers.base import Outcome, SendResult
+from shared.core import Outcome, SendResult
 from shared.providers.webpush import WebPushProvider
 from tests.test_provider_webpush import device, make_provider, wakeup
 

@@ -8,8 +8,9 @@ import logging
 import pytest
 
 from shared.config import ConfigError
+from shared.core import utcnow
 from shared.logs import JsonFormatter, configure_logging
-from shared.subscriptions import NewSubscription, SubscriptionStore, utcnow
+from shared.subscriptions import NewSubscription, SubscriptionStore
 from tests import events
 from tests import subscription_bodies as bodies
 

@@ -19,8 +19,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from fakes.apns import FakeApns, make_p8_key
 from fakes.server import Network
 from shared.config import ConfigError
+from shared.core import Device, Outcome, SendResult, WakeUp
 from shared.providers.apns import ApnsProvider
-from shared.providers.base import Device, Outcome, SendResult, WakeUp
 from tests.connect_proxy import ConnectProxy
 
 TOKEN = "a1" * 32

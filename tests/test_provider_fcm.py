@@ -17,7 +17,7 @@ import pytest
 
 from fakes.fcm import Answer, FakeFcm, fcm_error
 from shared.config import ConfigError
-from shared.providers.base import Device, Outcome, SendResult, WakeUp
+from shared.core import Device, Outcome, SendResult, WakeUp
 from shared.providers.fcm import FcmProvider
 
 TOKEN = "fGx1T0kEn:APA91bHPRgkF3JUikC4ENAHEeMrd41Zxv3hVZjC9KtT8OvPVGJ-hQMRKRrZuJAEcl7B338qju59zJMjw2DELjzEvxwYv7hH5Ynpc1ODQ0aT4U4OFEeco8ohsN5PjL1iC2dNtk2BAokeMCg2ZXKqpc8FXKmhX94kIxQ"

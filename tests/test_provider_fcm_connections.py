@@ -10,7 +10,7 @@ import pytest
 
 from fakes.fcm import FakeFcm
 from shared.config import ConfigError
-from shared.providers.base import Outcome, SendResult
+from shared.core import Outcome, SendResult
 from shared.providers.fcm import FcmProvider
 from tests.test_provider_fcm import TOKEN, WAKEUP, device, make_provider
 

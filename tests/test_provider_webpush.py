@@ -26,8 +26,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from fakes.webpush import HANG, Answer, FakeWebPushService
 from shared.config import ConfigError
+from shared.core import Device, Outcome, SendResult, WakeUp
 from shared.endpoints import EndpointRules
-from shared.providers.base import Device, Outcome, SendResult, WakeUp
 from shared.providers.webpush import WebPushProvider
 from shared.vapid import generate_vapid_keys
 from tests.connect_proxy import ConnectProxy

@@ -11,7 +11,8 @@ from sqlalchemy.orm import Session
 
 from shared.db import DatabaseUnavailable
 from shared.models import Subscription
-from shared.ratelimits import Limit, RateLimiter
+from shared.ratelimits import RateLimiter
+from shared.settings import Limit
 from shared.subscriptions import NewSubscription, SubscribeRequest, SubscriptionStore
 from tests import subscription_bodies as bodies
 

@@ -37,10 +37,10 @@ from selenium.webdriver.support.ui import WebDriverWait
 from sqlalchemy import select
 
 from fakes.wiki import FakeWikiApi
+from shared.core import Device, WakeUp
 from shared.db import get_engine
 from shared.endpoints import EndpointRules
 from shared.models import Subscription
-from shared.providers.base import Device, WakeUp
 from shared.providers.webpush import WebPushProvider
 from shared.vapid import generate_vapid_keys
 from tests.conftest import IN_CI, REPO, empty_tables, fresh_database

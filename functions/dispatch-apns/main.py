@@ -7,9 +7,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from shared.apns_tokens import ApnsTokenStore
-from shared.apps import providers_from_env
 from shared.dispatch import Dispatcher
 from shared.providers.apns import ApnsProvider
+from shared.providers.router import providers_from_env
 
 # One provider token per team and key for all replicas (Apple limits how often it may change).
 dispatcher = Dispatcher.from_env(providers_from_env(ApnsProvider, token_store=ApnsTokenStore.from_env()))

@@ -6,9 +6,9 @@ import functions_framework.aio
 from starlette.requests import Request
 from starlette.responses import Response
 
-from shared.apps import providers_from_env
 from shared.dispatch import Dispatcher
 from shared.providers.fcm import FcmProvider
+from shared.providers.router import providers_from_env
 
 dispatcher = Dispatcher.from_env(providers_from_env(FcmProvider))
 

@@ -5,10 +5,10 @@ import functions_framework.aio
 from starlette.requests import Request
 from starlette.responses import Response
 
-from shared.apps import providers_from_env
 from shared.dispatch import Dispatcher
 from shared.endpoints import EndpointRules
 from shared.providers.webpush import WebPushProvider
+from shared.providers.router import providers_from_env
 
 # Where endpoints may lead (push services only) is the deployment's, the same for every app.
 dispatcher = Dispatcher.from_env(providers_from_env(WebPushProvider, endpoint_rules=EndpointRules.from_env()))

@@ -24,13 +24,13 @@ Where each part lives:
 - :mod:`.report`: what an event came to (:class:`DispatchReport`);
 - :mod:`.flush`: the flush of delayed and kept wake-ups on a tick;
 - :mod:`.echo`: Echo's request;
-- :mod:`.dead_tokens`: the answer, with the dead-token reply or its post to ``K_SINK``;
-- :mod:`.settings`: the dispatcher's settings.
+- :mod:`.dead_tokens`: the answer, with the dead-token reply or its post to ``K_SINK``.
+
+Its settings are :class:`shared.settings.DispatchSettings`, read once at start-up.
 
 Every module logs as ``shared.dispatch``, the one logger operators filter on.
 """
 from shared.dispatch.dispatcher import Dispatcher
 from shared.dispatch.report import DispatchReport
-from shared.dispatch.settings import DispatchSettings, notification_policy_from_env
 
-__all__ = ["DispatchReport", "DispatchSettings", "Dispatcher", "notification_policy_from_env"]
+__all__ = ["DispatchReport", "Dispatcher"]

@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING
 from starlette.responses import Response
 
 from shared.dispatch.report import DispatchReport
-from shared.dispatch.settings import DEFAULT_RETRY_AFTER
 from shared.events import InvalidToken, binary_http, invalid_tokens_event
 from shared.http import ApiError, internal_headers
 
@@ -21,6 +20,9 @@ if TYPE_CHECKING:
     import httpx
 
 log = logging.getLogger(__package__)
+
+#: Seconds the broker waits before redelivering when no provider named a Retry-After.
+DEFAULT_RETRY_AFTER = 30
 
 
 class DeadTokens:

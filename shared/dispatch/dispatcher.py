@@ -20,7 +20,7 @@ from starlette.responses import Response
 
 from shared import metrics
 from shared.batching import Batcher
-from shared.config import env, env_float, env_int
+from shared.core import Clock, Device, Outcome, SendResult, WakeUp, utcnow
 from shared.db import DatabaseUnavailable, SchemaGate, get_engine, run_transaction
 from shared.deliveries import Claims, DeliveryLedger, Outcomes
 from shared.dispatch.admission import Admission
@@ -30,14 +30,15 @@ from shared.dispatch.flush import Flush
 from shared.dispatch.limits import EventLimits
 from shared.dispatch.report import DispatchReport
 from shared.dispatch.sending import Sender
-from shared.dispatch.settings import DispatchSettings, notification_policy_from_env
-from shared.events import InvalidToken, NotificationPolicy, NotificationRequest
-from shared.holds import HoldGate, HoldStore
+from shared.events import InvalidToken, NotificationRequest
+from shared.hold_gate import HoldGate
+from shared.holds import HoldStore
 from shared.logs import configure_logging
-from shared.policy import DeliveryPolicy, PendingStore
-from shared.providers.base import Device, Outcome, Provider, SendResult, WakeUp
+from shared.pending import PendingStore
+from shared.providers.base import Provider
 from shared.ratelimits import RateLimiter
-from shared.subscriptions import Clock, SubscriptionStore, devices_of, utcnow
+from shared.settings import DeliverySettings, DispatchSettings, NotificationSettings
+from shared.subscriptions import SubscriptionStore, devices_of
 
 log = logging.getLogger(__package__)
 
@@ -51,11 +52,11 @@ class Dispatcher:
         provider: Provider,
         store: SubscriptionStore,
         ledger: DeliveryLedger,
-        policy: NotificationPolicy,
+        policy: NotificationSettings,
         settings: DispatchSettings,
         sink_url: str | None = None,
         clock: Clock = utcnow,
-        delivery: DeliveryPolicy = DeliveryPolicy(),
+        delivery: DeliverySettings = DeliverySettings(),
         pending: PendingStore | None = None,
     ) -> None:
         self.delivery = delivery
@@ -88,9 +89,10 @@ class Dispatcher:
     def from_env(cls, provider: Provider) -> Dispatcher:
         configure_logging()
         metrics.configure()
+        settings = DispatchSettings.from_env()
+        delivery = settings.delivery
         engine = get_engine()
-        delivery = DeliveryPolicy.from_env()
-        pending = PendingStore(engine, delivery.privacy_delay)
+        pending = PendingStore(engine, delivery.privacy_delay, lease_seconds=delivery.pending_lease_seconds)
         if delivery.privacy_delay is not None:
             metrics.PENDING_TOTALS.stats = pending.stats
         metrics.HOLD_TOTALS.read = HoldStore(engine).read
@@ -100,17 +102,12 @@ class Dispatcher:
             SubscriptionStore(engine),
             DeliveryLedger(
                 engine,
-                lease=timedelta(seconds=env_int("PUSH_DELIVERY_LEASE_SECONDS", 120, minimum=1)),
-                retention=timedelta(hours=env_int("PUSH_DELIVERY_RECORD_HOURS", 24, minimum=1)),
+                lease=timedelta(seconds=settings.delivery_lease_seconds),
+                retention=timedelta(hours=settings.delivery_record_hours),
             ),
-            notification_policy_from_env(),
-            DispatchSettings(
-                concurrency=env_int("PUSH_DISPATCH_CONCURRENCY", 100, minimum=1),
-                deadline_seconds=env_float("PUSH_DISPATCH_DEADLINE_SECONDS", 60.0, minimum=1.0),
-                echo_apns_environment=env("PUSH_ECHO_APNS_ENVIRONMENT", "production"),
-                max_in_flight=env_int("PUSH_DISPATCH_MAX_IN_FLIGHT", 100, minimum=1),
-            ),
-            sink_url=env("K_SINK"),
+            settings.notification,
+            settings,
+            sink_url=settings.sink_url,
             delivery=delivery,
             pending=pending,
         )

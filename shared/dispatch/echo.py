@@ -8,13 +8,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from shared import metrics
+from shared.core import Device, WakeUp
 from shared.dispatch.dead_tokens import DeadTokens
 from shared.dispatch.report import DispatchReport
 from shared.dispatch.sending import Sender
-from shared.dispatch.settings import DispatchSettings
-from shared.events import NotificationPolicy, parse_echo_request
+from shared.events import parse_echo_request
 from shared.http import read_json
-from shared.providers.base import Device, EchoTokens, WakeUp
+from shared.providers.base import EchoTokens
+from shared.settings import DispatchSettings, NotificationSettings
 from shared.subscriptions import SubscriptionStore, token_sha256
 
 
@@ -22,7 +23,7 @@ class EchoPath:
     """Serves Echo's request for one provider, whose :class:`EchoTokens` say how to read it."""
 
     def __init__(
-        self, provider: str, tokens: EchoTokens, policy: NotificationPolicy, store: SubscriptionStore,
+        self, provider: str, tokens: EchoTokens, policy: NotificationSettings, store: SubscriptionStore,
         settings: DispatchSettings, sender: Sender, dead_tokens: DeadTokens,
     ) -> None:
         self.provider = provider

@@ -11,15 +11,16 @@ from datetime import timedelta
 from starlette.concurrency import run_in_threadpool
 
 from shared import metrics
+from shared.core import Clock, Outcome, WakeUp
 from shared.db import DatabaseUnavailable
 from shared.deliveries import Outcomes
 from shared.dispatch.report import DispatchReport
 from shared.dispatch.sending import Sender
-from shared.dispatch.settings import DEFAULT_RETRY_AFTER, DispatchSettings
-from shared.holds import HoldGate
-from shared.policy import Due, FlushScope, PendingStore
-from shared.providers.base import Outcome, WakeUp
-from shared.subscriptions import Clock, SubscriptionStore
+from shared.dispatch.dead_tokens import DEFAULT_RETRY_AFTER
+from shared.hold_gate import HoldGate
+from shared.pending import Due, FlushScope, PendingStore
+from shared.settings import DispatchSettings
+from shared.subscriptions import SubscriptionStore
 
 log = logging.getLogger(__package__)
 

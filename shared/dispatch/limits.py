@@ -8,11 +8,10 @@ from datetime import datetime
 from starlette.concurrency import run_in_threadpool
 
 from shared import metrics
+from shared.core import Clock, Device, Outcome, SendResult
 from shared.deliveries import Outcomes
-from shared.policy import DeliveryPolicy
-from shared.providers.base import Device, Outcome, SendResult
 from shared.ratelimits import RateLimiter
-from shared.subscriptions import Clock
+from shared.settings import DeliverySettings
 
 #: What a device over its per-event-type limit gets: nothing sent, recorded as done.
 LIMITED = SendResult(Outcome.REJECTED, "limited")
@@ -21,7 +20,7 @@ LIMITED = SendResult(Outcome.REJECTED, "limited")
 class EventLimits:
     """One provider's devices counted against the delivery policy's limits."""
 
-    def __init__(self, provider: str, limiter: RateLimiter, delivery: DeliveryPolicy, clock: Clock) -> None:
+    def __init__(self, provider: str, limiter: RateLimiter, delivery: DeliverySettings, clock: Clock) -> None:
         self.provider = provider
         self.limiter = limiter
         self.delivery = delivery

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from shared.core import Outcome, SendResult
 from shared.events import InvalidToken, NotificationRequest
-from shared.providers.base import Outcome, SendResult
 
 
 @dataclass

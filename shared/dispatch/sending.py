@@ -9,13 +9,12 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from shared import metrics
+from shared.core import Clock, Device, Outcome, SendResult, WakeUp
 from shared.deliveries import Outcomes
 from shared.dispatch.report import DispatchReport
-from shared.dispatch.settings import DispatchSettings
 from shared.events import InvalidToken
-from shared.holds import HoldGate
-from shared.providers.base import Device, Outcome, SendResult, WakeUp
-from shared.subscriptions import Clock
+from shared.hold_gate import HoldGate
+from shared.settings import DispatchSettings
 
 log = logging.getLogger(__package__)
 

@@ -43,17 +43,18 @@ import json
 import logging
 import re
 import time
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from functools import partial
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
+import jwt
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from h2.exceptions import H2Error
 
-from shared.apns_tokens import ApnsTokenStore, IssuedToken, sign_provider_token
 from shared.config import (
     ConfigError,
     env,
@@ -62,7 +63,8 @@ from shared.config import (
     require_env,
     require_secret,
 )
-from shared.providers.base import Device, EchoTokens, Outcome, SendResult, WakeUp, retry_after_seconds
+from shared.core import Clock, Device, IssuedToken, Outcome, SendResult, WakeUp
+from shared.providers.base import EchoTokens, retry_after_seconds
 from shared.transport.connect import Origin
 from shared.transport.http2 import Header, Http2Pool
 from shared.transport.proxy import proxy_for
@@ -94,6 +96,26 @@ _STORE_RETRY = timedelta(seconds=30)
 log = logging.getLogger(__name__)
 
 
+def sign_provider_token(key_pem: str, key_id: str, team_id: str, issued_at: datetime) -> str:
+    """The APNs provider token: an ES256 JWT with header ``kid`` and claims ``iss``, ``iat``."""
+    iat = int(issued_at.replace(tzinfo=timezone.utc).timestamp())
+    return jwt.encode({"iss": team_id, "iat": iat}, key_pem, algorithm="ES256", headers={"kid": key_id})
+
+
+class TokenStore(Protocol):
+    """Where the provider token is shared between replicas: what the provider asks of
+    :class:`shared.apns_tokens.ApnsTokenStore`, which the function gives it (a provider never
+    imports storage). Its methods block: they are called in a thread."""
+
+    clock: Clock
+
+    def is_fresh(self, issued_at: datetime, now: datetime | None = None) -> bool: ...
+
+    def get(self, team_id: str, key_id: str, sign: Callable[[datetime], str]) -> IssuedToken: ...
+
+    def forget(self, team_id: str, key_id: str, issued_at: datetime) -> None: ...
+
+
 class _ProviderToken(Protocol):
     header: bytes
     """The ``authorization`` value, valid once :meth:`ensure_fresh` returned."""
@@ -120,7 +142,7 @@ class _SharedToken:
     """The provider token of every connection of one provider, from the token store (module
     docstring, "Provider token"). :attr:`header` is valid once :meth:`ensure_fresh` returned."""
 
-    def __init__(self, store: ApnsTokenStore, key: str, key_id: str, team_id: str) -> None:
+    def __init__(self, store: TokenStore, key: str, key_id: str, team_id: str) -> None:
         self._store = store
         self._team_id = team_id
         self._key_id = key_id
@@ -256,7 +278,7 @@ class ApnsProvider:
         ca_file: str | None = None,
         timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
-        token_store: ApnsTokenStore | None = None,
+        token_store: TokenStore | None = None,
     ) -> None:
         """``key`` is the ``.p8`` PEM text; ``ca_file`` an extra CA bundle (PEM) to trust;
         ``token_store`` shares the provider token with other replicas (``None``: this process
@@ -287,7 +309,7 @@ class ApnsProvider:
         self._bodies: dict[str, bytes] = {}
 
     @classmethod
-    def from_env(cls, token_store: ApnsTokenStore | None = None) -> ApnsProvider:
+    def from_env(cls, token_store: TokenStore | None = None) -> ApnsProvider:
         """The provider configured by the ``PUSH_APNS_*`` settings."""
         return cls(
             require_secret("PUSH_APNS_KEY", "the APNs provider signs its requests with this key"),

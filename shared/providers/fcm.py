@@ -34,14 +34,8 @@ from google.oauth2 import service_account
 from h2.exceptions import H2Error
 
 from shared.config import ConfigError, env, env_float, env_int, require_secret
-from shared.providers.base import (
-    Device,
-    EchoTokens,
-    Outcome,
-    SendResult,
-    WakeUp,
-    retry_after_seconds,
-)
+from shared.core import Device, Outcome, SendResult, WakeUp
+from shared.providers.base import EchoTokens, retry_after_seconds
 from shared.transport.connect import Origin
 from shared.transport.http2 import Header, Http2Pool, Response
 from shared.transport.proxy import proxy_for

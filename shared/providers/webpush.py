@@ -50,14 +50,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from py_vapid.jwt import sign as sign_jwt
 
 from shared.config import ConfigError, env, env_float, env_int, require_secret
+from shared.core import Device, Outcome, SendResult, WakeUp
 from shared.endpoints import EndpointRefused, EndpointRules
-from shared.providers.base import (
-    Device,
-    Outcome,
-    SendResult,
-    WakeUp,
-    retry_after_seconds,
-)
+from shared.providers.base import retry_after_seconds
 from shared.transport.connect import Origin, Resolver
 from shared.transport.http1 import Http1Pool
 from shared.transport.http2 import Header, Http2Pool, NoHttp2

@@ -1,95 +1,34 @@
-"""Delivery policy: per-event-type push limits, and the privacy delay with coalescing.
+"""Wake-ups waiting in the database: those of the privacy delay, and those a hold keeps.
 
-Both keep their state in the database, not in a process: replicas come and go, and a restart must
-lose nothing.
+Both are kept in the database, not in a process: replicas come and go, and a restart must lose
+nothing.
 
-- ``PUSH_EVENT_LIMITS``: JSON (the text, or the path of a file holding it) mapping an event type
-  to a limit per device, e.g. ``{"edit-user-talk": "5/hour", "mention": "20/day"}``. Event types
-  not named are not limited. A push over the limit is not sent, is counted
-  (``push_sends_total{outcome="limited"}``), and the event still succeeds.
-- ``PUSH_PRIVACY_DELAY``: ``"MIN-MAX"`` seconds (e.g. ``"60-300"``); off when unset. Wake-ups are
-  then stored as pending, one per device and message type, each due after its own random delay
-  in [MIN, MAX], so push traffic is harder to link to on-wiki actions; events arriving meanwhile
-  for the same device collapse into that one wake-up. A periodic tick
-  (``dev.knative.sources.ping`` to each dispatcher) sends what is due.
+- The privacy delay (``PUSH_PRIVACY_DELAY``, :class:`shared.settings.PrivacyDelay`): wake-ups are
+  stored as pending, one per device and message type, each due after its own random delay in
+  [MIN, MAX], so push traffic is harder to link to on-wiki actions; events arriving meanwhile for
+  the same device collapse into that one wake-up. A periodic tick (``dev.knative.sources.ping`` to
+  each dispatcher) sends what is due.
+- A hold (:mod:`shared.holds`) keeps the wake-ups it holds back here, due at once, until it lifts.
 - ``PUSH_PENDING_LEASE_SECONDS``: how long a flush's claim keeps other flushes off the wake-ups
   it is sending (default 120). It must be above ``PUSH_DISPATCH_DEADLINE_SECONDS``, the time a
-  flush may spend sending: a claim running out mid-send would let the next tick send again.
+  flush may spend sending: a claim running out mid-send would let the next tick send again
+  (:data:`shared.settings.RULES`).
 """
 from __future__ import annotations
 
-import json
 import random
 import secrets
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import partial
 
 from sqlalchemy import Connection, Engine, case, delete, func, select, tuple_, update
 
-from shared.config import ConfigError, env, env_float, secret
+from shared.core import Clock, utcnow
 from shared.db import insert_ignore, read_session, run_transaction, unavailable_as_503
 from shared.models import PendingPush
-from shared.ratelimits import Limit
-from shared.subscriptions import Clock, utcnow
-
-DEFAULT_PENDING_LEASE_SECONDS = 120.0
-#: The dispatchers' PUSH_DISPATCH_DEADLINE_SECONDS default, which the lease must stay above.
-DEFAULT_DEADLINE_SECONDS = 60.0
-
-
-@dataclass(frozen=True)
-class PrivacyDelay:
-    min_seconds: float
-    max_seconds: float
-    lease_seconds: float = DEFAULT_PENDING_LEASE_SECONDS
-    """How long a flush's claim on the wake-ups it sends lasts."""
-
-    @classmethod
-    def parse(cls, text: str, lease_seconds: float = DEFAULT_PENDING_LEASE_SECONDS) -> PrivacyDelay:
-        try:
-            low, high = (float(part) for part in text.split("-", 1))
-        except ValueError:
-            raise ConfigError(f"PUSH_PRIVACY_DELAY must be MIN-MAX seconds like 60-300, not {text!r}") from None
-        if not 0 <= low <= high:
-            raise ConfigError(f"PUSH_PRIVACY_DELAY: need 0 <= MIN <= MAX, not {text!r}")
-        return cls(low, high, lease_seconds)
-
-
-@dataclass(frozen=True)
-class DeliveryPolicy:
-    limits: dict[str, Limit] = field(default_factory=dict)
-    privacy_delay: PrivacyDelay | None = None
-
-    @classmethod
-    def from_env(cls) -> DeliveryPolicy:
-        limits: dict[str, Limit] = {}
-        raw = secret("PUSH_EVENT_LIMITS")  # the JSON, or a file holding it
-        if raw is not None:
-            try:
-                document = json.loads(raw)
-            except ValueError:
-                raise ConfigError("PUSH_EVENT_LIMITS is not valid JSON") from None
-            if not isinstance(document, dict):
-                raise ConfigError("PUSH_EVENT_LIMITS must be a JSON object of event type to limit")
-            for event_type, text in document.items():
-                limits[event_type] = Limit.parse(text, f"PUSH_EVENT_LIMITS[{event_type!r}]")
-        delay = env("PUSH_PRIVACY_DELAY")
-        return cls(limits, PrivacyDelay.parse(delay, _pending_lease_seconds()) if delay else None)
-
-
-def _pending_lease_seconds() -> float:
-    """``PUSH_PENDING_LEASE_SECONDS``, checked against the deadline of a flush's sends: a lease
-    running out while the flush still sends would let the next tick send the same wake-ups."""
-    lease = env_float("PUSH_PENDING_LEASE_SECONDS", DEFAULT_PENDING_LEASE_SECONDS, minimum=1.0)
-    deadline = env_float("PUSH_DISPATCH_DEADLINE_SECONDS", DEFAULT_DEADLINE_SECONDS, minimum=1.0)
-    if lease <= deadline:
-        raise ConfigError(
-            f"PUSH_PENDING_LEASE_SECONDS ({lease:g}) must be above PUSH_DISPATCH_DEADLINE_SECONDS "
-            f"({deadline:g}), or a slow flush's wake-ups are sent again by the next tick"
-        )
-    return lease
+from shared.settings import DeliverySettings, PrivacyDelay
 
 
 def _later(deadline: datetime, column):
@@ -163,10 +102,13 @@ class PendingStore:
         delay: PrivacyDelay | None = None,
         clock: Clock = utcnow,
         uniform: Callable[[float, float], float] = random.SystemRandom().uniform,
+        lease_seconds: float = DeliverySettings.pending_lease_seconds,
     ) -> None:
         self.engine = engine
         self.delay = delay
-        self.lease = timedelta(seconds=delay.lease_seconds if delay else _pending_lease_seconds())
+        self.lease = timedelta(seconds=lease_seconds)
+        """How long a flush's claim keeps other flushes off the wake-ups it sends
+        (``PUSH_PENDING_LEASE_SECONDS``)."""
         self.clock = clock
         self.uniform = uniform
 
@@ -297,7 +239,11 @@ class PendingStore:
                        table.c.expires_at, table.c.kept)
                 .where(table.c.claim == token)
             ).all()
-        return token, [Due(*row) for row in rows]
+        return token, [
+            Due(subscription_id=row.subscription_id, message_type=row.message_type, ttl_seconds=row.ttl_seconds,
+                version=row.version, expires_at=row.expires_at, kept=row.kept)
+            for row in rows
+        ]
 
     def finish(
         self, token: str, sent: Iterable[Due], retry: Iterable[Due] = (), retry_after: timedelta = timedelta()
