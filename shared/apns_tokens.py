@@ -36,7 +36,7 @@ from functools import partial
 
 from sqlalchemy import Connection, Engine, delete, select, update
 
-from shared.config import ConfigError, env_int
+from shared.config import ConfigError
 from shared.core import Clock, IssuedToken, utcnow
 from shared.db import (
     get_engine,
@@ -46,11 +46,13 @@ from shared.db import (
     unavailable_as_503,
 )
 from shared.models import ProviderToken
+from shared.settings import DECLARED, read_setting
 
-DEFAULT_REFRESH_MINUTES = 40
-MIN_REFRESH_MINUTES = 20
+_REFRESH = DECLARED["PUSH_APNS_TOKEN_REFRESH_MINUTES"]
+DEFAULT_REFRESH_MINUTES: int = _REFRESH.default
+MIN_REFRESH_MINUTES = int(_REFRESH.minimum or 0)
 """Apple's minimum interval between new provider tokens."""
-MAX_REFRESH_MINUTES = 55
+MAX_REFRESH_MINUTES = int(_REFRESH.maximum or 0)
 """Below Apple's 60-minute limit, with room for clock skew and a send in flight."""
 _ATTEMPTS = 3
 
@@ -84,12 +86,7 @@ class ApnsTokenStore:
     @classmethod
     def from_env(cls, engine: Engine | None = None) -> ApnsTokenStore:
         """The store in ``engine`` (default: ``PUSH_DATABASE_URL``'s) with the configured age."""
-        refresh = env_int(
-            "PUSH_APNS_TOKEN_REFRESH_MINUTES",
-            DEFAULT_REFRESH_MINUTES,
-            MIN_REFRESH_MINUTES,
-            MAX_REFRESH_MINUTES,
-        )
+        refresh = read_setting("PUSH_APNS_TOKEN_REFRESH_MINUTES")
         return cls(engine if engine is not None else get_engine(), refresh_minutes=refresh)
 
     def is_fresh(self, issued_at: datetime, now: datetime | None = None) -> bool:

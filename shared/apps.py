@@ -32,8 +32,9 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from shared.config import ConfigError, file_or_value, secret
+from shared.config import ConfigError, file_or_value
 from shared.core import PROVIDERS
+from shared.settings import read_setting
 
 APP_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 SECRET_KEYS = {"key", "credentials", "vapid_private_key"}
@@ -56,7 +57,7 @@ class Apps:
 
 
 def load_apps() -> Apps:
-    raw = secret("PUSH_APPS")
+    raw = read_setting("PUSH_APPS")
     if raw is None:
         return Apps({})
     try:

@@ -16,8 +16,9 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from shared.config import ConfigError, env, env_int, secret
+from shared.config import ConfigError
 from shared.http import ApiError
+from shared.settings import read_setting
 from shared.validation import is_text
 
 log = logging.getLogger(__name__)
@@ -39,11 +40,11 @@ class Authenticator:
 
     @classmethod
     def from_env(cls) -> Authenticator:
-        issuer = env("PUSH_AUTH_ISSUER")
-        audience = env("PUSH_AUTH_AUDIENCE")
-        leeway = env_int("PUSH_AUTH_LEEWAY_SECONDS", 30, maximum=300)
-        jwks_url = env("PUSH_AUTH_JWKS_URL")
-        pem = secret("PUSH_AUTH_PUBLIC_KEY")
+        issuer = read_setting("PUSH_AUTH_ISSUER")
+        audience = read_setting("PUSH_AUTH_AUDIENCE")
+        leeway = read_setting("PUSH_AUTH_LEEWAY_SECONDS")
+        jwks_url = read_setting("PUSH_AUTH_JWKS_URL")
+        pem = read_setting("PUSH_AUTH_PUBLIC_KEY")
         if pem is None and jwks_url is None:
             raise ConfigError(
                 "PUSH_AUTH_PUBLIC_KEY (or PUSH_AUTH_JWKS_URL) is not set: subscribe and "

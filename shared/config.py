@@ -70,19 +70,6 @@ def env_float(name: str, default: float, minimum: float = 0.0) -> float:
     return value
 
 
-def env_bool(name: str, default: bool = False) -> bool:
-    """A yes/no setting: ``1/true/yes/on`` or ``0/false/no/off``."""
-    raw = env(name)
-    if raw is None:
-        return default
-    lowered = raw.lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise ConfigError(f"{name} must be true or false, not {raw!r}")
-
-
 def env_list(name: str, default: tuple[str, ...] = ()) -> tuple[str, ...]:
     """A comma-separated list setting, blanks and empty items dropped."""
     raw = env(name)

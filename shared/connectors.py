@@ -33,12 +33,11 @@ from collections.abc import Mapping
 
 from cloudevents.http import CloudEvent
 
-from shared.config import env, env_list
 from shared.core import PING
+from shared.settings import read_setting
 
 EVENT_TYPE_VAR = "PUSH_CONNECTOR_EVENT_TYPE"
 ID_HEADERS_VAR = "PUSH_CONNECTOR_ID_HEADERS"
-DEFAULT_ID_HEADERS = ("X-Call-Id",)
 TOPIC_HEADER = "x-topic"
 SOURCE_PREFIX = "/openfaas/connector"
 
@@ -47,7 +46,7 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._~:@!$&'()*+,;=/-]")
 
 def connector_event_type() -> str | None:
     """The event type a connector's message becomes; ``None``: connectors are not expected."""
-    return env(EVENT_TYPE_VAR)
+    return read_setting(EVENT_TYPE_VAR)
 
 
 def is_cloud_event_request(headers: Mapping[str, str]) -> bool:
@@ -81,7 +80,7 @@ def connector_event(headers: Mapping[str, str], body: bytes) -> CloudEvent | Non
 
 
 def _header_id(lowered: Mapping[str, str]) -> str | None:
-    for name in env_list(ID_HEADERS_VAR, DEFAULT_ID_HEADERS):
+    for name in read_setting(ID_HEADERS_VAR):
         value = lowered.get(name.lower(), "").strip()
         if value:
             return value[:256]

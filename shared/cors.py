@@ -23,8 +23,9 @@ from urllib.parse import urlsplit
 from starlette.requests import Request
 from starlette.responses import Response
 
-from shared.config import ConfigError, env_list
+from shared.config import ConfigError
 from shared.http import ApiError
+from shared.settings import read_setting
 
 ORIGINS_VAR = "PUSH_CORS_ALLOWED_ORIGINS"
 #: How long a browser may reuse a preflight's answer. Chromium caps it at 7200 s; Firefox at a day.
@@ -39,7 +40,7 @@ DEFAULT_PORTS = {"http": 80, "https": 443}
 
 def allowed_origins_from_env() -> frozenset[str]:
     """``PUSH_CORS_ALLOWED_ORIGINS``, each origin checked; empty when unset (no page may call)."""
-    return frozenset(canonical_origin(origin) for origin in env_list(ORIGINS_VAR))
+    return frozenset(canonical_origin(origin) for origin in read_setting(ORIGINS_VAR))
 
 
 @dataclass(frozen=True)

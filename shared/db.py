@@ -23,11 +23,10 @@ from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session
 
-from shared.config import ConfigError, env_int, secret
+from shared.config import ConfigError
+from shared.settings import DatabaseSettings
 
 log = logging.getLogger(__name__)
-
-DEFAULT_DATABASE_URL = "sqlite:///push.sqlite3"
 
 #: The newest migration this code needs. ``pushctl migrate`` brings a database to it, and a
 #: function refuses to serve a database that is behind (a test keeps this equal to Alembic's head,
@@ -54,7 +53,7 @@ class DatabaseUnavailable(Exception):
 def database_url() -> str:
     """``PUSH_DATABASE_URL``, which holds a password and so may also come from a secret file
     (OpenFaaS can give secrets only as files)."""
-    return secret("PUSH_DATABASE_URL") or DEFAULT_DATABASE_URL
+    return DatabaseSettings.from_env().url
 
 
 def get_engine(url: str | None = None) -> Engine:
@@ -85,15 +84,16 @@ def make_engine(url: str) -> Engine:
         # load they are opened again and again, and each PyMySQL connection costs a TLS context
         # and handshake (about 10 ms of CPU): that churn once took most of a dispatcher's CPU.
         # Threads beyond the pool wait for a connection (up to pool_timeout, then 503).
+        settings = DatabaseSettings.from_env()
         engine = create_engine(
             url,
             hide_parameters=True,  # error messages would otherwise quote tokens and user ids
             pool_recycle=3600,
-            pool_size=env_int("PUSH_DATABASE_POOL_SIZE", 10, minimum=1),
-            max_overflow=env_int("PUSH_DATABASE_MAX_OVERFLOW", 0),
+            pool_size=settings.pool_size,
+            max_overflow=settings.max_overflow,
             pool_timeout=10,
             pool_reset_on_return=None,  # see _roll_back_only_open_transactions
-            connect_args={"connect_timeout": env_int("PUSH_DATABASE_CONNECT_TIMEOUT", 5, 1)},
+            connect_args={"connect_timeout": settings.connect_timeout},
         )
         _ping_after_idle(engine)
         _roll_back_only_open_transactions(engine)

@@ -75,15 +75,10 @@ class DeliveryLedger:
         self.retention = retention
         self.clock = clock
 
-    def claim(self, event_key: str, subscription_ids: Sequence[int]) -> Claims:
-        """Claim every subscription of the event that is not done or in flight elsewhere."""
-        return run_transaction(
-            self.engine, lambda connection: self.claim_many_in(connection, [(event_key, subscription_ids)])[0]
-        )
-
     def claim_many_in(self, connection: Connection, requests: Sequence[tuple[str, Sequence[int]]]) -> list[Claims]:
-        """:meth:`claim` for several events at once, inside the caller's transaction (the
-        dispatcher reads the subscriptions and claims them in one, for every event of a batch)."""
+        """Claim, for each event, every subscription that is not done or in flight elsewhere,
+        inside the caller's transaction (the dispatcher reads the subscriptions and claims them in
+        one, for every event of a batch)."""
         claims = [Claims(secrets.token_hex(16)) for _ in requests]
         now = self.clock()
         lease_until, expires_at = now + self.lease, now + self.retention
@@ -139,14 +134,10 @@ class DeliveryLedger:
             else:
                 claims.done.add(row.subscription_id)
 
-    def record(self, event_key: str, claims: Claims, outcomes: Outcomes) -> None:
-        """Keep the final outcomes; give up the claims of transient failures so the
-        redelivered event sends to those devices again."""
-        self.record_many([(event_key, claims, outcomes)])
-
     def record_many(self, items: Sequence[tuple[str, Claims, Outcomes]]) -> list[None]:
-        """:meth:`record` for several events in one transaction (one result per item, for
-        :class:`shared.batching.Batcher`)."""
+        """Keep the final outcomes of several events in one transaction; give up the claims of
+        transient failures so the redelivered event sends to those devices again (one result per
+        item, for :class:`shared.batching.Batcher`)."""
         run_transaction(self.engine, lambda connection: self._record_many(connection, items))
         return [None] * len(items)
 

@@ -70,8 +70,9 @@ from shared.core import utcnow
 from shared.db import DatabaseUnavailable, SchemaBehind, check_schema, get_engine, run_transaction
 from shared.models import Subscription
 from shared.subscriptions import token_sha256
-from shared.settings import CleanupSettings, SubscribeSettings
+from shared.settings import CleanupSettings
 from shared.validation import (
+    SubscribeSettings,
     apns_device_token,
     apns_topic_allowed,
     valid_apns_topic,

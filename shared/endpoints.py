@@ -33,7 +33,8 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from shared.config import ConfigError, env_list
+from shared.config import ConfigError
+from shared.settings import read_setting
 
 ALLOWED_HOSTS_VAR = "PUSH_WEBPUSH_ALLOWED_HOSTS"
 LOCAL_ENDPOINTS_VAR = "PUSH_WEBPUSH_ALLOW_LOCAL_ENDPOINTS"
@@ -121,8 +122,8 @@ class EndpointRules:
         """The push services plus ``PUSH_WEBPUSH_ALLOWED_HOSTS``, and the pairs of
         ``PUSH_WEBPUSH_ALLOW_LOCAL_ENDPOINTS``; a malformed entry stops the start-up, naming
         the variable."""
-        local = frozenset(_local_endpoint_entry(entry) for entry in env_list(LOCAL_ENDPOINTS_VAR))
-        return cls(PUSH_SERVICES + env_list(ALLOWED_HOSTS_VAR), local)
+        local = frozenset(_local_endpoint_entry(entry) for entry in read_setting(LOCAL_ENDPOINTS_VAR))
+        return cls(PUSH_SERVICES + read_setting(ALLOWED_HOSTS_VAR), local)
 
     def __post_init__(self) -> None:
         # Every listed host is checked to be a public name once, here: a listed name then

@@ -12,7 +12,8 @@ import logging
 import sys
 import time
 
-from shared.config import ConfigError, env
+from shared.config import ConfigError
+from shared.settings import read_setting
 
 request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 event_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("event_id", default=None)
@@ -50,7 +51,7 @@ def configure_logging() -> None:
     global _configured
     if _configured:
         return
-    level = env("PUSH_LOG_LEVEL", "INFO").upper()
+    level = read_setting("PUSH_LOG_LEVEL").upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise ConfigError(f"PUSH_LOG_LEVEL must be debug, info, warning or error, not {level!r}")
     handler = logging.StreamHandler(sys.stderr)

@@ -30,12 +30,13 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import REGISTRY, Collector
 
-from shared.config import ConfigError, env
+from shared.config import ConfigError
 from shared.core import PROVIDERS, app_name
+from shared.settings import default, read_setting
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PORT = 9095
+DEFAULT_PORT = int(default("PUSH_METRICS_PORT"))
 # Wake-ups should leave within milliseconds; the top buckets catch provider timeouts.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -261,7 +262,7 @@ def configure() -> None:
     """Read and check ``PUSH_METRICS_PORT`` and ``PUSH_METRICS_ADDR`` at start-up; the server
     itself starts with the first request (:func:`serve_metrics`)."""
     global _settings
-    raw = env("PUSH_METRICS_PORT", str(DEFAULT_PORT))
+    raw = read_setting("PUSH_METRICS_PORT")
     if raw == "off":
         _settings = None
         return
@@ -269,7 +270,7 @@ def configure() -> None:
         port = int(raw)
     except ValueError:
         raise ConfigError(f"PUSH_METRICS_PORT must be a port number or off, not {raw!r}") from None
-    _settings = (port, env("PUSH_METRICS_ADDR", "0.0.0.0"))
+    _settings = (port, read_setting("PUSH_METRICS_ADDR"))
 
 
 def serve_metrics() -> int | None:

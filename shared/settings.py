@@ -3,7 +3,7 @@ it means; the typed settings each function reads at start-up; and the rules betw
 
 A function reads its settings once, when it starts (``*Settings.from_env()`` below): a mistake
 stops it then with an error naming the variable, never later on a request. A setting is read only
-through its declaration (:func:`value`), so its default and bounds are written in one place, and
+through its declaration (:func:`read_setting`), so its default and bounds are written in one place, and
 the table in ``docs/configuration.md`` is generated from the declarations
 (``scripts/gen_config_docs.py``; a test fails when they differ).
 
@@ -17,9 +17,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from shared.apps import Apps, load_apps
 from shared.config import DEFAULT_SECRETS_DIR, ConfigError, env, env_float, env_int, env_list, secret
-from shared.endpoints import EndpointRules
 
 SUBSCRIBE = "subscribe"
 UNSUBSCRIBE = "unsubscribe"
@@ -197,7 +195,7 @@ SETTINGS: tuple[Setting, ...] = (
 DECLARED: dict[str, Setting] = {setting.name: setting for setting in SETTINGS}
 
 
-def value(name: str) -> Any:
+def read_setting(name: str) -> Any:
     """The setting's value as its declaration types it: its default when unset, a
     :class:`ConfigError` naming it when malformed or out of bounds. A secret is its text (or
     ``None``); whether a function needs it is the function's to say
@@ -216,6 +214,11 @@ def value(name: str) -> Any:
     if setting.kind == TEXT:
         return env(name, setting.default)
     raise KeyError(f"{name} is read by a library, not by us")
+
+
+def default(name: str) -> Any:
+    """The setting's default, for a constructor that takes the value as an argument."""
+    return DECLARED[name].default
 
 
 # -- value types ------------------------------------------------------------------------------
@@ -276,8 +279,8 @@ class DatabaseSettings:
 
     @classmethod
     def from_env(cls) -> DatabaseSettings:
-        return cls(value("PUSH_DATABASE_URL"), value("PUSH_DATABASE_POOL_SIZE"),
-                   value("PUSH_DATABASE_MAX_OVERFLOW"), value("PUSH_DATABASE_CONNECT_TIMEOUT"))
+        return cls(read_setting("PUSH_DATABASE_URL"), read_setting("PUSH_DATABASE_POOL_SIZE"),
+                   read_setting("PUSH_DATABASE_MAX_OVERFLOW"), read_setting("PUSH_DATABASE_CONNECT_TIMEOUT"))
 
 
 @dataclass(frozen=True)
@@ -291,7 +294,7 @@ class NotificationSettings:
 
     @classmethod
     def from_env(cls) -> NotificationSettings:
-        return cls(value("PUSH_MESSAGE_TYPES"), value("PUSH_MAX_USERS_PER_EVENT"), value("PUSH_DEFAULT_TTL_SECONDS"))
+        return cls(read_setting("PUSH_MESSAGE_TYPES"), read_setting("PUSH_MAX_USERS_PER_EVENT"), read_setting("PUSH_DEFAULT_TTL_SECONDS"))
 
 
 @dataclass(frozen=True)
@@ -306,7 +309,7 @@ class DeliverySettings:
     @classmethod
     def from_env(cls) -> DeliverySettings:
         limits: dict[str, Limit] = {}
-        raw = value("PUSH_EVENT_LIMITS")  # the JSON, or a file holding it
+        raw = read_setting("PUSH_EVENT_LIMITS")  # the JSON, or a file holding it
         if raw is not None:
             try:
                 document = json.loads(raw)
@@ -316,8 +319,8 @@ class DeliverySettings:
                 raise ConfigError("PUSH_EVENT_LIMITS must be a JSON object of event type to limit")
             for event_type, text in document.items():
                 limits[event_type] = Limit.parse(text, f"PUSH_EVENT_LIMITS[{event_type!r}]")
-        delay = value("PUSH_PRIVACY_DELAY")
-        return cls(limits, PrivacyDelay.parse(delay) if delay else None, value("PUSH_PENDING_LEASE_SECONDS"))
+        delay = read_setting("PUSH_PRIVACY_DELAY")
+        return cls(limits, PrivacyDelay.parse(delay) if delay else None, read_setting("PUSH_PENDING_LEASE_SECONDS"))
 
 
 @dataclass(frozen=True)
@@ -348,13 +351,13 @@ class DispatchSettings:
     def from_env(cls) -> DispatchSettings:
         """Every setting a dispatcher reads, checked, with the rules between them."""
         settings = cls(
-            concurrency=value("PUSH_DISPATCH_CONCURRENCY"),
-            deadline_seconds=value("PUSH_DISPATCH_DEADLINE_SECONDS"),
-            echo_apns_environment=value("PUSH_ECHO_APNS_ENVIRONMENT"),
-            max_in_flight=value("PUSH_DISPATCH_MAX_IN_FLIGHT"),
-            delivery_lease_seconds=value("PUSH_DELIVERY_LEASE_SECONDS"),
-            delivery_record_hours=value("PUSH_DELIVERY_RECORD_HOURS"),
-            sink_url=value("K_SINK"),
+            concurrency=read_setting("PUSH_DISPATCH_CONCURRENCY"),
+            deadline_seconds=read_setting("PUSH_DISPATCH_DEADLINE_SECONDS"),
+            echo_apns_environment=read_setting("PUSH_ECHO_APNS_ENVIRONMENT"),
+            max_in_flight=read_setting("PUSH_DISPATCH_MAX_IN_FLIGHT"),
+            delivery_lease_seconds=read_setting("PUSH_DELIVERY_LEASE_SECONDS"),
+            delivery_record_hours=read_setting("PUSH_DELIVERY_RECORD_HOURS"),
+            sink_url=read_setting("K_SINK"),
             notification=NotificationSettings.from_env(),
             delivery=DeliverySettings.from_env(),
         )
@@ -375,14 +378,14 @@ class CleanupSettings:
 
     @classmethod
     def from_env(cls) -> CleanupSettings:
-        return cls(value("PUSH_SUBSCRIPTION_MAX_AGE_DAYS"), value("PUSH_FLUSH_TICK_URLS"))
+        return cls(read_setting("PUSH_SUBSCRIPTION_MAX_AGE_DAYS"), read_setting("PUSH_FLUSH_TICK_URLS"))
 
 
 @dataclass(frozen=True)
 class SubscriptionApiSettings:
     """Subscribe's and unsubscribe's own settings (authentication, CORS, what subscribe accepts
     and the apps' keys are read by :mod:`shared.auth`, :mod:`shared.cors`,
-    :class:`SubscribeSettings` and :mod:`shared.apps`)."""
+    :class:`shared.validation.SubscribeSettings` and :mod:`shared.apps`)."""
 
     max_subscriptions_per_user: int = DECLARED["PUSH_MAX_SUBSCRIPTIONS_PER_USER"].default
     subscribe_limit: Limit | None = Limit.parse(DEFAULT_SUBSCRIBE_RATE_LIMIT, "PUSH_SUBSCRIBE_RATE_LIMIT")
@@ -391,29 +394,9 @@ class SubscriptionApiSettings:
 
     @classmethod
     def from_env(cls) -> SubscriptionApiSettings:
-        text = value("PUSH_SUBSCRIBE_RATE_LIMIT")
+        text = read_setting("PUSH_SUBSCRIBE_RATE_LIMIT")
         limit = None if text.lower() in ("off", "none", "0") else Limit.parse(text, "PUSH_SUBSCRIBE_RATE_LIMIT")
-        return cls(value("PUSH_MAX_SUBSCRIPTIONS_PER_USER"), limit)
-
-
-@dataclass(frozen=True)
-class SubscribeSettings:
-    """What subscribe accepts beyond the formats: the APNs topics (bundle ids) of our apps, and
-    where Web Push endpoints may lead (:mod:`shared.endpoints`: the browser push services)."""
-
-    allowed_apns_topics: tuple[str, ...] = ()
-    apps: Apps = Apps({})
-    endpoint_rules: EndpointRules = EndpointRules()
-
-    @classmethod
-    def from_env(cls, apps: Apps | None = None) -> SubscribeSettings:
-        """Subscribe's, and the Echo import's: ``PUSH_APNS_ALLOWED_TOPICS``, ``PUSH_APPS`` unless
-        ``apps`` is given, ``PUSH_WEBPUSH_ALLOWED_HOSTS`` and ``PUSH_WEBPUSH_ALLOW_LOCAL_ENDPOINTS``."""
-        return cls(
-            allowed_apns_topics=value("PUSH_APNS_ALLOWED_TOPICS"),
-            apps=load_apps() if apps is None else apps,
-            endpoint_rules=EndpointRules.from_env(),
-        )
+        return cls(read_setting("PUSH_MAX_SUBSCRIPTIONS_PER_USER"), limit)
 
 
 # -- rules between settings -----------------------------------------------------------------------

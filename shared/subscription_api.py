@@ -26,10 +26,10 @@ from shared.http import ApiError, read_json, require_method, serve
 from shared.logs import configure_logging
 from shared.models import Subscription
 from shared.ratelimits import RateLimiter
-from shared.settings import Limit, SubscribeSettings, SubscriptionApiSettings
+from shared.settings import Limit, SubscriptionApiSettings
 from shared.subscriptions import SubscribeRequest, SubscribeResult, SubscriptionStore
 from shared.vapid import PublishedKey, published_keys
-from shared.validation import parse_subscribe, parse_unsubscribe
+from shared.validation import SubscribeSettings, parse_subscribe, parse_unsubscribe
 
 log = logging.getLogger(__name__)
 

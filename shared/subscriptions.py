@@ -100,19 +100,6 @@ class SubscriptionStore:
         self.cap = cap
         self.clock = clock
 
-    def subscribe(
-        self, user_id: str, new: NewSubscription, admit: Callable[[Connection], bool] | None = None
-    ) -> SubscribeResult | None:
-        """Create the subscription, refresh it, or move it from another user to ``user_id``:
-        :meth:`subscribe_many` for one request. ``admit`` runs first in the same transaction (a
-        rate limit counting the request); when it answers no, nothing is written and the result
-        is ``None``."""
-        admit_many: Admit | None = None if admit is None else (lambda connection, _users: [admit(connection)])
-        [result] = self.subscribe_many([SubscribeRequest(user_id, new)], admit_many)
-        if isinstance(result, Exception):
-            raise result
-        return result
-
     def subscribe_many(
         self, requests: Sequence[SubscribeRequest], admit: Admit | None = None
     ) -> list[SubscribeResult | None | Exception]:

@@ -16,11 +16,11 @@ from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from shared.apps import Apps
+from shared.apps import Apps, load_apps
 from shared.core import PROVIDERS
 from shared.endpoints import HOST_LABEL, EndpointRules
 from shared.http import ApiError
-from shared.settings import SubscribeSettings
+from shared.settings import read_setting
 from shared.subscriptions import NewSubscription
 
 MAX_TOKEN_LENGTH = 4096
@@ -64,6 +64,26 @@ def apns_device_token(token: str) -> str | None:
 def valid_apns_topic(topic: str) -> bool:
     """Whether ``topic`` has the form of an app bundle id."""
     return APNS_TOPIC.fullmatch(topic) is not None
+
+
+@dataclass(frozen=True)
+class SubscribeSettings:
+    """What subscribe accepts beyond the formats: the APNs topics (bundle ids) of our apps, and
+    where Web Push endpoints may lead (:mod:`shared.endpoints`: the browser push services)."""
+
+    allowed_apns_topics: tuple[str, ...] = ()
+    apps: Apps = Apps({})
+    endpoint_rules: EndpointRules = EndpointRules()
+
+    @classmethod
+    def from_env(cls, apps: Apps | None = None) -> SubscribeSettings:
+        """Subscribe's, and the Echo import's: ``PUSH_APNS_ALLOWED_TOPICS``, ``PUSH_APPS`` unless
+        ``apps`` is given, ``PUSH_WEBPUSH_ALLOWED_HOSTS`` and ``PUSH_WEBPUSH_ALLOW_LOCAL_ENDPOINTS``."""
+        return cls(
+            allowed_apns_topics=read_setting("PUSH_APNS_ALLOWED_TOPICS"),
+            apps=load_apps() if apps is None else apps,
+            endpoint_rules=EndpointRules.from_env(),
+        )
 
 
 def apns_topic_allowed(topic: str, policy: SubscribeSettings) -> bool:

@@ -18,7 +18,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from shared.apps import Apps
-from shared.config import ConfigError, env, secret
+from shared.config import ConfigError
+from shared.settings import read_setting
 
 PRIVATE_KEY_VAR = "PUSH_VAPID_PRIVATE_KEY"
 PUBLIC_KEY_VAR = "PUSH_VAPID_PUBLIC_KEY"
@@ -129,7 +130,7 @@ def published_keys(apps: Apps) -> dict[str | None, PublishedKey]:
     from the private key where this function is given it; an app with neither publishes none.
     """
     found = {
-        None: matching_public_key(env(PUBLIC_KEY_VAR), secret(PRIVATE_KEY_VAR), PUBLIC_KEY_VAR, PRIVATE_KEY_VAR)
+        None: matching_public_key(read_setting(PUBLIC_KEY_VAR), read_setting(PRIVATE_KEY_VAR), PUBLIC_KEY_VAR, PRIVATE_KEY_VAR)
     }
     for app in sorted(apps.names("webpush")):
         section = apps.settings[app]["webpush"]

@@ -13,6 +13,7 @@ from shared.models import Subscription
 from shared.vapid import generate_vapid_keys
 from shared.subscriptions import NewSubscription, SubscriptionStore
 from tests import subscription_bodies as bodies
+from tests.stores import subscribe
 
 
 class Rig:
@@ -28,7 +29,7 @@ class Rig:
 
     def add(self, engine, user: str) -> Subscription:
         """A device of ``user`` subscribed with this provider."""
-        return SubscriptionStore(engine).subscribe(user, self.new_subscription()).subscription
+        return subscribe(SubscriptionStore(engine), user, self.new_subscription()).subscription
 
 
 class FcmRig(Rig):
@@ -134,7 +135,7 @@ class WebPushRig(Rig):
         """A device of ``user`` whose browser subscribed with a VAPID key other than ours (one
         rotated away since): the push service refuses our pushes to it, and only to it."""
         other = generate_vapid_keys().public_key
-        return SubscriptionStore(engine).subscribe(user, self.new_subscription(other)).subscription
+        return subscribe(SubscriptionStore(engine), user, self.new_subscription(other)).subscription
 
     def dead(self, row: Subscription) -> None:
         self.fake.script(json.loads(row.token), 410, then=410)

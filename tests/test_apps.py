@@ -19,6 +19,7 @@ from shared.vapid import generate_vapid_keys
 from shared.subscriptions import NewSubscription, SubscriptionStore
 from tests import events
 from tests import subscription_bodies as bodies
+from tests.stores import subscribe
 
 
 @pytest.fixture
@@ -41,7 +42,7 @@ def two_fcm_apps(fcm_server, second_fcm, tmp_path, monkeypatch):
 
 def add_fcm(engine, user: str, app: str | None) -> str:
     token = bodies.fcm_token()
-    SubscriptionStore(engine).subscribe(user, NewSubscription("fcm", token, token, app=app))
+    subscribe(SubscriptionStore(engine), user, NewSubscription("fcm", token, token, app=app))
     return token
 
 
@@ -115,7 +116,7 @@ async def test_each_apns_device_is_sent_with_its_apps_key_and_team(
     store = SubscriptionStore(engine)
     wikipedia, commons = bodies.apns_token(), bodies.apns_token()
     for token, app in ((wikipedia, "wikipedia"), (commons, "commons")):
-        store.subscribe("alice", NewSubscription("apns", token, token, f"org.wikimedia.{app}", "production", app))
+        subscribe(store, "alice", NewSubscription("apns", token, token, f"org.wikimedia.{app}", "production", app))
     dispatch = function_client("dispatch-apns")
     assert (await dispatch.post("/", **events.notification(["alice"]))).status_code == 202
     assert [(r.token, r.headers["apns-topic"], r.status) for r in apns_server.requests] == [
@@ -140,7 +141,7 @@ async def test_each_web_push_device_is_sent_with_its_apps_vapid_key(
     store = SubscriptionStore(engine)
     browsers = {app: webpush_server.subscribe(key.public_key) for app, key in keys.items()}
     for app, browser in browsers.items():
-        store.subscribe("alice", NewSubscription("webpush", json.dumps(browser), browser["endpoint"], app=app))
+        subscribe(store, "alice", NewSubscription("webpush", json.dumps(browser), browser["endpoint"], app=app))
     dispatch = function_client("dispatch-webpush")
     assert (await dispatch.post("/", **events.notification(["alice"]))).status_code == 202
     for app, browser in browsers.items():

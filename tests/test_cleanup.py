@@ -13,6 +13,7 @@ from shared.models import Delivery, Subscription
 from shared.subscriptions import NewSubscription, SubscriptionStore
 from tests import events
 from tests import subscription_bodies as bodies
+from tests.stores import claim, subscribe
 
 
 @pytest.fixture
@@ -23,7 +24,7 @@ def cleanup(function_client):
 def add(engine, user: str = "42", at: datetime | None = None) -> Subscription:
     token = bodies.fcm_token()
     store = SubscriptionStore(engine, clock=(lambda: at) if at else utcnow)
-    return store.subscribe(user, NewSubscription("fcm", token, token)).subscription
+    return subscribe(store, user, NewSubscription("fcm", token, token)).subscription
 
 
 def ids(engine) -> list[int]:
@@ -61,7 +62,7 @@ async def test_structured_mode_event_is_accepted(cleanup, engine):
 async def test_subscription_refreshed_after_the_observation_is_kept(cleanup, engine):
     row = add(engine)
     observed = utcnow()
-    SubscriptionStore(engine, clock=lambda: observed + timedelta(milliseconds=5)).subscribe(
+    subscribe(SubscriptionStore(engine, clock=lambda: observed + timedelta(milliseconds=5)), 
         "42", NewSubscription("fcm", row.token, row.token)
     )
     assert (await cleanup.post("/", **events.invalid_tokens("fcm", [report(row, observed)]))).status_code == 202
@@ -110,8 +111,8 @@ async def test_cron_connector_request_without_cloudevent_headers_expires_too(cle
 async def test_ping_deletes_delivery_records_past_their_retention(cleanup, engine):
     old = DeliveryLedger(engine, clock=lambda: utcnow() - timedelta(hours=25))
     new = DeliveryLedger(engine)
-    old.claim("a" * 64, [1, 2])
-    new.claim("b" * 64, [3])
+    claim(old, "a" * 64, [1, 2])
+    claim(new, "b" * 64, [3])
     assert (await cleanup.post("/", **events.ping())).status_code == 202
     with Session(engine) as session:
         assert list(session.scalars(select(Delivery.subscription_id))) == [3]

@@ -25,6 +25,7 @@ from shared.subscriptions import NewSubscription, SubscriptionStore
 from tests import events
 from tests import subscription_bodies as bodies
 from tests.metrics_scrape import changes, scrape, series
+from tests.stores import subscribe
 
 
 class Clock:
@@ -261,7 +262,7 @@ class HeldBack:
 
 def fcm_device(engine, user: str = "alice") -> int:
     token = bodies.fcm_token()
-    return SubscriptionStore(engine).subscribe(user, NewSubscription("fcm", token, token)).subscription.id
+    return subscribe(SubscriptionStore(engine), user, NewSubscription("fcm", token, token)).subscription.id
 
 
 def flushing(engine, provider, store: PendingStore) -> Dispatcher:

@@ -17,6 +17,7 @@ from shared.events import SUBSCRIPTION_INVALID
 from shared.models import Delivery, Subscription
 from shared.subscriptions import NewSubscription, SubscriptionStore
 from tests import events
+from tests.stores import claim, subscribe
 
 
 @pytest.fixture
@@ -49,7 +50,7 @@ async def test_only_the_dispatchers_own_provider_is_served(rig, dispatch, engine
     store = SubscriptionStore(engine)
     for name, subscription in others.items():
         if name != rig.provider:
-            store.subscribe("alice", subscription)
+            subscribe(store, "alice", subscription)
     assert (await dispatch.post("/", **events.notification(["alice"]))).status_code == 202
     assert rig.wakeups(mine) == ["checkEchoV1"]
 
@@ -193,7 +194,7 @@ async def test_device_claimed_by_a_live_invocation_is_left_to_it_and_the_event_r
     row = rig.add(engine, "alice")
     event = events.notification(["alice"], id_="event-1")
     key = _event_key(event)
-    DeliveryLedger(engine).claim(key, [row.id])  # another replica is sending right now
+    claim(DeliveryLedger(engine), key, [row.id])  # another replica is sending right now
     response = await dispatch.post("/", **event)
     assert response.status_code == 503
     assert rig.attempts(row) == 0
@@ -203,7 +204,7 @@ async def test_claim_of_a_crashed_invocation_is_taken_over_after_its_lease(rig, 
     row = rig.add(engine, "alice")
     event = events.notification(["alice"], id_="event-1")
     crashed = DeliveryLedger(engine, clock=lambda: utcnow() - timedelta(minutes=10))
-    crashed.claim(_event_key(event), [row.id])  # claimed, then the process died before sending
+    claim(crashed, _event_key(event), [row.id])  # claimed, then the process died before sending
     assert (await dispatch.post("/", **event)).status_code == 202
     assert rig.wakeups(row) == ["checkEchoV1"]
 
@@ -257,7 +258,7 @@ async def test_clean_up_racing_a_resubscribe_keeps_the_device(rig, function_clie
     rig.dead(row)
     reply = await dispatch.post("/", **events.notification(["alice"]))
     # The device registers again (new token from the OS, same device) before clean-up runs.
-    SubscriptionStore(engine).subscribe("alice", NewSubscription(
+    subscribe(SubscriptionStore(engine), "alice", NewSubscription(
         row.provider, row.token, _identity(row), topic=row.topic, environment=row.environment))
     routed = await cleanup.post(
         "/", content=reply.content, headers={k: v for k, v in reply.headers.items() if k.startswith("ce-") or k == "content-type"}
@@ -281,7 +282,7 @@ async def test_device_its_provider_cannot_send_to_is_refused_and_the_event_compl
     broken = json.loads(webpush_rig.new_subscription().token)
     broken["endpoint"] = "https://a_b..c/push/1"
     store = SubscriptionStore(engine)
-    store.subscribe("alice", NewSubscription("webpush", json.dumps(broken), broken["endpoint"]))
+    subscribe(store, "alice", NewSubscription("webpush", json.dumps(broken), broken["endpoint"]))
     fine = webpush_rig.add(engine, "alice")
     dispatch = function_client("dispatch-webpush")
     posted = events.notification(["alice"], id_="unsendable-1")

@@ -18,6 +18,7 @@ from fakes.webpush import FakeWebPushService
 from shared.subscriptions import SubscriptionStore
 from tests import events
 from tests.rigs import RIGS
+from tests.stores import subscribe
 
 DEVICES = 200
 EVENTS = 50
@@ -47,7 +48,7 @@ async def test_ten_thousand_wakeups_across_recycled_connections_none_failed_lost
         rig = rig_class(fake, tmp_path)
         rig.configure(monkeypatch)
         store = SubscriptionStore(engine)
-        rows = [store.subscribe(f"u{i}", rig.new_subscription()).subscription
+        rows = [subscribe(store, f"u{i}", rig.new_subscription()).subscription
                 for i in range(DEVICES)]
         users = [f"u{i}" for i in range(DEVICES)]
         dispatch = function_client(rig.function)

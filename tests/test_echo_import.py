@@ -22,8 +22,9 @@ from shared.echo_import import REASONS, EchoImport, Summary, source_engine
 from shared.models import Subscription
 from shared.progress import _Lines, progress
 from shared.subscriptions import NewSubscription, SubscriptionStore, token_sha256
-from shared.settings import SubscribeSettings
+from shared.validation import SubscribeSettings
 from tests.echo import Echo, create_tables
+from tests.stores import subscribe
 
 T0 = datetime(2024, 1, 2, 3, 4, 5)
 START = datetime(2025, 6, 1, 12, 0, 0, 123456)  # the import's start, where a test fixes it
@@ -83,7 +84,7 @@ def table(engine, with_ids: bool = True) -> list[dict]:
 
 def ours(engine, user: str, new: NewSubscription, at: datetime) -> Subscription:
     """A subscription made by subscribe at ``at``."""
-    return SubscriptionStore(engine, clock=lambda: at).subscribe(user, new).subscription
+    return subscribe(SubscriptionStore(engine, clock=lambda: at), user, new).subscription
 
 
 def fcm(token: str) -> NewSubscription:

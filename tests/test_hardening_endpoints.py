@@ -28,6 +28,7 @@ from shared.endpoints import PUSH_SERVICES, EndpointRules, is_public_address
 from shared.models import Delivery, Subscription
 from shared.subscriptions import NewSubscription, SubscriptionStore
 from tests import events
+from tests import stores
 from tests import subscription_bodies as bodies
 from tests.conftest import REPO
 from tests.metrics_scrape import changes, scrape, series
@@ -268,7 +269,7 @@ async def internal_service(webpush_server) -> AsyncIterator[InternalService]:
 def stored_row(engine, user: str, endpoint: str) -> Subscription:
     """A row written as subscribe wrote it before the rules: straight into the store."""
     token = json.dumps({"endpoint": endpoint, "keys": bodies.webpush_keys()})
-    return SubscriptionStore(engine).subscribe(user, NewSubscription("webpush", token, endpoint)).subscription
+    return stores.subscribe(SubscriptionStore(engine), user, NewSubscription("webpush", token, endpoint)).subscription
 
 
 def stored_inward_rows(engine, port: int) -> list[Subscription]:

@@ -17,6 +17,7 @@ from shared.subscriptions import NewSubscription, SubscriptionStore
 from tests import events
 from tests import subscription_bodies as bodies
 from tests.conftest import MARIADB_SERVER_URL, REPO, _migrate, _prepare_mariadb
+from tests.stores import subscribe
 
 USER, PADDED = "123", "123 "
 
@@ -37,7 +38,7 @@ async def test_a_token_naming_a_user_id_with_blanks_around_or_control_characters
     function_client, auth_env, engine, function, sub
 ):
     store = SubscriptionStore(engine)
-    store.subscribe(sub.strip() or USER, NewSubscription("fcm", "victim-token", "victim-token"))
+    subscribe(store, sub.strip() or USER, NewSubscription("fcm", "victim-token", "victim-token"))
     client = function_client(function)
     response = await client.post("/", json={"all": True} if function == "unsubscribe" else bodies.fcm(),
                                  headers=auth_env.headers(sub))
@@ -60,7 +61,7 @@ def both(engine) -> tuple[SubscriptionStore, dict[str, NewSubscription]]:
     store = SubscriptionStore(engine)
     devices = {user: NewSubscription("fcm", f"token-of-{user!r}", f"token-of-{user!r}") for user in (USER, PADDED)}
     for user, device in devices.items():
-        store.subscribe(user, device)
+        subscribe(store, user, device)
     return store, devices
 
 
@@ -90,7 +91,7 @@ def test_deleting_all_of_one_id_leaves_the_other(both):
 def test_refreshing_a_device_keeps_the_other_ids_rows_apart(both):
     """A refresh locks and counts the caller's rows: the other id's are not among them."""
     store, devices = both
-    refreshed = store.subscribe(USER, devices[USER])
+    refreshed = subscribe(store, USER, devices[USER])
     assert refreshed.created is False and refreshed.evicted == 0
     assert tokens(store, PADDED) == [devices[PADDED].token]
 
@@ -99,7 +100,7 @@ def test_taking_the_other_ids_device_is_a_move_to_a_new_row(both):
     """As between any two users: a new row, nothing of the old one shown."""
     store, devices = both
     before = store.list_for_user(PADDED)[0]
-    moved = store.subscribe(USER, devices[PADDED])
+    moved = subscribe(store, USER, devices[PADDED])
     assert moved.created is True and moved.subscription.id != before.id
     assert tokens(store, PADDED) == []
     assert sorted(tokens(store, USER)) == sorted([devices[USER].token, devices[PADDED].token])
@@ -107,8 +108,8 @@ def test_taking_the_other_ids_device_is_a_move_to_a_new_row(both):
 
 def test_the_cap_counts_only_the_callers_own_devices(engine):
     store = SubscriptionStore(engine, cap=1)
-    store.subscribe(PADDED, NewSubscription("fcm", "padded", "padded"))
-    assert store.subscribe(USER, NewSubscription("fcm", "mine", "mine")).evicted == 0
+    subscribe(store, PADDED, NewSubscription("fcm", "padded", "padded"))
+    assert subscribe(store, USER, NewSubscription("fcm", "mine", "mine")).evicted == 0
     assert tokens(store, PADDED) == ["padded"]
 
 

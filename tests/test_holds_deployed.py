@@ -20,6 +20,7 @@ from tests import events
 from tests import subscription_bodies as bodies
 from tests.conftest import fresh_database
 from tests.deployed import as_image
+from tests.stores import subscribe
 
 DEVICES = 30
 TYPES = [f"wake{n}" for n in range(200)]
@@ -33,7 +34,7 @@ async def test_a_pause_mid_load_stops_two_replicas_and_the_resume_sends_each_kep
     store = SubscriptionStore(get_engine(url))
     tokens = [bodies.fcm_token() for _ in range(DEVICES)]
     for n, token in enumerate(tokens):
-        store.subscribe(f"user{n}", NewSubscription("fcm", token, token))
+        subscribe(store, f"user{n}", NewSubscription("fcm", token, token))
     users = [f"user{n}" for n in range(DEVICES)]
     credentials = fcm_server.write_service_account(tmp_path / "sa.json")
     environment = dict(os.environ) | {

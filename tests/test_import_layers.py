@@ -6,11 +6,11 @@ reaches the database only through what its function hands it (the APNs token sto
 Lowest first:
 
 core
-    the shared types and names (``shared.core``), reading the environment (``shared.config``),
-    small helpers that know nothing of ours.
-settings
-    what is configured and observed: the typed settings (``shared.settings``), the apps and their
-    keys, the Web Push endpoint rules, logs and metrics.
+    the shared types and names (``shared.core``), reading the environment (``shared.config``) and
+    what each setting is (``shared.settings``), small helpers that know nothing of ours.
+support
+    what is read from the settings and used everywhere: the apps and their keys, the Web Push
+    endpoint rules, logs and metrics.
 db
     the engine and the table models.
 storage
@@ -40,10 +40,11 @@ REPO = Path(__file__).resolve().parent.parent
 
 LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
     ("core", frozenset({
-        "shared", "shared.core", "shared.config", "shared.localenv", "shared.progress", "shared.batching",
+        "shared", "shared.core", "shared.config", "shared.settings", "shared.localenv", "shared.progress",
+        "shared.batching",
     })),
-    ("settings", frozenset({
-        "shared.settings", "shared.apps", "shared.endpoints", "shared.vapid", "shared.logs", "shared.metrics",
+    ("support", frozenset({
+        "shared.apps", "shared.endpoints", "shared.vapid", "shared.logs", "shared.metrics",
     })),
     ("db", frozenset({"shared.db", "shared.models", "shared.migrations"})),
     ("storage", frozenset({
@@ -147,6 +148,6 @@ def test_an_upward_import_is_found_even_inside_a_function_or_type_checking() -> 
     }
     assert wrong_imports(sources) == [
         "shared.subscriptions (storage) imports shared.providers.base (providers), a higher layer",
-        "shared.metrics (settings) imports shared.holds (storage), a higher layer",
+        "shared.metrics (support) imports shared.holds (storage), a higher layer",
         "shared.providers.apns (providers) imports shared.apns_tokens (storage): kept apart",
     ]

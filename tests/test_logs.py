@@ -13,6 +13,7 @@ from shared.logs import JsonFormatter, configure_logging
 from shared.subscriptions import NewSubscription, SubscriptionStore
 from tests import events
 from tests import subscription_bodies as bodies
+from tests.stores import subscribe
 
 
 @pytest.fixture
@@ -31,7 +32,7 @@ def json_lines():
 
 async def test_log_lines_are_json_with_request_and_event_ids(function_client, engine, json_lines):
     cleanup = function_client("cleanup-invalid-tokens")
-    row = SubscriptionStore(engine).subscribe("42", NewSubscription("fcm", "tok", "tok")).subscription
+    row = subscribe(SubscriptionStore(engine), "42", NewSubscription("fcm", "tok", "tok")).subscription
     posted = events.invalid_tokens("fcm", [{
         "id": row.id, "token_sha256": row.token_sha256, "reason": "UNREGISTERED",
         "observed_at": utcnow().isoformat() + "Z"}], id_="event-77")

@@ -331,14 +331,15 @@ def test_the_subscriber_check_catches_a_missing_service(documents):
 # --- every event type a function emits, and every one it takes, has a Trigger ------------------
 #
 # What a function emits is read from the code, not listed here: the event types are the string
-# constants of shared/events.py; the functions of shared/events.py that make an event
+# constants of shared/events.py (those it takes from shared/core.py included); the functions of shared/events.py that make an event
 # (``{"type": CONSTANT, ...}``) are its makers; a function emits the types of the makers called,
 # and of the ``"type": CONSTANT`` mappings written, in the shared modules its main.py imports
 # (transitively). A new event type sent anywhere a function reaches needs a Trigger.
 
 
 def event_type_constants(events_py: Path) -> dict[str, str]:
-    """Module-level string constants of shared/events.py: name -> value."""
+    """Module-level string constants of shared/events.py: name -> value; those it imports from
+    shared/core.py (where the event type names live, below storage) included."""
     constants = {}
     for node in ast.parse(events_py.read_text()).body:
         if (
@@ -346,6 +347,9 @@ def event_type_constants(events_py: Path) -> dict[str, str]:
             and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)
         ):
             constants[node.targets[0].id] = node.value.value
+        elif isinstance(node, ast.ImportFrom) and node.module == "shared.core" and not node.level:
+            core = event_type_constants(events_py.parent / "core.py")
+            constants |= {alias.asname or alias.name: core[alias.name] for alias in node.names if alias.name in core}
     return constants
 
 

@@ -23,6 +23,7 @@ from shared.localenv import write_settings
 from shared.subscriptions import NewSubscription, SubscriptionStore
 from shared.vapid import generate_vapid_keys
 from tests import subscription_bodies as bodies
+from tests.stores import subscribe
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -165,7 +166,7 @@ def test_send_test_names_the_ca_file_when_the_provider_is_not_trusted(rig, engin
 
 
 def test_send_test_names_a_missing_key_file(engine, capsys, monkeypatch):
-    SubscriptionStore(engine).subscribe("7", NewSubscription("apns", "ab" * 32, "ab" * 32, "org.example", "production"))
+    subscribe(SubscriptionStore(engine), "7", NewSubscription("apns", "ab" * 32, "ab" * 32, "org.example", "production"))
     monkeypatch.setenv("PUSH_APNS_KEY", "/nonexistent/AuthKey.p8")
     assert pushctl(["send-test", "--user", "7"]) == 1
     out = capsys.readouterr().out
@@ -173,7 +174,7 @@ def test_send_test_names_a_missing_key_file(engine, capsys, monkeypatch):
 
 
 def test_send_test_names_missing_configuration(engine, capsys, monkeypatch):
-    SubscriptionStore(engine).subscribe("7", NewSubscription("apns", "ab" * 32, "ab" * 32, "org.example", "production"))
+    subscribe(SubscriptionStore(engine), "7", NewSubscription("apns", "ab" * 32, "ab" * 32, "org.example", "production"))
     monkeypatch.delenv("PUSH_APNS_KEY", raising=False)
     monkeypatch.setenv("PUSH_SECRETS_DIR", "/nonexistent")
     assert pushctl(["send-test", "--user", "7"]) == 1
@@ -207,7 +208,7 @@ def test_send_test_sends_each_device_with_its_apps_credentials(webpush_rig, engi
         "vapid_private_key": commons.private_key, "vapid_subject": "mailto:push@example.org",
         "ca_file": webpush_rig.fake.ca_file}}}))
     browser = webpush_rig.fake.subscribe(commons.public_key)
-    device = SubscriptionStore(engine).subscribe(
+    device = subscribe(SubscriptionStore(engine), 
         "7", NewSubscription("webpush", json.dumps(browser), browser["endpoint"], app="commons")
     ).subscription
     assert pushctl(["send-test", "--user", "7"]) == 0
@@ -221,9 +222,9 @@ def test_send_test_sends_each_device_with_its_apps_credentials(webpush_rig, engi
 def test_subscriptions_lists_a_users_devices_by_hash_never_by_token(engine, capsys):
     store = SubscriptionStore(engine)
     fcm_token, apns_token = bodies.fcm_token(), bodies.apns_token()
-    fcm = store.subscribe("7", NewSubscription("fcm", fcm_token, fcm_token)).subscription
-    apns = store.subscribe("7", NewSubscription("apns", apns_token, apns_token, bodies.TOPIC, "sandbox")).subscription
-    store.subscribe("8", NewSubscription("fcm", "someone-else", "someone-else"))
+    fcm = subscribe(store, "7", NewSubscription("fcm", fcm_token, fcm_token)).subscription
+    apns = subscribe(store, "7", NewSubscription("apns", apns_token, apns_token, bodies.TOPIC, "sandbox")).subscription
+    subscribe(store, "8", NewSubscription("fcm", "someone-else", "someone-else"))
     assert pushctl(["subscriptions", "--user", "7"]) == 0
     header, *lines = capsys.readouterr().out.splitlines()
     assert header.split()[:4] == ["id", "provider", "app", "device"]
@@ -245,7 +246,7 @@ def test_run_from_a_checkout_pushctl_uses_the_local_stacks_settings(tmp_path):
     database_url = f"sqlite:///{tmp_path / '.local' / 'push.sqlite3'}"
     (tmp_path / ".local").mkdir()
     assert run_pushctl("migrate", cwd=tmp_path, env={"PUSH_DATABASE_URL": database_url}).returncode == 0
-    SubscriptionStore(get_engine(database_url)).subscribe("1", NewSubscription("fcm", "t", "t"))
+    subscribe(SubscriptionStore(get_engine(database_url)), "1", NewSubscription("fcm", "t", "t"))
     write_settings(tmp_path / ".local" / "local.env", {"PUSH_DATABASE_URL": database_url})
     result = run_pushctl("subscriptions", "--user", "1", cwd=tmp_path)
     assert result.returncode == 0, result.stderr

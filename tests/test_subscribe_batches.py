@@ -15,6 +15,7 @@ from shared.ratelimits import RateLimiter
 from shared.settings import Limit
 from shared.subscriptions import NewSubscription, SubscribeRequest, SubscriptionStore
 from tests import subscription_bodies as bodies
+from tests.stores import subscribe
 
 T0 = datetime(2026, 1, 1, 10, 0, 0)
 
@@ -36,7 +37,7 @@ def store_at(engine, cap: int = 10) -> SubscriptionStore:
 
 def test_each_request_of_a_batch_gets_its_own_result(engine):
     store = store_at(engine)
-    store.subscribe("alice", fcm("kept"))
+    subscribe(store, "alice", fcm("kept"))
     results = store.subscribe_many(
         [SubscribeRequest("alice", fcm("kept")), SubscribeRequest("bob", fcm("b1")), SubscribeRequest("carol", fcm("c1"))]
     )
@@ -51,7 +52,7 @@ def test_refreshes_in_a_batch_each_write_their_own_values(engine):
     store = store_at(engine)
     token_a, token_b = "aa" * 32, "bb" * 32
     first = [
-        store.subscribe(user, NewSubscription("apns", token, token, "org.a", "production"))
+        subscribe(store, user, NewSubscription("apns", token, token, "org.a", "production"))
         for user, token in (("alice", token_a), ("bob", token_b))
     ]
     again = store.subscribe_many([
@@ -101,8 +102,8 @@ def test_one_users_requests_in_a_batch_respect_the_cap_in_order(engine):
 
 def test_a_device_moved_away_in_a_batch_frees_room_under_its_old_owners_cap(engine):
     store = store_at(engine, cap=2)
-    store.subscribe("alice", fcm("phone"))
-    store.subscribe("alice", fcm("tablet"))
+    subscribe(store, "alice", fcm("phone"))
+    subscribe(store, "alice", fcm("tablet"))
     moved, added = store.subscribe_many([SubscribeRequest("bob", fcm("phone")), SubscribeRequest("alice", fcm("laptop"))])
     assert moved.created and added.evicted == 0
     assert owners(engine) == {"phone": "bob", "tablet": "alice", "laptop": "alice"}
@@ -110,7 +111,7 @@ def test_a_device_moved_away_in_a_batch_frees_room_under_its_old_owners_cap(engi
 
 def test_a_device_evicted_in_a_batch_is_subscribed_anew_by_the_user_naming_it(engine):
     store = store_at(engine, cap=1)
-    store.subscribe("alice", fcm("phone"))
+    subscribe(store, "alice", fcm("phone"))
     added, taken = store.subscribe_many([SubscribeRequest("alice", fcm("tablet")), SubscribeRequest("bob", fcm("phone"))])
     assert added.evicted == 1 and taken.created
     assert owners(engine) == {"tablet": "alice", "phone": "bob"}

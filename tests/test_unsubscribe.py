@@ -9,6 +9,7 @@ from sqlalchemy.orm import Session
 
 from shared.models import Subscription
 from shared.subscriptions import NewSubscription, SubscriptionStore
+from tests import stores
 from tests import subscription_bodies as bodies
 
 pytestmark = pytest.mark.usefixtures("auth_env")
@@ -143,7 +144,7 @@ async def test_webpush_endpoint_subscribe_now_refuses_can_still_be_unsubscribed(
     it did must still be removable by the app that holds them."""
     endpoint = "https://push.example.net:99999/x"
     subscription = {"endpoint": endpoint, "keys": bodies.webpush_keys()}
-    SubscriptionStore(engine).subscribe("42", NewSubscription("webpush", json.dumps(subscription), endpoint))
+    stores.subscribe(SubscriptionStore(engine), "42", NewSubscription("webpush", json.dumps(subscription), endpoint))
     response = await unsubscribe.post("/", json={"provider": "webpush", "endpoint": endpoint}, headers=issuer.headers("42"))
     assert (response.status_code, response.json()) == (200, {"deleted": 1})
     assert owners(engine) == []

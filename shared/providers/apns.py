@@ -57,23 +57,21 @@ from h2.exceptions import H2Error
 
 from shared.config import (
     ConfigError,
-    env,
-    env_float,
-    env_int,
     require_env,
     require_secret,
 )
 from shared.core import Clock, Device, IssuedToken, Outcome, SendResult, WakeUp
 from shared.providers.base import EchoTokens, retry_after_seconds
+from shared.settings import default, read_setting
 from shared.transport.connect import Origin
 from shared.transport.http2 import Header, Http2Pool
 from shared.transport.proxy import proxy_for
 from shared.transport.tls import ClientTls
 
-DEFAULT_PRODUCTION_URL = "https://api.push.apple.com"
-DEFAULT_SANDBOX_URL = "https://api.sandbox.push.apple.com"
-DEFAULT_TIMEOUT_SECONDS = 10.0
-DEFAULT_MAX_CONNECTIONS = 4
+DEFAULT_PRODUCTION_URL = default("PUSH_APNS_PRODUCTION_URL")
+DEFAULT_SANDBOX_URL = default("PUSH_APNS_SANDBOX_URL")
+DEFAULT_TIMEOUT_SECONDS = default("PUSH_APNS_TIMEOUT_SECONDS")
+DEFAULT_MAX_CONNECTIONS = default("PUSH_APNS_MAX_CONNECTIONS")
 
 _HEX = re.compile(r"[0-9a-fA-F]+")
 _REASON = re.compile(r"[A-Za-z]{1,64}")
@@ -315,11 +313,11 @@ class ApnsProvider:
             require_secret("PUSH_APNS_KEY", "the APNs provider signs its requests with this key"),
             require_env("PUSH_APNS_KEY_ID", "the APNs provider needs the signing key's id"),
             require_env("PUSH_APNS_TEAM_ID", "the APNs provider needs the Apple team id"),
-            production_url=env("PUSH_APNS_PRODUCTION_URL") or DEFAULT_PRODUCTION_URL,
-            sandbox_url=env("PUSH_APNS_SANDBOX_URL") or DEFAULT_SANDBOX_URL,
-            ca_file=env("PUSH_APNS_CA_FILE"),
-            timeout_seconds=env_float("PUSH_APNS_TIMEOUT_SECONDS", DEFAULT_TIMEOUT_SECONDS, 0.001),
-            max_connections=env_int("PUSH_APNS_MAX_CONNECTIONS", DEFAULT_MAX_CONNECTIONS, 1),
+            production_url=read_setting("PUSH_APNS_PRODUCTION_URL"),
+            sandbox_url=read_setting("PUSH_APNS_SANDBOX_URL"),
+            ca_file=read_setting("PUSH_APNS_CA_FILE"),
+            timeout_seconds=read_setting("PUSH_APNS_TIMEOUT_SECONDS"),
+            max_connections=read_setting("PUSH_APNS_MAX_CONNECTIONS"),
             token_store=token_store,
         )
 

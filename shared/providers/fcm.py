@@ -33,9 +33,10 @@ from google.auth.credentials import TokenState
 from google.oauth2 import service_account
 from h2.exceptions import H2Error
 
-from shared.config import ConfigError, env, env_float, env_int, require_secret
+from shared.config import ConfigError, require_secret
 from shared.core import Device, Outcome, SendResult, WakeUp
 from shared.providers.base import EchoTokens, retry_after_seconds
+from shared.settings import default, read_setting
 from shared.transport.connect import Origin
 from shared.transport.http2 import Header, Http2Pool, Response
 from shared.transport.proxy import proxy_for
@@ -43,7 +44,7 @@ from shared.transport.tls import ClientTls
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ENDPOINT = "https://fcm.googleapis.com"
+DEFAULT_ENDPOINT = default("PUSH_FCM_ENDPOINT")
 SCOPE = "https://www.googleapis.com/auth/firebase.messaging"
 MAX_TTL_SECONDS = 2_419_200
 """FCM refuses an ``android.ttl`` over four weeks: longer TTLs are capped to it."""
@@ -150,8 +151,8 @@ class FcmProvider:
         project_id: str | None = None,
         endpoint: str = DEFAULT_ENDPOINT,
         ca_file: str | None = None,
-        timeout_seconds: float = 10.0,
-        max_connections: int = 8,
+        timeout_seconds: float = default("PUSH_FCM_TIMEOUT_SECONDS"),
+        max_connections: int = default("PUSH_FCM_MAX_CONNECTIONS"),
     ) -> None:
         """Validate everything now, so a bad setting fails the start-up and not the first push.
 
@@ -190,11 +191,11 @@ class FcmProvider:
         return cls(
             credentials=require_secret(
                 _CREDENTIALS_VAR, "FCM needs a service account key (JSON) to get access tokens"),
-            project_id=env(_PROJECT_VAR),
-            endpoint=env(_ENDPOINT_VAR, DEFAULT_ENDPOINT) or DEFAULT_ENDPOINT,
-            ca_file=env(_CA_VAR),
-            timeout_seconds=env_float("PUSH_FCM_TIMEOUT_SECONDS", 10.0, minimum=0.001),
-            max_connections=env_int("PUSH_FCM_MAX_CONNECTIONS", 8, minimum=1),
+            project_id=read_setting(_PROJECT_VAR),
+            endpoint=read_setting(_ENDPOINT_VAR),
+            ca_file=read_setting(_CA_VAR),
+            timeout_seconds=read_setting("PUSH_FCM_TIMEOUT_SECONDS"),
+            max_connections=read_setting("PUSH_FCM_MAX_CONNECTIONS"),
         )
 
     async def send(self, device: Device, wakeup: WakeUp) -> SendResult:

@@ -49,10 +49,11 @@ import httptools
 from cryptography.hazmat.primitives.asymmetric import ec
 from py_vapid.jwt import sign as sign_jwt
 
-from shared.config import ConfigError, env, env_float, env_int, require_secret
+from shared.config import ConfigError, require_secret
 from shared.core import Device, Outcome, SendResult, WakeUp
 from shared.endpoints import EndpointRefused, EndpointRules
 from shared.providers.base import retry_after_seconds
+from shared.settings import default, read_setting
 from shared.transport.connect import Origin, Resolver
 from shared.transport.http1 import Http1Pool
 from shared.transport.http2 import Header, Http2Pool, NoHttp2
@@ -130,9 +131,9 @@ class WebPushProvider:
         vapid_private_key: str,
         vapid_subject: str,
         ca_file: str | None = None,
-        timeout_seconds: float = 10.0,
-        urgency: str = "normal",
-        max_connections: int = 16,
+        timeout_seconds: float = default("PUSH_WEBPUSH_TIMEOUT_SECONDS"),
+        urgency: str = default(_URGENCY_VAR),
+        max_connections: int = default("PUSH_WEBPUSH_MAX_CONNECTIONS"),
         vapid_public_key: str | None = None,
         endpoint_rules: EndpointRules | None = None,
     ) -> None:
@@ -174,19 +175,19 @@ class WebPushProvider:
     def from_env(cls, endpoint_rules: EndpointRules | None = None) -> WebPushProvider:
         """The provider configured by the ``PUSH_VAPID_*`` and ``PUSH_WEBPUSH_*`` settings;
         ``endpoint_rules`` when given (shared by every app's provider), else their own."""
-        subject = env(_SUBJECT_VAR)
+        subject = read_setting(_SUBJECT_VAR)
         if subject is None:
             raise ConfigError(
                 f"{_SUBJECT_VAR} is not set: Web Push needs a mailto: or https: contact for VAPID"
             )
         return cls(
             vapid_private_key=require_secret(PRIVATE_KEY_VAR, "Web Push signs every push with it"),
-            vapid_public_key=env(PUBLIC_KEY_VAR),
+            vapid_public_key=read_setting(PUBLIC_KEY_VAR),
             vapid_subject=subject,
-            ca_file=env(_CA_VAR),
-            timeout_seconds=env_float("PUSH_WEBPUSH_TIMEOUT_SECONDS", 10.0, minimum=0.001),
-            urgency=env(_URGENCY_VAR, "normal") or "normal",
-            max_connections=env_int("PUSH_WEBPUSH_MAX_CONNECTIONS", 16, minimum=1),
+            ca_file=read_setting(_CA_VAR),
+            timeout_seconds=read_setting("PUSH_WEBPUSH_TIMEOUT_SECONDS"),
+            urgency=read_setting(_URGENCY_VAR),
+            max_connections=read_setting("PUSH_WEBPUSH_MAX_CONNECTIONS"),
             endpoint_rules=endpoint_rules or EndpointRules.from_env(),
         )
 
