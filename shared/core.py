@@ -57,15 +57,15 @@ class Outcome(enum.Enum):
     CREDENTIALS = "credentials"
     """The provider refused our credentials, not this message (a key deleted, rotated wrongly,
     lacking a permission): any message would be refused the same way until a person fixes
-    them. The dispatcher's hold gate (:mod:`shared.holds`) keeps such a wake-up in the database
-    and holds the app's sends to the provider until a probe gets through; a result with this
-    outcome that leaves the gate means "kept"."""
+    them. The dispatcher's hold gate (:mod:`shared.hold_gate`) keeps such a wake-up in the
+    database and holds the app's sends to the provider until a probe gets through; a result with
+    this outcome that leaves the gate means "kept"."""
     KEY_REFUSED = "key_refused"
     """The push service refused our key for this device (Web Push 401/403), which is either the
     device's fault (its subscription was made with another key: a per-subscription fact after a
     key rotation) or ours (the key is wrong for every device); no status tells them apart. The
-    hold gate (:mod:`shared.holds`) keeps the wake-up and decides by what the app's other devices
-    answer; a result with this outcome that leaves the gate means "kept"."""
+    hold gate (:mod:`shared.hold_gate`) keeps the wake-up and decides by what the app's other
+    devices answer; a result with this outcome that leaves the gate means "kept"."""
     KEPT = "kept"
     """Not sent: an operator's pause holds the provider or app, and the wake-up is kept in the
     database to be sent once the pause ends (set by the hold gate, never by a provider)."""

@@ -1,15 +1,15 @@
-"""The gate in front of the dispatcher's provider that applies the holds (:mod:`shared.holds`)
-to every send.
+"""The gate in front of the dispatcher's provider that applies the holds (:mod:`shared.holds`:
+an operator's pause, credentials a provider refused, a Web Push key refused) to every send.
 
 :class:`HoldGate` stands in front of the dispatcher's provider and does all of it per send, so
 the dispatcher's loop only sees outcomes: ``KEPT`` / ``CREDENTIALS`` / ``KEY_REFUSED`` (kept in
 the database: the event is done for that device, and the ledger keeps a redelivery from sending
 it), ``DISCARDED``, ``REJECTED`` (``vapid_key_mismatch``), or ``TRANSIENT`` when keeping failed
-(the database is down: the broker redelivers, nothing is lost). The event itself succeeds (202): its wake-ups are safe in the database, and a retry from
-the broker would only be held again.
+(the database is down: the broker redelivers, nothing is lost). The event itself succeeds (202):
+its wake-ups are safe in the database, and a retry from the broker would only be held again.
 
-Kept wake-ups go out on a flush (:meth:`shared.dispatch.Dispatcher.flush`): on the tick the
-privacy delay has, on the tick clean-up sends when it finds held work due (:func:`shared.holds.work_due`), on
+Kept wake-ups go out on a flush (:mod:`shared.dispatch.flush`): on the tick the privacy delay
+has, on the tick clean-up sends when it finds held work due (:func:`shared.holds.work_due`), on
 ``pushctl resume --tick-to URL``, and after the next event a dispatcher handles once it saw a
 hold end (:attr:`HoldGate.release_wanted`).
 """

@@ -2,7 +2,7 @@
 each device with its app's credentials, to check a deployment's settings; and, for each send
 that was not delivered, the setting to look at.
 
-The providers classify every failure into a short reason (:class:`shared.providers.base.SendResult`);
+The providers classify every failure into a short reason (:class:`shared.core.SendResult`);
 :func:`setting_to_check` turns that reason into the settings an operator can change.
 """
 from __future__ import annotations

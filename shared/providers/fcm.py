@@ -13,7 +13,7 @@ the access token, refreshed a few minutes before it expires (google-auth's margi
 coroutine while the others wait. google-auth fetches tokens with requests, imported at the first
 refresh rather than with the module: a cold start's import time counts, its first token does not
 wait any longer for it. Every answer, and every network failure, is classified into
-a :class:`~shared.providers.base.SendResult` following FCM's documented error codes (see
+a :class:`~shared.core.SendResult` following FCM's documented error codes (see
 :func:`classify`). A registration token identifies a device, so it never appears in a log line or
 in a result's ``reason``.
 """

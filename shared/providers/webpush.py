@@ -24,7 +24,7 @@ round trip that is the difference between 2,000 pushes/s on one connection and ~
 for the same (docs/libraries.md).
 
 Push services answer with plain HTTP statuses; :meth:`WebPushProvider.send` turns every answer
-and every network failure into a :class:`~shared.providers.base.SendResult`. Endpoints and keys
+and every network failure into a :class:`~shared.core.SendResult`. Endpoints and keys
 identify a browser, so they never appear in a log line or in a result's ``reason``.
 
 Endpoints lead only to the browser push services over the public internet (:mod:`shared.endpoints`:
