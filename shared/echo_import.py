@@ -237,7 +237,7 @@ class EchoImport:
         self,
         source: Engine,
         target: Engine,
-        policy: SubscribeSettings,
+        accepted: SubscribeSettings,
         environment: str = "production",
         batch: int = DEFAULT_BATCH,
         dry_run: bool = False,
@@ -252,7 +252,7 @@ class EchoImport:
             raise EchoImportError(f"the batch size must be from 1 to {MAX_BATCH}")
         self.source = source
         self.target = target
-        self.policy = policy
+        self.accepted = accepted
         self.environment = environment
         self.batch = batch
         self.dry_run = dry_run
@@ -348,7 +348,7 @@ class EchoImport:
             else:
                 return "missing_topic"
             environment = self.environment
-            app = self.policy.apps.app_for_topic(topic) if self.policy.apps.settings else None
+            app = self.accepted.apps.app_for_topic(topic) if self.accepted.apps.settings else None
         if row.user <= 0:
             return "invalid_user"
         if not isinstance(row.updated, datetime):
@@ -364,7 +364,7 @@ class EchoImport:
         """Why subscribe would refuse ``topic`` (a key of :data:`REASONS`), or ``None``."""
         if not valid_apns_topic(topic):
             return "malformed_topic"
-        if not apns_topic_allowed(topic, self.policy):
+        if not apns_topic_allowed(topic, self.accepted):
             return "topic_not_allowed"
         return None
 

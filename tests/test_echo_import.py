@@ -64,9 +64,9 @@ class Run:
         self.source, self.target = source, target
         self.skipped: list[tuple[int, str]] = []
 
-    def __call__(self, policy: SubscribeSettings = SubscribeSettings(), on_batch=None, **options) -> Summary:
+    def __call__(self, accepted: SubscribeSettings = SubscribeSettings(), on_batch=None, **options) -> Summary:
         self.skipped = []
-        job = EchoImport(self.source, self.target, policy, **options)
+        job = EchoImport(self.source, self.target, accepted, **options)
         return job.run(lambda eps_id, reason: self.skipped.append((eps_id, reason)), on_batch)
 
 

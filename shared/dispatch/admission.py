@@ -78,7 +78,7 @@ class Admission:
             raise ApiError(
                 400, "unsupported_event_type", f"this function takes {NOTIFICATION_REQUESTED} and {PING}"
             )
-        notification = parse_notification(data_object(event), dispatcher.policy)
+        notification = parse_notification(data_object(event), dispatcher.notification)
         metrics.NOTIFICATIONS_REQUESTED.labels(self.provider, "cloudevent").inc()
         report = await dispatcher.dispatch(notification, event_key(event))
         if dispatcher.gate.release_wanted:  # a hold ended: send what it kept, in what time is left

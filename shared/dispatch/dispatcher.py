@@ -52,7 +52,7 @@ class Dispatcher:
         provider: Provider,
         store: SubscriptionStore,
         ledger: DeliveryLedger,
-        policy: NotificationSettings,
+        notification: NotificationSettings,
         settings: DispatchSettings,
         sink_url: str | None = None,
         clock: Clock = utcnow,
@@ -66,7 +66,7 @@ class Dispatcher:
         self.provider = self.gate
         self.store = store
         self.ledger = ledger
-        self.policy = policy
+        self.notification = notification
         self.settings = settings
         self.clock = clock
         self.function = f"dispatch-{provider.name}"
@@ -77,7 +77,7 @@ class Dispatcher:
         self.dead_tokens = DeadTokens(provider.name, f"/push-functions/{self.function}", sink_url)
         # Echo's request, for a provider that takes one (its EchoTokens say how).
         self.echo = None if provider.echo is None else EchoPath(
-            provider.name, provider.echo, policy, store, settings, self.sender, self.dead_tokens)
+            provider.name, provider.echo, notification, store, settings, self.sender, self.dead_tokens)
         self.admission = Admission(self)
         # Concurrent events share their claim and record transactions (shared.batching).
         self._claims: Batcher[tuple[Sequence[str], str], tuple[list[Device], Claims]] = Batcher(

@@ -23,20 +23,20 @@ class EchoPath:
     """Serves Echo's request for one provider, whose :class:`EchoTokens` say how to read it."""
 
     def __init__(
-        self, provider: str, tokens: EchoTokens, policy: NotificationSettings, store: SubscriptionStore,
+        self, provider: str, tokens: EchoTokens, notification: NotificationSettings, store: SubscriptionStore,
         settings: DispatchSettings, sender: Sender, dead_tokens: DeadTokens,
     ) -> None:
         self.provider = provider
         self.path = f"/v1/message/{provider}"
         self.tokens = tokens
-        self.policy = policy
+        self.notification = notification
         self.store = store
         self.settings = settings
         self.sender = sender
         self.dead_tokens = dead_tokens
 
     async def handle(self, request: Request) -> Response:
-        echo = parse_echo_request(await read_json(request), self.policy)
+        echo = parse_echo_request(await read_json(request), self.notification)
         metrics.NOTIFICATIONS_REQUESTED.labels(self.provider, "echo").inc()
         tokens = [token.lower() for token in echo.tokens] if self.tokens.lower_case else list(echo.tokens)
         known = await run_in_threadpool(
@@ -59,7 +59,7 @@ class EchoPath:
             )
         report = DispatchReport()
         await self.sender.send_all(
-            subscriptions, WakeUp(echo.message_type, self.policy.default_ttl_seconds, echo.dry_run), report
+            subscriptions, WakeUp(echo.message_type, self.notification.default_ttl_seconds, echo.dry_run), report
         )
         if report.transient:
             return await self.dead_tokens.answer(report)

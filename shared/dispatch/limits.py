@@ -18,7 +18,7 @@ LIMITED = SendResult(Outcome.REJECTED, "limited")
 
 
 class EventLimits:
-    """One provider's devices counted against the delivery policy's limits."""
+    """One provider's devices counted against the per-event-type limits (``PUSH_EVENT_LIMITS``)."""
 
     def __init__(self, provider: str, limiter: RateLimiter, delivery: DeliverySettings, clock: Clock) -> None:
         self.provider = provider
