@@ -3,6 +3,7 @@ there, rules between them included, with errors naming the variables; the config
 table is generated from the declarations."""
 from __future__ import annotations
 
+import ast
 import importlib.util
 import re
 from pathlib import Path
@@ -50,6 +51,21 @@ def test_every_setting_the_code_names_is_declared() -> None:
     # NAME_FILE is how a secret NAME may be given as a file.
     named = {name if name in DECLARED else name.removesuffix("_FILE") for name in named} - LOCAL_STACK
     assert sorted(named - set(DECLARED)) == []
+
+
+def test_no_module_reads_a_setting_with_a_default_of_its_own() -> None:
+    """Defaults and bounds live in the declarations: outside shared/config.py and
+    shared/settings.py a setting is read with read_setting (required secrets and ids with
+    shared.config's require_*)."""
+    readers = {"env", "env_int", "env_float", "env_list"}
+    found = []
+    for path in sorted((REPO / "shared").rglob("*.py")):
+        if path.name in ("config.py", "settings.py"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in readers:
+                found.append(f"{path.relative_to(REPO)}:{node.lineno} {node.func.id}()")
+    assert found == []
 
 
 def test_each_setting_is_declared_once() -> None:
