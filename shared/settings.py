@@ -2,9 +2,9 @@
 it means; the typed settings each function reads at start-up; and the rules between settings.
 
 A function reads its settings once, when it starts (``*Settings.from_env()`` below): a mistake
-stops it then with an error naming the variable, never later on a request. A setting is read only
-through its declaration (:func:`read_setting`), so its default and bounds are written in one place, and
-the table in ``docs/configuration.md`` is generated from the declarations
+stops it then with an error naming the variable, never later on a request. A setting is read
+only through its declaration (:func:`read_setting`), so its default and bounds are written in one
+place, and the table in ``docs/configuration.md`` is generated from the declarations
 (``scripts/gen_config_docs.py``; a test fails when they differ).
 
 Secrets (keys, credentials) are read as :mod:`shared.config` says: from ``NAME_FILE``, ``NAME``
@@ -38,6 +38,8 @@ read as :func:`shared.config.secret` reads it), and one read by a library, not b
 
 @dataclass(frozen=True)
 class Setting:
+    """One environment variable: what it is, who reads it, what it means (the docs' row)."""
+
     name: str
     kind: str
     used_by: tuple[str, ...]
@@ -294,7 +296,11 @@ class NotificationSettings:
 
     @classmethod
     def from_env(cls) -> NotificationSettings:
-        return cls(read_setting("PUSH_MESSAGE_TYPES"), read_setting("PUSH_MAX_USERS_PER_EVENT"), read_setting("PUSH_DEFAULT_TTL_SECONDS"))
+        return cls(
+            read_setting("PUSH_MESSAGE_TYPES"),
+            read_setting("PUSH_MAX_USERS_PER_EVENT"),
+            read_setting("PUSH_DEFAULT_TTL_SECONDS"),
+        )
 
 
 @dataclass(frozen=True)
