@@ -5,6 +5,11 @@ It is what makes redelivery safe. The broker redelivers an event when the dispat
 while the dispatcher was still working. In every case the ledger, shared by all replicas through
 the database, says which devices already got this event (skip), which are being sent to by
 another invocation right now (skip, and ask for a retry), and which still need it (claim, send).
+
+Both writes are safe to repeat, so a write cut off mid-statement (the database went away before
+its answer came back: committed or not, nobody knows) can simply be tried again: a claim carries
+a token chosen before its first try, so a claim that did commit is found to be ours on the
+retry, and a record only touches the rows still claimed with the event's token.
 """
 from __future__ import annotations
 
@@ -75,11 +80,17 @@ class DeliveryLedger:
         self.retention = retention
         self.clock = clock
 
-    def claim_many_in(self, connection: Connection, requests: Sequence[tuple[str, Sequence[int]]]) -> list[Claims]:
+    def claim_many_in(
+        self, connection: Connection, requests: Sequence[tuple[str, Sequence[int]]],
+        tokens: Sequence[str | None] | None = None,
+    ) -> list[Claims]:
         """Claim, for each event, every subscription that is not done or in flight elsewhere,
         inside the caller's transaction (the dispatcher reads the subscriptions and claims them in
-        one, for every event of a batch)."""
-        claims = [Claims(secrets.token_hex(16)) for _ in requests]
+        one, for every event of a batch), each with its token from ``tokens`` (a new one where
+        none is given): a retry of a claim whose answer was lost passes the same token again, and
+        the rows that claim did take are found to be ours."""
+        tokens = tokens or [None] * len(requests)
+        claims = [Claims(token or new_claim_token()) for token in tokens]
         now = self.clock()
         lease_until, expires_at = now + self.lease, now + self.retention
         rows = sorted(  # one lock order for every replica
@@ -197,6 +208,11 @@ class DeliveryLedger:
             total += deleted
             if events < events_per_batch:
                 return total
+
+
+def new_claim_token() -> str:
+    """A claim token: chosen before a claim's first try and kept for its retries."""
+    return secrets.token_hex(16)
 
 
 def _chunks(items: Sequence[T]) -> Iterator[list[T]]:

@@ -10,15 +10,16 @@ nothing.
   each dispatcher) sends what is due.
 - A hold (:mod:`shared.holds`) keeps the wake-ups it holds back here, due at once, until it lifts.
 - ``PUSH_PENDING_LEASE_SECONDS``: how long a flush's claim keeps other flushes off the wake-ups
-  it is sending (default 120). It must be above ``PUSH_DISPATCH_DEADLINE_SECONDS``, the time a
-  flush may spend sending: a claim running out mid-send would let the next tick send again
+  it is sending (default 120). It must be above ``PUSH_DISPATCH_DEADLINE_SECONDS`` plus
+  ``PUSH_DISPATCH_DRAIN_SECONDS``, the time a flush may spend sending and then recording
+  (:mod:`shared.recorder`): a claim running out meanwhile would let the next tick send again
   (:data:`shared.settings.RULES`).
 """
 from __future__ import annotations
 
 import random
 import secrets
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import partial
@@ -250,32 +251,44 @@ class PendingStore:
     ) -> None:
         """Delete what was sent, unless an event joined it meanwhile (then it waits for a new
         delay); hand back what must be retried, due again after ``retry_after``. A wake-up
-        handed back is as old as this hand-back: its age in ``stats`` counts from now."""
-        table = PendingPush.__table__
-        sent, retry = list(sent), list(retry)
+        handed back is as old as this hand-back: its age in ``stats`` counts from now. Safe to
+        repeat: only rows still claimed with ``token`` at the version sent are touched."""
+        self.finish_many([(token, list(sent), list(retry), retry_after)])
+
+    def finish_many(self, items: Sequence[tuple[str, Sequence[Due], Sequence[Due], timedelta]]) -> list[None]:
+        """:meth:`finish` for several (token, sent, retry, retry_after) in one transaction (a
+        flush's outcomes, written as its sends answer: :class:`shared.recorder.Recorder`)."""
 
         def work(connection: Connection) -> None:
-            # A statement per kind of change, not per row: a flush's rounds finish a thousand
-            # wake-ups at a time, and row-by-row statements once took most of a flush's time.
-            now = self.clock()
-            mine = table.c.claim == token
-            if sent:
-                versions = tuple_(table.c.subscription_id, table.c.message_type, table.c.version)
-                connection.execute(delete(table).where(
-                    mine, versions.in_([(d.subscription_id, d.message_type, d.version) for d in sent])))
-                joined = connection.execute(  # an event joined it meanwhile: it waits anew
-                    select(table.c.subscription_id, table.c.message_type).where(mine, _keys_in(sent))).all()
-                for sub_id, message_type in joined:
-                    connection.execute(update(table).where(
-                        mine, table.c.subscription_id == sub_id, table.c.message_type == message_type,
-                    ).values(claim=None, claimed_until=None, version=1, created_at=now, due_at=self._due_at(now)))
-            if retry:
-                connection.execute(
-                    update(table).where(mine, _keys_in(retry))
-                    .values(claim=None, claimed_until=None, created_at=now, due_at=now + retry_after)
-                )
+            for token, sent, retry, retry_after in items:
+                self._finish_in(connection, token, sent, retry, retry_after)
 
         run_transaction(self.engine, work)
+        return [None] * len(items)
+
+    def _finish_in(
+        self, connection: Connection, token: str, sent: Sequence[Due], retry: Sequence[Due], retry_after: timedelta
+    ) -> None:
+        # A statement per kind of change, not per row: a flush's rounds finish a thousand
+        # wake-ups at a time, and row-by-row statements once took most of a flush's time.
+        table = PendingPush.__table__
+        now = self.clock()
+        mine = table.c.claim == token
+        if sent:
+            versions = tuple_(table.c.subscription_id, table.c.message_type, table.c.version)
+            connection.execute(delete(table).where(
+                mine, versions.in_([(d.subscription_id, d.message_type, d.version) for d in sent])))
+            joined = connection.execute(  # an event joined it meanwhile: it waits anew
+                select(table.c.subscription_id, table.c.message_type).where(mine, _keys_in(sent))).all()
+            for sub_id, message_type in joined:
+                connection.execute(update(table).where(
+                    mine, table.c.subscription_id == sub_id, table.c.message_type == message_type,
+                ).values(claim=None, claimed_until=None, version=1, created_at=now, due_at=self._due_at(now)))
+        if retry:
+            connection.execute(
+                update(table).where(mine, _keys_in(retry))
+                .values(claim=None, claimed_until=None, created_at=now, due_at=now + retry_after)
+            )
 
     def drop(self, subscription_ids: Iterable[int]) -> None:
         """Forget wake-ups of subscriptions that no longer exist."""

@@ -102,8 +102,12 @@ SETTINGS: tuple[Setting, ...] = (
     _s("PUSH_DISPATCH_CONCURRENCY", INT, DISPATCHERS, "sends in flight at once per event", 100, minimum=1),
     _s("PUSH_DISPATCH_DEADLINE_SECONDS", FLOAT, DISPATCHERS,
        "sends unfinished by then count as transient; keep below the platform timeout", 60.0, minimum=1.0),
+    _s("PUSH_DISPATCH_DRAIN_SECONDS", FLOAT, DISPATCHERS,
+       "after the deadline, how long outcomes the database could not take yet are still tried (through an "
+       "outage) before the event is answered 503", 10.0, minimum=0.0),
     _s("PUSH_DELIVERY_LEASE_SECONDS", INT, DISPATCHERS,
-       "how long a claim keeps other invocations off a device; above the deadline", 120, minimum=1),
+       "how long a claim keeps other invocations off a device; above the deadline plus the drain", 120,
+       minimum=1),
     _s("PUSH_DELIVERY_RECORD_HOURS", INT, DISPATCHERS,
        "how long delivery records are kept (a redelivery or replayed dead letter within it sends nothing "
        "twice); clean-up deletes them after", 24, minimum=1),
@@ -163,8 +167,8 @@ SETTINGS: tuple[Setting, ...] = (
     _s("PUSH_PRIVACY_DELAY", TEXT, DISPATCHERS, "`MIN-MAX` seconds of random delay before a wake-up",
        shown="off"),
     _s("PUSH_PENDING_LEASE_SECONDS", FLOAT, DISPATCHERS,
-       "how long a flush's claim keeps other flushes off the wake-ups it sends; above the deadline",
-       120.0, minimum=1.0),
+       "how long a flush's claim keeps other flushes off the wake-ups it sends; above the deadline plus the "
+       "drain", 120.0, minimum=1.0),
     _s("PUSH_APPS", SECRET, (SUBSCRIBE, *DISPATCHERS, IMPORT_ECHO),
        "several apps' credentials, JSON or a JSON file", shown="one app"),
     _s("PUSH_SUBSCRIPTION_MAX_AGE_DAYS", INT, (CLEANUP, IMPORT_ECHO),
@@ -339,6 +343,9 @@ class DispatchSettings:
     deadline_seconds: float = DECLARED["PUSH_DISPATCH_DEADLINE_SECONDS"].default
     """Sends not finished by then count as transient: the event is redelivered for them. Keep it
     below the platform's request timeout and below the claim lease."""
+    drain_seconds: float = DECLARED["PUSH_DISPATCH_DRAIN_SECONDS"].default
+    """After the deadline, how long outcomes not yet written (the database unreachable) are still
+    tried before the event is answered 503 (:mod:`shared.recorder`)."""
     echo_apns_environment: str = DECLARED["PUSH_ECHO_APNS_ENVIRONMENT"].default
     """The APNs environment of tokens that Echo's request names and we do not know."""
     max_in_flight: int = DECLARED["PUSH_DISPATCH_MAX_IN_FLIGHT"].default
@@ -359,6 +366,7 @@ class DispatchSettings:
         settings = cls(
             concurrency=read_setting("PUSH_DISPATCH_CONCURRENCY"),
             deadline_seconds=read_setting("PUSH_DISPATCH_DEADLINE_SECONDS"),
+            drain_seconds=read_setting("PUSH_DISPATCH_DRAIN_SECONDS"),
             echo_apns_environment=read_setting("PUSH_ECHO_APNS_ENVIRONMENT"),
             max_in_flight=read_setting("PUSH_DISPATCH_MAX_IN_FLIGHT"),
             delivery_lease_seconds=read_setting("PUSH_DELIVERY_LEASE_SECONDS"),
@@ -369,6 +377,7 @@ class DispatchSettings:
         )
         check_rules({
             "PUSH_DISPATCH_DEADLINE_SECONDS": settings.deadline_seconds,
+            "PUSH_DISPATCH_DRAIN_SECONDS": settings.drain_seconds,
             "PUSH_DELIVERY_LEASE_SECONDS": settings.delivery_lease_seconds,
             "PUSH_PENDING_LEASE_SECONDS": settings.delivery.pending_lease_seconds,
         })
@@ -410,25 +419,31 @@ class SubscriptionApiSettings:
 
 @dataclass(frozen=True)
 class Rule:
-    """``above`` must be greater than ``below``; ``why`` says what goes wrong otherwise. Checked
-    when a function that reads both starts (:func:`check_rules`)."""
+    """``above`` must be greater than ``below`` (plus ``plus``, when named); ``why`` says what goes
+    wrong otherwise. Checked when a function that reads them starts (:func:`check_rules`)."""
 
     above: str
     below: str
     why: str
+    plus: str | None = None
 
     def broken(self, values: dict[str, Any]) -> str | None:
         high, low = values[self.above], values[self.below]
-        if high > low:
+        extra = values[self.plus] if self.plus else 0
+        if high > low + extra:
             return None
-        return f"{self.above} ({high:g}) must be above {self.below} ({low:g}), {self.why}"
+        plus = f" + {self.plus} ({extra:g})" if self.plus else ""
+        return f"{self.above} ({high:g}) must be above {self.below} ({low:g}){plus}, {self.why}"
 
 
 RULES = (
+    # The drain too: a flush or an event may still record its sends that long after the
+    # deadline (shared.recorder), and a claim that ran out meanwhile is taken over and sent again.
     Rule("PUSH_PENDING_LEASE_SECONDS", "PUSH_DISPATCH_DEADLINE_SECONDS",
-         "or a slow flush's wake-ups are sent again by the next tick"),
+         "or a slow flush's wake-ups are sent again by the next tick", plus="PUSH_DISPATCH_DRAIN_SECONDS"),
     Rule("PUSH_DELIVERY_LEASE_SECONDS", "PUSH_DISPATCH_DEADLINE_SECONDS",
-         "or a redelivery can claim a device whose send is still running and push to it twice"),
+         "or a redelivery can claim a device whose send is still running, or whose outcome is still being "
+         "recorded, and push to it twice", plus="PUSH_DISPATCH_DRAIN_SECONDS"),
 )
 
 

@@ -24,7 +24,9 @@ from shared.settings import DeliverySettings, DispatchSettings, Limit, Notificat
 from shared.subscriptions import NewSubscription, SubscriptionStore
 from tests import events
 from tests import subscription_bodies as bodies
+from tests.hardening import load_function
 from tests.metrics_scrape import changes, scrape, series
+from tests.rigs import FcmRig
 from tests.stores import subscribe
 
 
@@ -423,13 +425,14 @@ async def test_a_flush_records_each_sent_wake_up_while_others_are_still_in_fligh
     clock.now += timedelta(seconds=1)
     recorded = asyncio.Event()
     loop = asyncio.get_running_loop()
-    finish = store.finish
+    finish = store.finish_many
 
-    def finish_and_tell(*args: object, **kwargs: object) -> None:
-        finish(*args, **kwargs)
+    def finish_and_tell(*args: object, **kwargs: object) -> list[None]:
+        done = finish(*args, **kwargs)
         loop.call_soon_threadsafe(recorded.set)
+        return done
 
-    monkeypatch.setattr(store, "finish", finish_and_tell)
+    monkeypatch.setattr(store, "finish_many", finish_and_tell)
     provider = HeldBack(held)
     flush = asyncio.create_task(flushing(engine, provider, store).flush())
     await recorded.wait()
@@ -512,6 +515,26 @@ def test_pending_lease_must_be_above_the_dispatch_deadline(monkeypatch):
     monkeypatch.setenv("PUSH_DISPATCH_DEADLINE_SECONDS", "120")
     with pytest.raises(ConfigError, match="PUSH_PENDING_LEASE_SECONDS .* PUSH_DISPATCH_DEADLINE_SECONDS"):
         DispatchSettings.from_env()
+
+
+def test_pending_lease_must_also_cover_the_drain(monkeypatch):
+    """A flush may still record its sends for the drain after its deadline (shared.recorder)."""
+    monkeypatch.setenv("PUSH_PRIVACY_DELAY", "60-300")
+    monkeypatch.setenv("PUSH_DISPATCH_DEADLINE_SECONDS", "100")
+    monkeypatch.setenv("PUSH_DISPATCH_DRAIN_SECONDS", "30")
+    with pytest.raises(ConfigError, match="PUSH_PENDING_LEASE_SECONDS .* PUSH_DISPATCH_DRAIN_SECONDS"):
+        DispatchSettings.from_env()
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_dispatcher_refuses_a_delivery_lease_within_the_deadline_and_drain(database_url, fcm_server, tmp_path, monkeypatch):
+    """A delivery claim that runs out while its invocation may still send or record lets a
+    redelivery take the devices over and send again: the dispatcher does not start so."""
+    FcmRig(fcm_server, tmp_path).configure(monkeypatch)
+    monkeypatch.setenv("PUSH_DELIVERY_LEASE_SECONDS", "70")  # the deadline is 60, the drain 10
+    with pytest.raises(ConfigError, match="PUSH_DELIVERY_LEASE_SECONDS \\(70\\) must be above "
+                                          "PUSH_DISPATCH_DEADLINE_SECONDS \\(60\\) \\+ PUSH_DISPATCH_DRAIN_SECONDS \\(10\\)"):
+        load_function("dispatch-fcm")
 
 
 def test_a_wake_up_handed_back_after_a_transient_failure_is_as_old_as_the_hand_back(engine):

@@ -20,7 +20,7 @@ Where each part lives:
 - :mod:`.dispatcher`: the core: claims against the delivery ledger, the privacy delay's queue,
   recording outcomes; it holds the collaborators below;
 - :mod:`.limits`: per-event-type limits and their refunds;
-- :mod:`.sending`: the send loop, with its deadline and checkpoints;
+- :mod:`.sending`: the send loop, with its deadline, handing each outcome to be recorded as it comes;
 - :mod:`.report`: what an event came to (:class:`DispatchReport`);
 - :mod:`.flush`: the flush of delayed and kept wake-ups on a tick;
 - :mod:`.echo`: Echo's request;

@@ -9,9 +9,11 @@ request) and :mod:`~shared.dispatch.dead_tokens` (the answer and its dead-token 
 """
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import Connection
 from starlette.concurrency import run_in_threadpool
@@ -21,8 +23,8 @@ from starlette.responses import Response
 from shared import metrics
 from shared.batching import Batcher
 from shared.core import Clock, Device, Outcome, SendResult, WakeUp, utcnow
-from shared.db import DatabaseUnavailable, SchemaGate, get_engine, run_transaction
-from shared.deliveries import Claims, DeliveryLedger, Outcomes
+from shared.db import SchemaGate, get_engine, run_transaction
+from shared.deliveries import Claims, DeliveryLedger, Outcomes, new_claim_token
 from shared.dispatch.admission import Admission
 from shared.dispatch.dead_tokens import DeadTokens
 from shared.dispatch.echo import EchoPath
@@ -37,6 +39,7 @@ from shared.logs import configure_logging
 from shared.pending import PendingStore
 from shared.providers.base import Provider
 from shared.ratelimits import RateLimiter
+from shared.recorder import Recorder, until_reachable, written
 from shared.settings import DeliverySettings, DispatchSettings, NotificationSettings
 from shared.subscriptions import SubscriptionStore, devices_of
 
@@ -79,11 +82,12 @@ class Dispatcher:
         self.echo = None if provider.echo is None else EchoPath(
             provider.name, provider.echo, notification, store, settings, self.sender, self.dead_tokens)
         self.admission = Admission(self)
-        # Concurrent events share their claim and record transactions (shared.batching).
-        self._claims: Batcher[tuple[Sequence[str], str], tuple[list[Device], Claims]] = Batcher(
+        # Concurrent events share their claim transactions (shared.batching); every send's
+        # outcome is written as soon as it answers, by group commit (shared.recorder).
+        self._claims: Batcher[tuple[Sequence[str], str, str], tuple[list[Device], Claims]] = Batcher(
             self._load_and_claim
         )
-        self._records: Batcher[tuple[str, Claims, Outcomes], None] = Batcher(ledger.record_many)
+        self._records: Recorder[tuple[str, Claims, Outcomes]] = Recorder(ledger.record_many, "delivery outcomes")
 
     @classmethod
     def from_env(cls, provider: Provider) -> Dispatcher:
@@ -121,10 +125,15 @@ class Dispatcher:
         """Send the wake-up to every device of the notification's users with this provider.
 
         With an event key (and not a dry run) the ledger makes this safe to repeat: devices
-        already served by an earlier delivery of the same event are skipped.
+        already served by an earlier delivery of the same event are skipped. Through a database
+        blip, its writes are tried again until the deadline (the claim, the limits) and then the
+        drain (the outcomes; :mod:`shared.recorder`): an outage shorter than that costs time,
+        not a wake-up sent twice.
         """
         wakeup = WakeUp(notification.message_type, notification.ttl_seconds, notification.dry_run)
         report = DispatchReport()
+        until_sent = time.monotonic() + self.settings.deadline_seconds
+        until_recorded = until_sent + self.settings.drain_seconds
         if key is None or notification.dry_run:
             subscriptions = await run_in_threadpool(
                 self.store.for_users, notification.users, self.provider.name
@@ -132,7 +141,11 @@ class Dispatcher:
             report.found = len(subscriptions)
             await self.sender.send_all(subscriptions, wakeup, report)
             return report
-        subscriptions, claims = await self._claims.submit((notification.users, key))
+        # The claim's token is chosen before its first try: a try that committed but whose
+        # answer was lost is found to be ours by the next one.
+        token = new_claim_token()
+        subscriptions, claims = await until_reachable(
+            lambda: self._claims.submit((notification.users, key, token)), until_sent, "claim an event's devices")
         report.found = len(subscriptions)
         if not subscriptions:
             return report
@@ -148,47 +161,54 @@ class Dispatcher:
                 report.dead.append(InvalidToken(subscription.id, subscription.token_sha256, reason, observed_at))
         to_send = [s for s in subscriptions if s.id in claims.claimed]
         counted_at = self.clock()  # the limits' window: a refund goes back to the same one
-        to_send, held = await self.limits.apply(to_send, notification.event_type, counted_at)
+        to_send, held = await until_reachable(
+            lambda: self.limits.apply(to_send, notification.event_type, counted_at), until_sent,
+            "count the event's limits")
         report.limited = len(held)
+        recording: list[asyncio.Future[None]] = []
         if self.delivery.privacy_delay is not None:
             report.queued = len(to_send)
-            await run_in_threadpool(
+            await until_reachable(lambda: run_in_threadpool(
                 self.pending.enqueue, self.provider.name, [s.id for s in to_send],
                 notification.message_type, notification.ttl_seconds, {s.id: s.app for s in to_send},
-            )
+            ), until_sent, "queue wake-ups for the privacy delay")
             queued = SendResult(Outcome.DELIVERED, "queued")
-            outcomes = Outcomes({s.id: (queued, self.clock()) for s in to_send} | held)
+            rest = Outcomes({s.id: (queued, self.clock()) for s in to_send} | held)
         else:
-            recorded: set[int] = set()
+            def record(sub_id: int, result: tuple[SendResult, datetime]) -> None:
+                recording.append(self._records.add((key, claims, Outcomes({sub_id: result})), until_recorded))
 
-            async def checkpoint(batch: Outcomes) -> None:
-                try:
-                    await self._records.submit((key, claims, batch))
-                    recorded.update(batch.results)
-                except DatabaseUnavailable:
-                    log.warning("could not record delivery outcomes yet: database unavailable")
-
-            outcomes = await self.sender.send_all(to_send, wakeup, report, checkpoint)
-            await self.limits.refund_transient(to_send, notification.event_type, outcomes, counted_at)
-            outcomes = Outcomes(
-                {sub_id: r for sub_id, r in outcomes.results.items() if sub_id not in recorded} | held
-            )
-        await self._record(key, claims, outcomes)
+            outcomes = await self.sender.send_all(
+                to_send, wakeup, report, record, deadline_seconds=until_sent - time.monotonic())
+            # Every final outcome is on its way already; what is left: the transient ones (their
+            # claims given back) and the limited ones.
+            rest = Outcomes({sub_id: r for sub_id, r in outcomes.results.items()
+                             if r[0].outcome is Outcome.TRANSIENT} | held)
+        if rest.results:
+            recording.append(self._records.add((key, claims, rest), until_recorded))
+        # Answered once every outcome is written: a 503 (given up) leaves the claims to their
+        # lease, and the devices already sent to may get the wake-up again after it.
+        await written(recording)
+        if report.transient and self.delivery.privacy_delay is None:
+            await until_reachable(
+                lambda: self.limits.refund_transient(to_send, notification.event_type, outcomes, counted_at),
+                until_recorded, "give back the limits of transient sends")
         return report
 
     def _load_and_claim(
-        self, requests: Sequence[tuple[Sequence[str], str]]
+        self, requests: Sequence[tuple[Sequence[str], str, str]]
     ) -> list[tuple[list[Device], Claims]]:
-        """For each (users, event key): the users' devices with this provider, claimed for the
-        event. One transaction for the whole batch, so an event costs the database a share of
+        """For each (users, event key, claim token): the users' devices with this provider,
+        claimed for the event. One transaction for the whole batch, so an event costs the database a share of
         two (this and the outcomes') in the common case."""
 
         def work(connection: Connection) -> list[tuple[list[Device], Claims]]:
-            everyone = {user for users, _ in requests for user in users}
+            everyone = {user for users, _, _ in requests for user in users}
             by_user = self.store.devices_by_user_in(connection, everyone, self.provider.name)
-            targets = [devices_of(by_user, users) for users, _ in requests]
+            targets = [devices_of(by_user, users) for users, _, _ in requests]
             claims = self.ledger.claim_many_in(
-                connection, [(key, [d.id for d in devices]) for devices, (_, key) in zip(targets, requests)]
+                connection, [(key, [d.id for d in devices]) for devices, (_, key, _) in zip(targets, requests)],
+                [token for _, _, token in requests],
             )
             return list(zip(targets, claims))
 
@@ -197,16 +217,6 @@ class Dispatcher:
     async def flush(self, seconds: float | None = None) -> DispatchReport:
         """Send the due wake-ups: see :meth:`shared.dispatch.flush.Flush.run`."""
         return await self.flusher.run(seconds)
-
-    async def _record(self, key: str, claims: Claims, outcomes: Outcomes) -> None:
-        try:
-            await self._records.submit((key, claims, outcomes))
-        except DatabaseUnavailable:
-            # The sends happened; their claims stay until the lease runs out, and the broker
-            # redelivers (503). Devices already sent to may then get this wake-up twice: the
-            # one case where that can happen, and only when the database fails mid-event.
-            log.error("could not record delivery outcomes: database unavailable")
-            raise
 
     async def aclose(self) -> None:
         await self.provider.aclose()

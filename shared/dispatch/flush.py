@@ -3,26 +3,23 @@ lifted (:mod:`shared.holds`), sent on a tick (or after an event whose hold ended
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
-from collections.abc import Awaitable, Callable
-from datetime import timedelta
+from collections.abc import Callable
+from datetime import datetime, timedelta
 
 from starlette.concurrency import run_in_threadpool
 
 from shared import metrics
-from shared.core import Clock, Outcome, WakeUp
-from shared.db import DatabaseUnavailable
-from shared.deliveries import Outcomes
+from shared.core import Clock, Outcome, SendResult, WakeUp
+from shared.dispatch.dead_tokens import DEFAULT_RETRY_AFTER
 from shared.dispatch.report import DispatchReport
 from shared.dispatch.sending import Sender
-from shared.dispatch.dead_tokens import DEFAULT_RETRY_AFTER
 from shared.hold_gate import HoldGate
 from shared.pending import Due, FlushScope, PendingStore
+from shared.recorder import Recorder, written
 from shared.settings import DispatchSettings
 from shared.subscriptions import SubscriptionStore
 
-log = logging.getLogger(__package__)
 
 #: Due wake-ups one round of a flush claims and sends; a flush takes round after round.
 FLUSH_BATCH = 1000
@@ -45,6 +42,9 @@ class Flush:
         self.sender = sender
         self.settings = settings
         self.clock = clock
+        # Each sent wake-up leaves the queue as soon as its send answered (shared.recorder).
+        self.finished: Recorder[tuple[str, list[Due], list[Due], timedelta]] = Recorder(
+            pending.finish_many, "flushed wake-ups")
 
     async def run(self, seconds: float | None = None) -> DispatchReport:
         """Send the pending wake-ups that are due (privacy delay, and those a hold kept once it
@@ -100,34 +100,27 @@ class Flush:
         if expired:
             report.expired += len(expired)
             metrics.SENDS.labels(self.provider, "expired", "ttl").inc(len(expired))
-        recorded: set[Due] = set()
+        until_recorded = time.monotonic() + seconds + self.settings.drain_seconds
+        recording: list[asyncio.Future[None]] = []
 
-        def checkpoint_of(items: dict[int, Due]) -> Callable[[Outcomes], Awaitable[None]]:
-            async def checkpoint(batch: Outcomes) -> None:
-                sent = [items[sub_id] for sub_id in batch.results]
-                try:
-                    await run_in_threadpool(self.pending.finish, token, sent)
-                    recorded.update(sent)
-                except DatabaseUnavailable:
-                    log.warning("could not record flushed wake-ups yet: database unavailable")
+        def record_of(items: dict[int, Due]) -> Callable[[int, tuple[SendResult, datetime]], None]:
+            def record(sub_id: int, _result: tuple[SendResult, datetime]) -> None:
+                recording.append(self.finished.add((token, [items[sub_id]], [], timedelta()), until_recorded))
 
-            return checkpoint
+            return record
 
         with self.gate.flushing({(d.subscription_id, d.message_type): d.kept for d in due}):
             results = await asyncio.gather(*(
                 self.sender.send_all([rows[sub_id] for sub_id in items], wakeups[message_type], report,
-                               checkpoint_of(items), deadline_seconds=seconds)
+                                     record_of(items), deadline_seconds=seconds)
                 for message_type, items in groups.items()
             ))
-        sent: list[Due] = list(expired)
-        retry: list[Due] = []
-        for items, outcomes in zip(groups.values(), results):
-            for sub_id, item in items.items():
-                if item not in recorded:
-                    transient = outcomes.results[sub_id][0].outcome is Outcome.TRANSIENT
-                    (retry if transient else sent).append(item)
-        await run_in_threadpool(
-            self.pending.finish, token, sent, retry,
-            timedelta(seconds=report.retry_after or DEFAULT_RETRY_AFTER),
-        )
+        # Every final outcome is on its way already; what is left: the expired and the transient.
+        retry = [item for items, outcomes in zip(groups.values(), results) for sub_id, item in items.items()
+                 if outcomes.results[sub_id][0].outcome is Outcome.TRANSIENT]
+        if expired or retry:
+            recording.append(self.finished.add(
+                (token, expired, retry, timedelta(seconds=report.retry_after or DEFAULT_RETRY_AFTER)),
+                until_recorded))
+        await written(recording)
         return len(due)

@@ -1,12 +1,14 @@
 """The send loop: one wake-up to many devices, at most ``concurrency`` at once, within a deadline,
-final outcomes handed to a checkpoint as the sends go on (``record_as_we_go``), so that a process
-killed mid-event has recorded what it already sent."""
+each final outcome handed over to be recorded the moment its send answered (to a
+:class:`shared.recorder.Recorder`), so that a process killed mid-event has recorded nearly all it
+already sent."""
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
 
 from shared import metrics
 from shared.core import Clock, Device, Outcome, SendResult, WakeUp
@@ -18,7 +20,6 @@ from shared.settings import DispatchSettings
 
 log = logging.getLogger(__package__)
 
-CHECKPOINT_SECONDS = 0.1
 #: What a device gets when its provider raised instead of answering (a bug, or an unsendable token).
 PROVIDER_ERROR = SendResult(Outcome.REJECTED, "provider_error")
 
@@ -37,20 +38,19 @@ class Sender:
         subscriptions: Sequence[Device],
         wakeup: WakeUp | Mapping[int, WakeUp],
         report: DispatchReport,
-        checkpoint: Callable[[Outcomes], Awaitable[None]] | None = None,
+        record: Callable[[int, tuple[SendResult, datetime]], None] | None = None,
         deadline_seconds: float | None = None,
     ) -> Outcomes:
         """Send ``wakeup`` to every device (or each its own, by subscription id), at most
         ``concurrency`` at once, until the deadline (the dispatch deadline, or
-        ``deadline_seconds`` when given: what is left of a flush's).
+        ``deadline_seconds`` when given: what is left of the event's or a flush's).
 
-        With ``checkpoint``, final outcomes are handed over in small batches while the other sends
-        go on, so a process killed mid-event has recorded what it already sent and the
-        redelivered event does not send it again.
+        With ``record``, each final outcome is handed to it the moment its send answered (to a
+        recorder, which writes while the other sends go on), so a process killed mid-event has
+        recorded nearly all it sent and the redelivered event does not send that again.
         """
         limit = asyncio.Semaphore(self.settings.concurrency)
-        results: dict[int, tuple[SendResult, object]] = {}
-        unrecorded: dict[int, tuple[SendResult, object]] = {}
+        results: dict[int, tuple[SendResult, datetime]] = {}
         provider = self.provider.name
 
         async def send(subscription: Device) -> None:
@@ -70,29 +70,18 @@ class Sender:
                     result = PROVIDER_ERROR
                 elapsed = time.perf_counter() - started
             results[subscription.id] = (result, self.clock())
-            if result.outcome is not Outcome.TRANSIENT:
-                unrecorded[subscription.id] = results[subscription.id]
+            if record is not None and result.outcome is not Outcome.TRANSIENT:
+                record(subscription.id, results[subscription.id])
             metrics.PROVIDER_LATENCY.labels(provider, result.outcome.value).observe(elapsed)
 
-        async def record_as_we_go() -> None:
-            while True:
-                await asyncio.sleep(CHECKPOINT_SECONDS)
-                if unrecorded:
-                    batch = Outcomes(dict(unrecorded))
-                    unrecorded.clear()
-                    await checkpoint(batch)
-
         tasks = [asyncio.create_task(send(s)) for s in subscriptions]
-        recorder = asyncio.create_task(record_as_we_go()) if checkpoint and tasks else None
         if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=deadline_seconds or self.settings.deadline_seconds)
+            timeout = self.settings.deadline_seconds if deadline_seconds is None else max(deadline_seconds, 0.0)
+            _, pending = await asyncio.wait(tasks, timeout=timeout)
             for task in pending:
                 task.cancel()
             if pending:
                 await asyncio.gather(*pending, return_exceptions=True)
-        if recorder is not None:
-            recorder.cancel()
-            await asyncio.gather(recorder, return_exceptions=True)
         now = self.clock()
         for subscription in subscriptions:
             if subscription.id not in results:
