@@ -49,7 +49,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
     ("db", frozenset({"shared.db", "shared.models", "shared.migrations"})),
     ("storage", frozenset({
         "shared.subscriptions", "shared.deliveries", "shared.pending", "shared.holds", "shared.ratelimits",
-        "shared.apns_tokens", "shared.dead_letters",
+        "shared.apns_tokens", "shared.dead_letters", "shared.recorder",
     })),
     ("transport", frozenset({"shared.transport"})),
     ("providers", frozenset({"shared.providers"})),
