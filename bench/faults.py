@@ -11,8 +11,8 @@ sends (answered, but not yet recorded by the killed process); lost ones (never s
 Prints one JSON line per kill and a summary (min, median, max over the kills) on stdout,
 progress on stderr. Needs MariaDB at 127.0.0.1:3306 (PUSH_BENCH_MARIADB overrides the server
 URL); uses its own database, push_bench_faults, emptied first. Nothing here asserts: the
-suite's test_a_sigkill_costs_at_most_the_sends_in_flight_and_a_few_more holds the bound on
-a few kills.
+suite's test_a_sigkill_late_in_an_event_costs_a_fraction_of_what_was_sent holds a weaker bound
+on two late kills.
 """
 from __future__ import annotations
 
