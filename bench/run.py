@@ -51,6 +51,11 @@ HOT_USERS = 1000
 """Users the load targets; each has 3 devices of every provider (9,000 rows). Filler rows of
 other users bring the table to the size a figure names (10k or 1M)."""
 DEVICES_PER_USER = 3
+SOLO_USERS = 1000
+"""Users with one device of every provider ("solo0"...), for events of 1 user x 1 device."""
+WEBPUSH_SUBSCRIPTIONS = HOT_USERS * DEVICES_PER_USER + SOLO_USERS
+SQLITE_PATH: Path | None = None
+"""With --database sqlite: the functions' SQLite file (in the work directory)."""
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 RUNS = 3
 """Runs per dispatch figure: each figure gives min, median and max."""
@@ -67,14 +72,23 @@ def log(message: str) -> None:
 
 
 CONCURRENCY = {1: 16, 100: 4}
-SHAPES: tuple[int, ...] = (1, 100)
-"""Users per event of the dispatch figures (--shapes)."""
 """Events in flight at once (closed loop) for 1-user and 100-user events; --concurrency changes it."""
+SHAPES: tuple[tuple[int, int], ...] = ((1, 1), (1, 3), (100, 3))
+"""Users x devices per event of the dispatch figures (--shapes)."""
+LATENCY_RATE = 500.0
+"""Events/s of 1 user x 3 devices offered for the latency figures (--latency-rate)."""
+SOURCE = REPO
+"""The checkout whose functions and shared package run (--source; the command is this one's)."""
+DATABASE_KIND = "mariadb"
+"""The functions' database: ``mariadb`` (DB_NAME on DB_SERVER) or ``sqlite`` (--database)."""
 EXTRA_ENV: dict[str, str] = {}
 """Settings given with --env, reported with every figure."""
 
 
 def emit(name: str, value: float | None, unit: str, provider: str | None = None, **parameters) -> None:
+    parameters.setdefault("database", DATABASE_KIND)
+    if SOURCE != REPO:
+        parameters["source"] = str(SOURCE)
     if EXTRA_ENV:
         parameters["env"] = EXTRA_ENV
     line = {"name": name, "value": value, "unit": unit, "provider": provider, "parameters": parameters}
@@ -96,9 +110,10 @@ class Procs:
         self.work = work
         self.started: list[subprocess.Popen] = []
 
-    def spawn(self, args: list[str], name: str, env: dict | None = None, **kwargs) -> subprocess.Popen:
+    def spawn(self, args: list[str], name: str, env: dict | None = None, cwd: Path = REPO,
+              **kwargs) -> subprocess.Popen:
         stderr = open(self.work / f"{name}.stderr", "ab")
-        proc = subprocess.Popen(args, cwd=REPO, env=env, stderr=stderr, start_new_session=True, **kwargs)
+        proc = subprocess.Popen(args, cwd=cwd, env=env, stderr=stderr, start_new_session=True, **kwargs)
         self.started.append(proc)
         return proc
 
@@ -201,13 +216,13 @@ class Fakes:
         webpush_http1 = ["--http1-only"] if NETWORK.get("webpush_http1_only") else []
         self.webpush_proc = self.procs.spawn(
             [PYTHON, "-m", "fakes.webpush", "--ca-file", str(w / "webpush-ca.pem"),
-             "--subscriptions", str(HOT_USERS * DEVICES_PER_USER), "--max-records", "1",
+             "--subscriptions", str(WEBPUSH_SUBSCRIPTIONS), "--max-records", "1",
              *network, *webpush_http1], "fake-webpush", stdout=subprocess.PIPE, text=True)
         self.apns = read_json_line(self.apns_proc)
         self.fcm = read_json_line(self.fcm_proc)
         self.webpush = read_json_line(self.webpush_proc)
         self.webpush_subscriptions = [read_json_line(self.webpush_proc)
-                                      for _ in range(HOT_USERS * DEVICES_PER_USER)]
+                                      for _ in range(WEBPUSH_SUBSCRIPTIONS)]
 
     def proc(self, provider: str) -> subprocess.Popen:
         return {"apns": self.apns_proc, "fcm": self.fcm_proc, "webpush": self.webpush_proc}[provider]
@@ -265,7 +280,69 @@ def make_environment(work: Path, fakes: Fakes) -> dict[str, str]:
 
 # -- database ----------------------------------------------------------------------------------------
 
+class _SqliteCursor:
+    """A sqlite3 cursor taking the MariaDB statements of this file: ``%s`` placeholders, tables
+    named with the database (``push_bench.x``), TRUNCATE, ANALYZE TABLE."""
+
+    def __init__(self, cursor) -> None:
+        self.cursor = cursor
+
+    @staticmethod
+    def _sql(statement: str) -> str:
+        statement = statement.replace(f"{DB_NAME}.", "").replace("%s", "?").replace("%%", "%")
+        statement = re.sub(r"^TRUNCATE TABLE", "DELETE FROM", statement)
+        return re.sub(r"^ANALYZE TABLE .*", "ANALYZE", statement)
+
+    def execute(self, statement: str, parameters: tuple = ()) -> None:
+        if not statement.startswith("USE "):
+            self.cursor.execute(self._sql(statement), parameters)
+
+    def executemany(self, statement: str, rows: list[tuple]) -> None:
+        self.cursor.executemany(self._sql(statement), rows)
+
+    @property
+    def rowcount(self) -> int:
+        return self.cursor.rowcount
+
+    def fetchone(self):
+        return self.cursor.fetchone()
+
+    def fetchall(self):
+        return self.cursor.fetchall()
+
+    def __enter__(self) -> _SqliteCursor:
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.cursor.close()
+
+
+class _SqliteConnection:
+    """The bench's own connection to the functions' SQLite file, used as PyMySQL's is."""
+
+    def __init__(self, path: Path) -> None:
+        import sqlite3
+
+        self.connection = sqlite3.connect(path, isolation_level=None, timeout=30)
+
+    def cursor(self) -> _SqliteCursor:
+        return _SqliteCursor(self.connection.cursor())
+
+    def close(self) -> None:
+        self.connection.close()
+
+    def __enter__(self) -> _SqliteConnection:
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.close()
+
+
 def db_connect():
+    """A connection to the benchmark's database: MariaDB's server (``DB_NAME`` on it), or with
+    ``--database sqlite`` the functions' SQLite file."""
+    if SQLITE_PATH is not None:
+        return _SqliteConnection(SQLITE_PATH)
     import pymysql
     from sqlalchemy.engine import make_url
 
@@ -274,9 +351,28 @@ def db_connect():
                            password=url.password or "", autocommit=True)
 
 
+def database_pids() -> list[int]:
+    """The MariaDB server's processes (read by name in /proc), whose CPU over a window is the
+    database work of the function's statements, and of anything else that uses that server
+    meanwhile (other databases on it): an upper bound. None with SQLite: its work is done in
+    the function's own process."""
+    if SQLITE_PATH is not None:
+        return []
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "comm").read_text().strip() in ("mariadbd", "mysqld"):
+                    pids.append(int(entry.name))
+            except OSError:
+                pass
+    return pids
+
+
 def prepare_database(env: dict[str, str]) -> None:
-    with db_connect() as conn, conn.cursor() as cur:
-        cur.execute(f"CREATE DATABASE IF NOT EXISTS {DB_NAME}")
+    if SQLITE_PATH is None:
+        with db_connect() as conn, conn.cursor() as cur:
+            cur.execute(f"CREATE DATABASE IF NOT EXISTS {DB_NAME}")
     subprocess.run([str(BIN / "pushctl"), "migrate"], env=env, check=True, cwd=REPO,
                    stdout=subprocess.DEVNULL)
 
@@ -313,7 +409,8 @@ def _insert(rows: list[tuple], batch: int = 5000) -> None:
 
 
 def seed_hot(fakes: Fakes) -> list[str]:
-    """HOT_USERS users with 3 devices of each provider; their ids (written for the loadgen)."""
+    """HOT_USERS users with 3 devices of each provider, and SOLO_USERS with one of each; the hot
+    users' ids (the users files for the loadgen are written by :func:`write_users`)."""
     # provider_tokens: a token of an earlier run was signed by that run's fake key.
     clear_tables("subscriptions", "deliveries", "rate_counters", "pending_pushes", "provider_tokens")
     now = datetime.now(timezone.utc).replace(tzinfo=None)
@@ -331,8 +428,23 @@ def seed_hot(fakes: Fakes) -> list[str]:
             sub = next(webpush)
             rows.append((user, "webpush", json.dumps(sub), hashlib.sha256(sub["endpoint"].encode()).hexdigest(),
                          None, None, now, now))
+    for i in range(SOLO_USERS):
+        user = f"solo{i}"
+        apns = secrets.token_hex(32)
+        rows.append((user, "apns", apns, hashlib.sha256(apns.encode()).hexdigest(), TOPIC, "production", now, now))
+        fcm = secrets.token_urlsafe(120)
+        rows.append((user, "fcm", fcm, hashlib.sha256(fcm.encode()).hexdigest(), None, None, now, now))
+        sub = next(webpush)
+        rows.append((user, "webpush", json.dumps(sub), hashlib.sha256(sub["endpoint"].encode()).hexdigest(),
+                     None, None, now, now))
     _insert(rows)
     return users
+
+
+def write_users(work: Path) -> None:
+    """The loadgen's users files: users with 3 devices of each provider, and with 1."""
+    (work / "users-3.txt").write_text("".join(f"hot{i}\n" for i in range(HOT_USERS)))
+    (work / "users-1.txt").write_text("".join(f"solo{i}\n" for i in range(SOLO_USERS)))
 
 
 def fill_to(total: int) -> float:
@@ -386,28 +498,37 @@ class Function:
         self.proc: subprocess.Popen | None = None
         self.start_cpu = 0.0
 
-    def start(self) -> float:
-        """Start it; seconds from the spawn to the first 2xx on /readyz (and in ``start_cpu``,
-        the CPU seconds its processes used until then)."""
+    def start(self, first: tuple[str, dict[str, str], bytes, tuple[int, ...]] | None = None) -> float:
+        """Start it; seconds from the spawn to the first 2xx on /readyz, or with ``first`` (path,
+        headers, body, accepted statuses: :func:`first_request`) to the first answer to that
+        POST with one of those statuses (and in ``start_cpu``, the CPU seconds its processes used
+        until then)."""
         # The Dockerfile's command itself, run by a shell as the image runs it, with the function's
         # folder found in this checkout: the figures are of what deploys.
-        command = deployed_command().replace("/app/functions/", f"{REPO}/functions/")
+        # With --source, the functions and the shared package of another checkout (an A/B
+        # comparison of two commits in one session), still started by this checkout's command.
+        command = deployed_command().replace("/app/functions/", f"{SOURCE}/functions/")
         env = dict(self.env, FUNCTION=self.name, PORT=str(self.port),
                    PATH=f"{BIN}{os.pathsep}{self.env.get('PATH', '')}")
+        if SOURCE != REPO:
+            env["PYTHONPATH"] = str(SOURCE)
         args = ["sh", "-c", command]
         started = time.perf_counter()
-        self.proc = self.procs.spawn(args, self.name, env=env, stdout=subprocess.DEVNULL)
+        self.proc = self.procs.spawn(args, self.name, env=env, cwd=SOURCE, stdout=subprocess.DEVNULL)
         import http.client
 
         while True:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited: see {self.procs.work / (self.name + '.stderr')}")
             try:
-                c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
-                c.request("GET", "/readyz")
+                c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+                if first is None:
+                    c.request("GET", "/readyz")
+                else:
+                    c.request("POST", first[0], body=first[2], headers=first[1])
                 status = c.getresponse().status
                 c.close()
-                if 200 <= status < 300:
+                if (200 <= status < 300) if first is None else status in first[3]:
                     elapsed = time.perf_counter() - started
                     self.start_cpu = cpu_seconds(self.pids)
                     return elapsed
@@ -435,19 +556,23 @@ class Function:
 
 def run_load(fn: Function, work: Path, *, mode: str = "closed", kind: str = "event",
              concurrency: int = 16, rate: float = 200, duration: float = 10, warmup: float = 2,
-             users_per_event: int = 1, sample_pids: list[int] | None = None,
+             users_per_event: int = 1, devices: int = DEVICES_PER_USER,
+             sample_pids: list[int] | None = None,
              counts: Callable[[], dict] | None = None) -> dict:
-    """Run bench/loadgen.py against ``fn``; its result plus the function's CPU seconds and peak
-    worker RSS over the measured window, and with ``counts`` (a fake's), what the fake
-    answered in the window (``fake_counts``)."""
+    """Run bench/loadgen.py against ``fn``, events for users with ``devices`` devices each;
+    its result plus, over the measured window, the CPU seconds of the function's whole process
+    tree, of the load generator, of ``sample_pids`` (the fake) and of the database server (MariaDB;
+    with SQLite the database work is in the function's process), the peak worker RSS, and with
+    ``counts`` (a fake's), what the fake answered in the window (``fake_counts``)."""
     args = [PYTHON, str(REPO / "bench" / "loadgen.py"), "--port", str(fn.port), "--mode", mode,
             "--kind", kind, "--concurrency", str(concurrency), "--rate", str(rate),
             "--duration", str(duration), "--warmup", str(warmup),
             "--users-per-event", str(users_per_event),
-            "--users-file", str(work / "users.txt"), "--tokens-file", str(work / "jwts.txt")]
+            "--users-file", str(work / f"users-{devices}.txt"), "--tokens-file", str(work / "jwts.txt")]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True, cwd=REPO)
     pids = fn.pids
     extra = sample_pids or []
+    database = database_pids()
     peak = {"rss": 0.0}
     stop_sampling = threading.Event()
 
@@ -456,14 +581,16 @@ def run_load(fn: Function, work: Path, *, mode: str = "closed", kind: str = "eve
             m = memory_mb(fn.worker_pid)
             peak["rss"] = max(peak["rss"], m.get("rss", 0))
 
-    def snapshot() -> tuple[float, float, float, float]:
-        """The function's user and system CPU seconds, the others' CPU seconds, the time."""
-        return (*cpu_times(pids), cpu_seconds(extra), time.monotonic())
+    def snapshot() -> tuple[float, ...]:
+        """The function's user and system CPU seconds, the others' (fake), the load generator's
+        and the database server's CPU seconds, the time."""
+        return (*cpu_times(pids), cpu_seconds(extra), cpu_seconds([proc.pid]), cpu_seconds(database),
+                time.monotonic())
 
     sampler = threading.Thread(target=sample, daemon=True)
     profiler = None
     result: dict = {}
-    cpu: dict[str, tuple[float, float, float, float]] = {}
+    cpu: dict[str, tuple[float, ...]] = {}
     assert proc.stdout is not None
     for line in proc.stdout:
         message = json.loads(line)
@@ -494,10 +621,13 @@ def run_load(fn: Function, work: Path, *, mode: str = "closed", kind: str = "eve
     stop_sampling.set()
     if profiler is not None:
         profiler.wait()
-    (user, system, other, wall) = (round(end - start, 3) for start, end in zip(cpu["start"], cpu["end"]))
+    (user, system, other, loadgen, db, wall) = (
+        round(end - start, 3) for start, end in zip(cpu["start"], cpu["end"]))
     result["function_cpu_seconds"] = round(user + system, 3)
     result["function_system_cpu_seconds"] = system
     result["other_cpu_seconds"] = other
+    result["loadgen_cpu_seconds"] = loadgen
+    result["database_cpu_seconds"] = db if database else None
     result["wall_seconds"] = wall
     result["peak_rss_mb"] = round(peak["rss"], 1)
     if counts is not None:
@@ -619,55 +749,93 @@ def spread(values: list[float]) -> dict[str, float]:
             "max": round(ordered[-1], 4)}
 
 
+def per(numerator: float | None, denominator: float, scale: float = 1000) -> float | None:
+    """``numerator`` / ``denominator`` x ``scale`` (seconds to ms), None when there is none."""
+    return round(numerator / denominator * scale, 4) if numerator is not None and denominator else None
+
+
+def parse_shapes(text: str) -> tuple[tuple[int, int], ...]:
+    """``--shapes``: users x devices per event (``1x1,1x3,100x3``); a bare number is that many
+    users of 3 devices."""
+    shapes = []
+    for item in text.split(","):
+        users, _, devices = item.partition("x")
+        shapes.append((int(users), int(devices or DEVICES_PER_USER)))
+    return tuple(shapes)
+
+
+def loadavg() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
 def dispatch_figures(fn: Function, provider: str, work: Path, fakes: Fakes, quick: bool,
-                     stored: int, suffix: str = "", shapes: tuple[int, ...] = (1, 100)
-                     ) -> dict[str, float]:
-    """Sustained pushes/s and CPU per push for 1x3 and 100x3 events, each over RUNS runs, the
-    pushes counted at the fake (accepted in the measured window). Returns the median pushes/s
-    by shape."""
+                     stored: int, suffix: str = "",
+                     shapes: tuple[tuple[int, int], ...] = ((1, 3), (100, 3))) -> dict[str, float]:
+    """Sustained pushes/s and CPU per push and per event for each shape (users x devices per
+    event), each over RUNS runs, the pushes counted at the fake (accepted in the measured
+    window). Returns the median pushes/s by shape ("1x3")."""
     duration = 8 if quick else 20
     out = {}
-    for users in shapes:
-        concurrency = CONCURRENCY[users]
+    for users, devices in shapes:
+        shape = f"{users}x{devices}"
+        concurrency = CONCURRENCY[1 if users == 1 else 100]
         runs = []
         for _ in range(RUNS):
             clear_tables("deliveries")
-            load_before = os.getloadavg()
+            load_before = loadavg()
             r = run_load(fn, work, concurrency=concurrency, duration=duration, warmup=2,
-                         users_per_event=users, sample_pids=[fakes.pid(provider)],
+                         users_per_event=users, devices=devices, sample_pids=[fakes.pid(provider)],
                          counts=lambda: fakes.counts(provider))
             counted = r["fake_counts"]
-            pushes = counted["pushes_accepted"]
+            pushes, events = counted["pushes_accepted"], r["ok"]
+            database = r["database_cpu_seconds"]
             runs.append({
                 "pushes_per_second": pushes / r["wall_seconds"],
-                "cpu_ms_per_push": r["function_cpu_seconds"] / pushes * 1000 if pushes else None,
-                "pushes": pushes, "non_2xx": counted["pushes_refused"],
+                "cpu_ms_per_push": per(r["function_cpu_seconds"], pushes),
+                "cpu_ms_per_event": per(r["function_cpu_seconds"], events),
+                "database_cpu_ms_per_event": per(database, events),
+                "loadgen_cpu_ms_per_event": per(r["loadgen_cpu_seconds"], events),
+                "fake_cpu_ms_per_push": per(r["other_cpu_seconds"], pushes),
+                "pushes": pushes, "events": events, "non_2xx": counted["pushes_refused"],
                 "streams_refused": counted["streams_refused"], "goaways": counted["goaways"],
                 "connections_made": counted["connections_made"],
-                "events_per_second": round(r["ok"] / r["wall_seconds"], 1),
+                "events_per_second": round(events / r["wall_seconds"], 1),
                 "event_statuses": r["statuses"], "event_latency_ms": r["latency_ms"],
                 "function_cpu_seconds": r["function_cpu_seconds"],
                 "of_which_system": r["function_system_cpu_seconds"],
-                "fake_cpu_seconds": r["other_cpu_seconds"], "peak_rss_mb": r["peak_rss_mb"],
-                "loadavg_1m": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
+                "fake_cpu_seconds": r["other_cpu_seconds"], "loadgen_cpu_seconds": r["loadgen_cpu_seconds"],
+                "database_cpu_seconds": database, "peak_rss_mb": r["peak_rss_mb"],
+                "loadavg_1m": [load_before, loadavg()],
                 "recorded_outcomes": delivery_states(),
             })
         rates = [run["pushes_per_second"] for run in runs]
-        cpus = [run["cpu_ms_per_push"] for run in runs if run["cpu_ms_per_push"] is not None]
-        out[f"{users}x3"] = spread(rates)["median"]
-        common = dict(users_per_event=users, devices_per_user=DEVICES_PER_USER,
+        out[shape] = spread(rates)["median"]
+        common = dict(shape=shape, users_per_event=users, devices_per_user=devices,
                       concurrency=concurrency, seconds=duration, runs=len(runs),
                       subscriptions_stored=stored, network=NETWORK,
+                      loadavg_1m=spread([x for run in runs for x in run["loadavg_1m"]]),
                       counted="pushes the fake accepted in the measured window")
         emit(f"dispatch_pushes_per_second{suffix}", round(spread(rates)["median"], 1), "pushes/s",
              provider, spread=spread(rates), non_2xx=sum(run["non_2xx"] for run in runs),
              per_run=runs, **common)
-        if cpus:
-            emit(f"dispatch_cpu_per_push{suffix}", round(spread(cpus)["median"], 4), "ms CPU/push",
-                 provider, spread=spread(cpus), **common)
+        for key, name, unit, measured in (
+            ("cpu_ms_per_push", "dispatch_cpu_per_push", "ms CPU/push",
+             "user + system CPU of the function's whole process tree (gunicorn master and worker, "
+             "all threads; with SQLite the database work too) / pushes counted at the fake"),
+            ("cpu_ms_per_event", "dispatch_cpu_per_event", "ms CPU/event",
+             "the same CPU / events answered 2xx in the window"),
+            ("database_cpu_ms_per_event", "database_cpu_per_event", "ms CPU/event",
+             "the MariaDB server's CPU over the window / events (an upper bound: the server is shared)"),
+            ("loadgen_cpu_ms_per_event", "loadgen_cpu_per_event", "ms CPU/event",
+             "the load generator's process (not part of the function's figures)"),
+        ):
+            values = [run[key] for run in runs if run[key] is not None]
+            if values:
+                emit(f"{name}{suffix}", spread(values)["median"], unit, provider, spread=spread(values),
+                     measured=measured, **common)
         if not suffix:
             emit("rss_under_load", max(run["peak_rss_mb"] for run in runs), "MB", provider,
-                 users_per_event=users, process="uvicorn worker (peak VmRSS)")
+                 shape=shape, process="uvicorn worker (peak VmRSS)")
     return out
 
 
@@ -678,67 +846,124 @@ def section_dispatch(procs: Procs, env: dict, work: Path, fakes: Fakes, quick: b
         fn = Function(procs, env, f"dispatch-{provider}")
         log(f"dispatch-{provider}: starting")
         fn.start()
-        time.sleep(1.0)
-        m = memory_mb(fn.worker_pid)
-        master = memory_mb(fn.proc.pid)
-        emit("rss_idle", round(m.get("rss", 0), 1), "MB", provider, process="uvicorn worker, after /readyz",
-             worker_pss_mb=round(m.get("pss", 0), 1), master_rss_mb=round(master.get("rss", 0), 1),
-             master_pss_mb=round(master.get("pss", 0), 1))
         # One event so connections, tokens and the VAPID header exist before measuring.
         run_load(fn, work, concurrency=1, duration=1, warmup=0.5, users_per_event=1)
-        m = memory_mb(fn.worker_pid)
-        emit("rss_idle_warm", round(m.get("rss", 0), 1), "MB", provider,
-             process="uvicorn worker, after 1.5 s of light traffic")
         if "dispatch" in only:
             log(f"dispatch-{provider}: throughput, {RUNS} runs per shape")
             results[provider] = dispatch_figures(fn, provider, work, fakes, quick, stored,
                                                  shapes=SHAPES)
         if "latency" in only:
-            log(f"dispatch-{provider}: latency at 200 events/s")
-            clear_tables("deliveries")
-            r = run_load(fn, work, mode="open", rate=200, duration=8 if quick else 20, warmup=2,
-                         users_per_event=1)
-            lat = r["latency_ms"]
-            params = dict(offered_events_per_second=200, users_per_event=1, devices_per_user=3,
-                          measured="end-to-end: event posted -> dispatcher's 2xx (sent after the fake answered "
-                                   "every push; an upper bound of event-to-provider)",
-                          events=r["ok"], statuses=r["statuses"], max_ms=lat.get("max"))
-            emit("event_latency_p50", lat.get("p50"), "ms", provider, **params)
-            emit("event_latency_p99", lat.get("p99"), "ms", provider, **params)
+            log(f"dispatch-{provider}: latency at {LATENCY_RATE} events/s, {RUNS} runs")
+            runs = []
+            for _ in range(RUNS):
+                clear_tables("deliveries")
+                load_before = loadavg()
+                r = run_load(fn, work, mode="open", rate=LATENCY_RATE, duration=8 if quick else 20, warmup=2,
+                             users_per_event=1, devices=3)
+                runs.append(dict(r["latency_ms"], events=r["ok"], statuses=r["statuses"],
+                                 function_cpu_seconds=r["function_cpu_seconds"],
+                                 loadavg_1m=[load_before, loadavg()]))
+            params = dict(offered_events_per_second=LATENCY_RATE, shape="1x3", users_per_event=1,
+                          devices_per_user=3, network=NETWORK, runs=len(runs), per_run=runs,
+                          loadavg_1m=spread([x for run in runs for x in run["loadavg_1m"]]),
+                          measured="open loop, from each event's scheduled start to the dispatcher's 2xx "
+                                   "(sent after the fake answered every push: an upper bound of "
+                                   "event-to-provider)")
+            for p in ("p50", "p99"):
+                values = [run[p] for run in runs if p in run]
+                emit(f"event_latency_{p}", spread(values)["median"], "ms", provider, spread=spread(values),
+                     **params)
         fn.stop()
     return results
 
 
-def section_coldstart(procs: Procs, env: dict, quick: bool) -> None:
-    runs = 2 if quick else 3
+def first_request(name: str, work: Path) -> tuple[str, dict[str, str], bytes, tuple[int, ...]]:
+    """What a function's cold start is measured to: its first real request (path, headers,
+    body, the statuses that answer it). A dispatcher: an event for a user with one device (a
+    push sent); subscribe: a new FCM token; unsubscribe: a logout (200, or 404 without
+    subscriptions); clean-up: a dead-token report."""
+    ce = {"ce-specversion": "1.0", "ce-source": "/bench/coldstart", "ce-id": secrets.token_hex(8),
+          "Content-Type": "application/json"}
+    bearer = {"Authorization": "Bearer " + (work / "jwts.txt").read_text().split("\n", 1)[0],
+              "Content-Type": "application/json"}
+    if name.startswith("dispatch-"):
+        return "/", dict(ce, **{"ce-type": "org.wikimedia.push.notification.requested.v1"}), json.dumps(
+            {"users": ["solo0"], "message_type": "checkEchoV1"}).encode(), (200, 201, 202)
+    if name == "subscribe":
+        return "/", bearer, json.dumps({"provider": "fcm", "token": "cold-" + secrets.token_urlsafe(40)}).encode(), (
+            200, 201)
+    if name == "unsubscribe":
+        return "/", bearer, b'{"all": true}', (200, 404)
+    report = {"provider": "fcm", "subscriptions": [
+        {"id": 1, "token_sha256": "0" * 64, "reason": "UNREGISTERED",
+         "observed_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")}]}
+    return "/", dict(ce, **{"ce-type": "org.wikimedia.push.subscription.invalid.v1"}), json.dumps(
+        report).encode(), (200, 201, 202, 204)
+
+
+def tree_memory(pids: list[int]) -> dict[str, float]:
+    """PSS and RSS summed over ``pids`` (PSS counts a page shared by the master and its worker
+    once in all, so the sum is the function's memory)."""
+    totals = {"pss": 0.0, "rss": 0.0}
+    for pid in pids:
+        for key, value in memory_mb(pid).items():
+            totals[key] += value
+    return {key: round(value, 1) for key, value in totals.items()}
+
+
+def section_coldstart(procs: Procs, env: dict, work: Path, quick: bool) -> None:
+    """Each function started by the image's command, RUNS times (2 with --quick): the time and
+    CPU from the spawn to its first real request answered, then, a second later, its memory
+    (PSS of all its processes)."""
+    runs = 2 if quick else RUNS
     for name in FUNCTIONS:
-        times, cpus = [], []
+        times, cpus, pss, rss, loads = [], [], [], [], []
         for _ in range(runs):
             fn = Function(procs, env, name)
-            times.append(fn.start())
-            cpus.append(fn.start_cpu)
+            loads.append(loadavg())
+            times.append(fn.start(first_request(name, work)) * 1000)
+            cpus.append(fn.start_cpu * 1000)
+            time.sleep(1.0)
+            memory = tree_memory(fn.pids)
+            pss.append(memory["pss"])
+            rss.append(memory["rss"])
             fn.stop()
-        times.sort()
-        cpus.sort()
-        # Wall time moves with whatever else runs on the machine; the CPU the start took is steadier.
-        emit("cold_start", round(times[len(times) // 2] * 1000, 1), "ms", name.replace("dispatch-", "") if
-             name.startswith("dispatch-") else None, function=name,
-             measured="spawn of the deployed command -> first 2xx on /readyz (schema checked); median",
-             runs_ms=[round(t * 1000, 1) for t in times], cpu_ms=round(cpus[len(cpus) // 2] * 1000),
-             cpu_measured="user + system CPU of the master and its worker until then; median")
+        provider = name.replace("dispatch-", "") if name.startswith("dispatch-") else None
+        common = dict(function=name, runs=runs, loadavg_1m=spread(loads))
+        emit("cold_start", round(spread(times)["median"], 1), "ms", provider, spread=spread(times),
+             cpu_ms=spread(cpus), measured="spawn of the image's command line -> the answer to the first "
+             "real request (an event, a subscribe, ...; first_request()); cpu_ms: user + system CPU of "
+             "all its processes until then", **common)
+        emit("idle_memory_pss", spread(pss)["median"], "MB", provider, spread=spread(pss), rss_mb=spread(rss),
+             measured="PSS (smaps_rollup) summed over all the function's processes, 1 s after its "
+             "first answer", **common)
 
 
 def section_subscribe(procs: Procs, env: dict, work: Path, quick: bool) -> None:
     fn = Function(procs, env, "subscribe")
     fn.start()
-    for concurrency in (16,):
+    concurrency = 16
+    runs = []
+    for _ in range(RUNS):
+        load_before = loadavg()
         r = run_load(fn, work, kind="subscribe", concurrency=concurrency, duration=8 if quick else 20, warmup=2)
-        emit("subscribe_requests_per_second", round(r["ok"] / r["wall_seconds"], 1), "requests/s", None,
-             concurrency=concurrency, database="MariaDB", statuses=r["statuses"],
-             latency_ms=r["latency_ms"], function_cpu_utilisation=round(r["function_cpu_seconds"] / r["wall_seconds"], 3),
-             body="new FCM token, one of 2,000 users (201; over the cap of 10 the oldest is evicted)")
-        emit("subscribe_latency_p99", r["latency_ms"].get("p99"), "ms", None, concurrency=concurrency,
-             p50_ms=r["latency_ms"].get("p50"))
+        runs.append({"requests_per_second": round(r["ok"] / r["wall_seconds"], 1), "statuses": r["statuses"],
+                     "latency_ms": r["latency_ms"],
+                     "cpu_ms_per_request": per(r["function_cpu_seconds"], r["ok"]),
+                     "database_cpu_ms_per_request": per(r["database_cpu_seconds"], r["ok"]),
+                     "loadgen_cpu_ms_per_request": per(r["loadgen_cpu_seconds"], r["ok"]),
+                     "loadavg_1m": [load_before, loadavg()]})
+    rates = [run["requests_per_second"] for run in runs]
+    p99s = [run["latency_ms"]["p99"] for run in runs]
+    cpus = [run["cpu_ms_per_request"] for run in runs if run["cpu_ms_per_request"] is not None]
+    common = dict(concurrency=concurrency, database=DATABASE_KIND, runs=len(runs), per_run=runs,
+                  loadavg_1m=spread([x for run in runs for x in run["loadavg_1m"]]),
+                  body="new FCM token, one of 2,000 users (201; over the cap of 10 the oldest is evicted)")
+    emit("subscribe_requests_per_second", spread(rates)["median"], "requests/s", None, spread=spread(rates), **common)
+    emit("subscribe_latency_p99", spread(p99s)["median"], "ms", None, spread=spread(p99s), **common)
+    if cpus:
+        emit("subscribe_cpu_per_request", spread(cpus)["median"], "ms CPU/request", None, spread=spread(cpus),
+             **common)
     fn.stop()
 
 
@@ -818,6 +1043,7 @@ def write_jwts(work: Path, users: int = 2000) -> None:
 
 
 def main() -> int:
+    global PROFILE_DIR, RUNS, SHAPES, LATENCY_RATE, DATABASE_KIND, DATABASE_URL, SQLITE_PATH, SOURCE
     parser = argparse.ArgumentParser(description="push-functions benchmarks (one JSON line per figure)")
     parser.add_argument("--quick", action="store_true", help="shorter runs; skips the 1M-subscription scale run")
     parser.add_argument("--only", help=f"comma-separated sections: {', '.join(SECTIONS)}")
@@ -836,7 +1062,14 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3, help="runs per dispatch figure")
     parser.add_argument("--webpush-http1-only", action="store_true",
                         help="the fake push service speaks HTTP/1.1 only (no h2 in ALPN)")
-    parser.add_argument("--shapes", default="1,100", help="users per event of the dispatch figures")
+    parser.add_argument("--shapes", default="1x1,1x3,100x3",
+                        help="users x devices per event of the dispatch figures (a bare number: x3)")
+    parser.add_argument("--latency-rate", type=float, default=LATENCY_RATE,
+                        help="events/s of 1 x 3 for the latency figures (open loop; default 500)")
+    parser.add_argument("--source", metavar="DIR", help="run the functions of another checkout (e.g. a "
+                        "git worktree of the base commit), for A/B comparisons in one session")
+    parser.add_argument("--database", choices=("mariadb", "sqlite"), default="mariadb",
+                        help="the functions' database (sqlite: a file in the work directory)")
     args = parser.parse_args()
     only = set(args.only.split(",")) if args.only else set(SECTIONS)
     if args.quick and not args.only:
@@ -845,9 +1078,11 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown section(s): {', '.join(sorted(unknown))}")
     providers = [p for p in args.providers.split(",") if p]
-    global PROFILE_DIR, RUNS, SHAPES
     RUNS = args.runs
-    SHAPES = tuple(int(n) for n in args.shapes.split(","))
+    SHAPES = parse_shapes(args.shapes)
+    LATENCY_RATE = args.latency_rate
+    DATABASE_KIND = args.database
+    SOURCE = Path(args.source).resolve() if args.source else REPO
     NETWORK.update(rtt_ms=args.rtt_ms, recycle_after=args.recycle_after)
     if args.webpush_http1_only:
         NETWORK["webpush_http1_only"] = True
@@ -863,6 +1098,9 @@ def main() -> int:
             log(f"another benchmark run holds the {DB_NAME} lock: wait for it to finish")
             return 2
     work = Path(tempfile.mkdtemp(prefix="push-bench-"))
+    if args.database == "sqlite":
+        SQLITE_PATH = work / "push.sqlite3"
+        DATABASE_URL = f"sqlite:///{SQLITE_PATH}"
     procs = Procs(work)
     try:
         fakes = Fakes(procs, work)
@@ -874,8 +1112,8 @@ def main() -> int:
             EXTRA_ENV[name] = value
         log(f"work directory {work}; database {DATABASE_URL}")
         prepare_database(env)
-        users = seed_hot(fakes)
-        (work / "users.txt").write_text("\n".join(users) + "\n")
+        seed_hot(fakes)
+        write_users(work)
         write_jwts(work)
         fill_to(10_000)
         if "fakes" in only:
@@ -891,12 +1129,12 @@ def main() -> int:
             section_flush(procs, env, providers, args.quick, base)
         if "coldstart" in only:
             log("cold starts")
-            section_coldstart(procs, env, args.quick)
+            section_coldstart(procs, env, work, args.quick)
         if "subscribe" in only:
             log("subscribe")
             section_subscribe(procs, env, work, args.quick)
             # Subscribe added rows: back to the dispatch data set.
-            users = seed_hot(fakes)
+            seed_hot(fakes)
             fill_to(10_000)
         if "scale" in only:
             for provider in [p for p in providers if p == "apns"] or providers[:1]:
