@@ -59,6 +59,9 @@ async def read_cloud_event(request: Request, max_bytes: int = MAX_EVENT_BYTES) -
     from shared.connectors import connector_event
 
     body = await read_body(request, max_bytes)
+    event = _binary_event(request.scope["headers"], body)
+    if event is not None:
+        return event
     try:
         event = connector_event(request.headers, body)
         if event is None:
@@ -73,6 +76,51 @@ async def read_cloud_event(request: Request, max_bytes: int = MAX_EVENT_BYTES) -
         if isinstance(value, str) and not is_text(value):
             raise ApiError(400, "not_a_cloudevent", f"the {name} attribute is not UTF-8 text", name)
     return event
+
+
+_ATTRIBUTE_NAME = re.compile(r"[a-z0-9]+")
+_REQUIRED = frozenset(("id", "source", "type"))
+
+
+def _binary_event(headers: list[tuple[bytes, bytes]], body: bytes) -> CloudEvent | None:
+    """The event of a well-formed binary-mode CloudEvents 1.0 request, read straight from the
+    request's raw headers: what Echo and the broker send, the events a dispatcher's CPU goes to.
+    ``None`` for anything else (structured mode, version 0.3, a required attribute missing, odd
+    attribute names, data past the JSON parser's limits), which goes through the SDK and its
+    errors as before.
+
+    The event is the one the SDK's ``from_http`` makes of the same request: every ``ce-``
+    header an attribute (the first of repeated ones), ``Content-Type`` as ``datacontenttype``,
+    the body parsed as JSON where it is JSON and kept as bytes where not, no body as no data.
+    The SDK's route there (a marshaller choosing among converters, an event object of
+    per-attribute property objects, then a copy into the ``CloudEvent``) cost three times as much
+    CPU: 19-20 us per event against 6.6 (``python bench/micro.py``)."""
+    attributes: dict[str, str] = {}
+    content_type = None
+    for name, raw in headers:
+        if name.startswith(b"ce-"):
+            key = name[3:].decode("latin-1")
+            if key not in attributes:
+                if not _ATTRIBUTE_NAME.fullmatch(key) or key in ("data", "extensions", "datacontenttype"):
+                    return None
+                attributes[key] = raw.decode("latin-1")  # as Starlette's headers decode values
+        elif name == b"content-type" and content_type is None:
+            content_type = raw.decode("latin-1")
+    if attributes.get("specversion") != "1.0" or not _REQUIRED <= attributes.keys():
+        return None
+    if content_type is not None:
+        if content_type.startswith("application/cloudevents"):
+            return None
+        attributes["datacontenttype"] = content_type
+    data: Any = None
+    if body:
+        try:
+            data = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            data = body  # what the SDK keeps of a body that is not JSON
+        except (ValueError, RecursionError):
+            return None  # JSON past the parser's limits: the SDK refuses it
+    return CloudEvent(attributes, data)
 
 
 def is_cloud_event(request: Request) -> bool:
