@@ -7,14 +7,21 @@ a dispatcher's CPU per event. A :class:`Batcher` runs one batch at a time in a w
 requests arriving meanwhile queue up and go together in the next batch. Under light load a batch
 holds one request and costs what it did alone; under load, batches grow and the cost per request
 falls, with no timer and no added latency.
+
+Each Batcher has a thread of its own (an executor of one worker), handed its batch through the
+executor's C queue: Starlette's ``run_in_threadpool`` (anyio's worker threads, a capacity
+limiter, a cancel scope and a Python ``queue.Queue`` per hop) cost about twice as much CPU per
+hop, on the path of every event (bench/README.md, "Profiling"). One thread is all a Batcher
+uses, since it runs one batch at a time.
 """
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Generic, TypeVar
-
-from starlette.concurrency import run_in_threadpool
 
 Request = TypeVar("Request")
 Result = TypeVar("Result")
@@ -34,6 +41,7 @@ class Batcher(Generic[Request, Result]):
         self._max_batch = max_batch
         self._queue: list[tuple[Request, asyncio.Future[Result]]] = []
         self._drainer: asyncio.Task[None] | None = None
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch")
 
     async def submit(self, request: Request) -> Result:
         loop = asyncio.get_running_loop()
@@ -48,7 +56,9 @@ class Batcher(Generic[Request, Result]):
         while self._queue:
             batch, self._queue = self._queue[: self._max_batch], self._queue[self._max_batch :]
             try:
-                results = await run_in_threadpool(self._run, [request for request, _ in batch])
+                # The drainer's context (log fields) goes along, as run_in_threadpool took it.
+                run = functools.partial(contextvars.copy_context().run, self._run, [r for r, _ in batch])
+                results = await asyncio.get_running_loop().run_in_executor(self._thread, run)
             except Exception as exc:  # noqa: BLE001 - handed to every caller of the batch
                 for _, future in batch:
                     if not future.done():
