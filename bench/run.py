@@ -80,6 +80,9 @@ LATENCY_RATE = 500.0
 SOURCE = REPO
 """The checkout whose functions and shared package run (--source; the command is this one's)."""
 DATABASE_KIND = "mariadb"
+COMMAND: str | None = None
+"""With --command: the shell command starting a function instead of the Dockerfile's CMD (an
+experiment with another server; shown in every figure)."""
 """The functions' database: ``mariadb`` (DB_NAME on DB_SERVER) or ``sqlite`` (--database)."""
 EXTRA_ENV: dict[str, str] = {}
 """Settings given with --env, reported with every figure."""
@@ -89,6 +92,8 @@ def emit(name: str, value: float | None, unit: str, provider: str | None = None,
     parameters.setdefault("database", DATABASE_KIND)
     if SOURCE != REPO:
         parameters["source"] = str(SOURCE)
+    if COMMAND:
+        parameters["command"] = COMMAND
     if EXTRA_ENV:
         parameters["env"] = EXTRA_ENV
     line = {"name": name, "value": value, "unit": unit, "provider": provider, "parameters": parameters}
@@ -507,7 +512,7 @@ class Function:
         # folder found in this checkout: the figures are of what deploys.
         # With --source, the functions and the shared package of another checkout (an A/B
         # comparison of two commits in one session), still started by this checkout's command.
-        command = deployed_command().replace("/app/functions/", f"{SOURCE}/functions/")
+        command = (COMMAND or deployed_command()).replace("/app/functions/", f"{SOURCE}/functions/")
         env = dict(self.env, FUNCTION=self.name, PORT=str(self.port),
                    PATH=f"{BIN}{os.pathsep}{self.env.get('PATH', '')}")
         if SOURCE != REPO:
@@ -1043,7 +1048,7 @@ def write_jwts(work: Path, users: int = 2000) -> None:
 
 
 def main() -> int:
-    global PROFILE_DIR, RUNS, SHAPES, LATENCY_RATE, DATABASE_KIND, DATABASE_URL, SQLITE_PATH, SOURCE
+    global PROFILE_DIR, RUNS, SHAPES, LATENCY_RATE, DATABASE_KIND, DATABASE_URL, SQLITE_PATH, SOURCE, COMMAND
     parser = argparse.ArgumentParser(description="push-functions benchmarks (one JSON line per figure)")
     parser.add_argument("--quick", action="store_true", help="shorter runs; skips the 1M-subscription scale run")
     parser.add_argument("--only", help=f"comma-separated sections: {', '.join(SECTIONS)}")
@@ -1068,6 +1073,8 @@ def main() -> int:
                         help="events/s of 1 x 3 for the latency figures (open loop; default 500)")
     parser.add_argument("--source", metavar="DIR", help="run the functions of another checkout (e.g. a "
                         "git worktree of the base commit), for A/B comparisons in one session")
+    parser.add_argument("--command", help="start each function with this shell command instead of the "
+                        "Dockerfile's CMD (same variables: $FUNCTION, $PORT; /app/functions/ is this checkout's)")
     parser.add_argument("--database", choices=("mariadb", "sqlite"), default="mariadb",
                         help="the functions' database (sqlite: a file in the work directory)")
     args = parser.parse_args()
@@ -1083,6 +1090,7 @@ def main() -> int:
     LATENCY_RATE = args.latency_rate
     DATABASE_KIND = args.database
     SOURCE = Path(args.source).resolve() if args.source else REPO
+    COMMAND = args.command
     NETWORK.update(rtt_ms=args.rtt_ms, recycle_after=args.recycle_after)
     if args.webpush_http1_only:
         NETWORK["webpush_http1_only"] = True

@@ -71,8 +71,9 @@ def read(paths: list[str]) -> list[dict]:
 
 
 def dispatch_table(lines: list[dict], database: str) -> list[str]:
+    names = {name for _, name, _, _ in DISPATCH_ROWS}
     mine = [line for line in lines if line["parameters"].get("database") == database
-            and line["provider"] in PROVIDERS]
+            and line["provider"] in PROVIDERS and line["name"] in names]
     if not mine:
         return []
     providers = [p for p in PROVIDERS if any(line["provider"] == p for line in mine)]
