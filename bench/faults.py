@@ -5,14 +5,15 @@ event (one device per user), and the event is redelivered to a fresh process onc
 lease ran out; the FCM fake (in this process, fakes/fcm.py) counts every wake-up per device and
 kills the process itself at the chosen send, so the moment is exact (tests/crash.py). For each
 kill: the devices the fake had answered before the kill, those in flight (sent, not yet
-answered: sent again by design), those sent twice, and of these the ones beyond the in-flight
-sends (answered, but not yet recorded by the killed process); lost ones (never sent) too.
+answered: sent again by design), those sent twice, of these the ones beyond the in-flight
+sends (answered, but not yet recorded, or not yet read, by the killed process) and the ones
+beyond the send concurrency (read but not yet recorded, at least); lost ones (never sent) too.
 
 Prints one JSON line per kill and a summary (min, median, max over the kills) on stdout,
 progress on stderr. Needs MariaDB at 127.0.0.1:3306 (PUSH_BENCH_MARIADB overrides the server
 URL); uses its own database, push_bench_faults, emptied first. Nothing here asserts: the
-suite's test_a_sigkill_late_in_an_event_costs_a_fraction_of_what_was_sent holds a weaker bound
-on two late kills.
+suite's test_a_sigkill_late_in_an_event_resends_at_most_what_was_on_the_wire_and_the_recorders_room
+holds the recorder's bound on two late kills.
 """
 from __future__ import annotations
 

@@ -8,8 +8,13 @@ pending table for a flush) knows the outcome. Two faults left it not knowing:
   kill lost the record of nearly everything the killed process sent. A :class:`Recorder` takes
   each outcome the moment its send answered and writes by *group commit*: one write at a time,
   each taking everything handed over while the previous one ran, with no timer. Under light load
-  a write holds a few outcomes and starts at once; under load writes grow, not multiply. What a
-  kill leaves unwritten is what arrived during the last write or two.
+  a write holds a few outcomes and starts at once; under load writes grow, not multiply. A
+  write takes ten times as long while the event loop is busy sending (this thread waits for the
+  GIL between the database's round trips), so dozens of answers could arrive during one: the
+  sends therefore wait for :meth:`Recorder.room` before they start, and none starts while
+  :data:`ROOM` outcomes wait for their write. What a kill leaves answered (and read) but
+  unwritten is then fewer than ``ROOM`` plus what was on the wire when the sends stopped (at
+  most the send concurrency of each event in flight), whatever the GIL does.
 - **a database blip.** A write that cannot reach the database used to give up at once: the event
   was answered 503 and its claims, still ``sending``, were taken over and sent again once their
   lease ran out. A :class:`Recorder` tries the write again (with what arrived meanwhile) until
@@ -44,6 +49,10 @@ T = TypeVar("T")
 #: The first pause before a write is tried again; it doubles up to :data:`MAX_PAUSE`.
 FIRST_PAUSE = 0.05
 MAX_PAUSE = 1.0
+#: How many outcomes may wait for their write (queued, or in the write under way) before
+#: :meth:`Recorder.room` holds new sends back: what a kill leaves answered but unwritten, beyond
+#: the sends already on the wire (``bench/faults.py`` measures it).
+ROOM = 16
 
 
 @dataclass(eq=False)
@@ -52,7 +61,6 @@ class _Entry(Generic[Item]):
     until: float
     """``time.monotonic()`` after which a failing write gives this item up."""
     done: asyncio.Future[None]
-    loop: asyncio.AbstractEventLoop
 
 
 class Recorder(Generic[Item]):
@@ -67,25 +75,57 @@ class Recorder(Generic[Item]):
     started on the first :meth:`add` of each process (gunicorn forks the worker after the
     dispatcher is made)."""
 
-    def __init__(self, write: Callable[[Sequence[Item]], object], what: str, max_batch: int = 5000) -> None:
+    def __init__(self, write: Callable[[Sequence[Item]], object], what: str, max_batch: int = 5000,
+                 room: int = ROOM) -> None:
         self._write = write
         self._what = what
         self._max_batch = max_batch
+        self._room = room
         self._queue: list[_Entry[Item]] = []
+        self._outstanding = 0
+        """Items handed over and not yet settled: queued, or in the write under way."""
+        self._waiting: list[asyncio.Future[None]] = []
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
 
     def add(self, item: Item, until: float) -> asyncio.Future[None]:
         """Hand ``item`` over to be written; the future is done once it is."""
         loop = asyncio.get_running_loop()
-        entry = _Entry(item, until, loop.create_future(), loop)
+        entry = _Entry(item, until, loop.create_future())
         with self._wake:
             self._queue.append(entry)
+            self._outstanding += 1
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name=f"recorder: {self._what}", daemon=True)
                 self._thread.start()
             self._wake.notify()
         return entry.done
+
+    async def room(self) -> None:
+        """Return once fewer than ``room`` items wait for their write; call it before a send
+        whose outcome will be added. While the event loop is busy sending, this thread waits for
+        the GIL between the database's round trips and a write takes ten times as long, so the
+        answers would pile up unwritten (a kill re-sends them all); held back, the sends pause,
+        the loop idles and the write finishes at full speed. Through a database outage the sends
+        wait here until it returns or their deadline cancels them (a waiter cancelled is skipped
+        when the room comes): past the room, none is made whose outcome could not be written."""
+        loop = asyncio.get_running_loop()
+        while True:
+            with self._wake:
+                if self._outstanding < self._room:
+                    return
+                waiter = loop.create_future()
+                self._waiting.append(waiter)
+            await waiter
+
+    def _settled(self, count: int) -> None:
+        """``count`` items are written or given up: wake the sends waiting for room."""
+        with self._wake:
+            self._outstanding -= count
+            if self._outstanding >= self._room:
+                return
+            waiting, self._waiting = self._waiting, []
+        _resolve_on_loops(waiting, None)
 
     def _take(self) -> list[_Entry[Item]]:
         with self._wake:
@@ -110,6 +150,7 @@ class Recorder(Generic[Item]):
                     log.error("could not record %s: database unavailable", self._what,
                               extra={"given_up": len(given_up)})
                     _settle(given_up, exc)
+                    self._settled(len(given_up))
                 with self._wake:
                     self._queue[:0] = [entry for entry in batch if entry.until > now]
                 time.sleep(pause)
@@ -117,22 +158,29 @@ class Recorder(Generic[Item]):
                 continue
             except Exception as exc:  # noqa: BLE001 - handed to every item of the write
                 _settle(batch, exc)
+                self._settled(len(batch))
                 continue
             if failing_since is not None:
                 log.info("recorded %s after %.1f s of database outage", self._what,
                          time.monotonic() - failing_since, extra={"recorded": len(batch)})
                 pause, failing_since = FIRST_PAUSE, None
             _settle(batch, None)
+            self._settled(len(batch))
 
 
 def _settle(entries: list[_Entry[Item]], error: BaseException | None) -> None:
-    """Resolve the entries' futures on their loops (one call per loop), from the writer's thread."""
+    """Resolve the entries' futures on their loops, from the writer's thread."""
+    _resolve_on_loops([entry.done for entry in entries], error)
+
+
+def _resolve_on_loops(futures: list[asyncio.Future[None]], error: BaseException | None) -> None:
+    """Resolve ``futures`` on their loops (one call per loop), from the writer's thread."""
     by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
-    for entry in entries:
-        by_loop.setdefault(entry.loop, []).append(entry.done)
-    for loop, futures in by_loop.items():
+    for future in futures:
+        by_loop.setdefault(future.get_loop(), []).append(future)
+    for loop, on_loop in by_loop.items():
         with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits any more
-            loop.call_soon_threadsafe(_resolve, futures, error)
+            loop.call_soon_threadsafe(_resolve, on_loop, error)
 
 
 def _resolve(futures: list[asyncio.Future[None]], error: BaseException | None) -> None:

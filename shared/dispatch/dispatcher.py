@@ -179,7 +179,8 @@ class Dispatcher:
                 recording.append(self._records.add((key, claims, Outcomes({sub_id: result})), until_recorded))
 
             outcomes = await self.sender.send_all(
-                to_send, wakeup, report, record, deadline_seconds=until_sent - time.monotonic())
+                to_send, wakeup, report, record, deadline_seconds=until_sent - time.monotonic(),
+                room=self._records.room)
             # Every final outcome is on its way already; what is left: the transient ones (their
             # claims given back) and the limited ones.
             rest = Outcomes({sub_id: r for sub_id, r in outcomes.results.items()

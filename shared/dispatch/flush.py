@@ -112,7 +112,7 @@ class Flush:
         with self.gate.flushing({(d.subscription_id, d.message_type): d.kept for d in due}):
             results = await asyncio.gather(*(
                 self.sender.send_all([rows[sub_id] for sub_id in items], wakeups[message_type], report,
-                                     record_of(items), deadline_seconds=seconds)
+                                     record_of(items), deadline_seconds=seconds, room=self.finished.room)
                 for message_type, items in groups.items()
             ))
         # Every final outcome is on its way already; what is left: the expired and the transient.

@@ -1,13 +1,13 @@
 """The send loop: one wake-up to many devices, at most ``concurrency`` at once, within a deadline,
 each final outcome handed over to be recorded the moment its send answered (to a
-:class:`shared.recorder.Recorder`), so that a process killed mid-event has recorded nearly all it
-already sent."""
+:class:`shared.recorder.Recorder`), and no send started while the recorder is behind, so that a
+process killed mid-event has recorded nearly all it already sent."""
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
 
 from shared import metrics
@@ -40,6 +40,7 @@ class Sender:
         report: DispatchReport,
         record: Callable[[int, tuple[SendResult, datetime]], None] | None = None,
         deadline_seconds: float | None = None,
+        room: Callable[[], Awaitable[None]] | None = None,
     ) -> Outcomes:
         """Send ``wakeup`` to every device (or each its own, by subscription id), at most
         ``concurrency`` at once, until the deadline (the dispatch deadline, or
@@ -47,7 +48,11 @@ class Sender:
 
         With ``record``, each final outcome is handed to it the moment its send answered (to a
         recorder, which writes while the other sends go on), so a process killed mid-event has
-        recorded nearly all it sent and the redelivered event does not send that again.
+        recorded nearly all it sent and the redelivered event does not send that again. With
+        ``room`` too (the recorder's :meth:`~shared.recorder.Recorder.room`), each send waits for it
+        once it holds its concurrency slot, right before it goes out: while the recorder is
+        behind no send starts, so what is answered but unwritten stays small. A send waiting
+        there at the deadline is cancelled like one on the wire (transient, ``deadline``).
         """
         limit = asyncio.Semaphore(self.settings.concurrency)
         results: dict[int, tuple[SendResult, datetime]] = {}
@@ -55,6 +60,8 @@ class Sender:
 
         async def send(subscription: Device) -> None:
             async with limit:
+                if record is not None and room is not None:
+                    await room()
                 started = time.perf_counter()
                 try:
                     result = await self.provider.send(
